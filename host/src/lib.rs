@@ -1,0 +1,16 @@
+//! probe's library: the checkpoint store, the model schema and the table
+//! writers that the `probe` binary and its plugins' host are built from.
+//!
+//! See ARCHITECTURE.md for how data flows from a file to a table.
+
+pub mod error;
+pub mod inspect;
+pub mod limits;
+pub mod schema;
+pub mod source;
+pub mod store;
+pub mod table;
+
+pub use error::StoreError;
+pub use schema::{Family, Placement, Role, Schema};
+pub use store::{Checkpoint, Dtype, TensorEntry, TensorView};

