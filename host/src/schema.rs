@@ -308,7 +308,6 @@ fn block_role(family: Family, local: &str) -> Role {
         "attention.output.LayerNorm" => Role::PostAttnNorm,
         "output.LayerNorm" => Role::PostMlpNorm,
         "attn.q_gain" | "q_gain" => Role::QGain,
-        "attn.bias" | "attn.masked_bias" => Role::Buffer,
         _ => match last {
             "attn_scale" => Role::AttnScale,
             "mlp_scale" => Role::MlpScale,
@@ -345,6 +344,15 @@ fn global_role(local: &str) -> Role {
 /// Place one tensor name.
 pub fn place(family: Family, name: &str) -> Placement {
     let (layer, local, bias) = split_name(name);
+    // GPT-2 checkpoints carry the causal mask as `h.{i}.attn.bias`: a buffer,
+    // not the bias of a layer called `attn`.
+    if layer.is_some() && (local == "attn" && bias || local == "attn.masked_bias") {
+        return Placement {
+            layer,
+            role: Role::Buffer,
+            bias: false,
+        };
+    }
     let role = match layer {
         Some(_) => block_role(family, &local),
         None => global_role(&local),

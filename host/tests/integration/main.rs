@@ -1,0 +1,6 @@
+//! probe's one integration-test binary (as ripgrep does it): every test runs
+//! the real `probe` executable on real files.
+
+mod inspect;
+mod real_models;
+mod util;
