@@ -8,11 +8,10 @@ pub enum StoreError {
     #[error("{}: no such file or folder", path.display())]
     NotFound { path: PathBuf },
 
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// A safetensors file whose header or size is wrong.
@@ -71,7 +70,7 @@ impl StoreError {
         } else {
             Self::Io {
                 path: path.to_path_buf(),
-                source,
+                cause: source,
             }
         }
     }

@@ -4,8 +4,12 @@
 //! See ARCHITECTURE.md for how data flows from a file to a table.
 
 pub mod error;
+pub mod host_api;
 pub mod inspect;
 pub mod limits;
+pub mod plugin;
+pub mod progress;
+pub mod run;
 pub mod schema;
 pub mod source;
 pub mod store;

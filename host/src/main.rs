@@ -5,10 +5,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
 use probe::inspect::{tensor_frame, Inspection};
+use probe::progress::Progress;
+use probe::run::{RunOutput, Shard};
 use probe::table::{self, Format};
 
 #[derive(Parser)]
@@ -37,6 +41,63 @@ enum Command {
         #[arg(long, short = 'o')]
         out: Option<PathBuf>,
     },
+    /// Run a probe plugin on one or more checkpoints and write its table.
+    Run(RunArgs),
+    /// List the plugins found, or show one plugin's parameters.
+    Plugins {
+        #[command(subcommand)]
+        command: Option<PluginsCommand>,
+        #[arg(long = "plugin-dir", global = true)]
+        plugin_dirs: Vec<PathBuf>,
+    },
+    /// Join the part files of a `probe run --shard` sweep into one table.
+    Merge {
+        #[arg(required = true)]
+        parts: Vec<PathBuf>,
+        #[arg(long, short = 'f')]
+        format: Option<Format>,
+        #[arg(long, short = 'o')]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// What a plugin measures and the parameters it takes.
+    Info { name: String },
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// A plugin name (see `probe plugins`) or a path to its shared library.
+    #[arg(long)]
+    plugin: String,
+    /// Checkpoints: files, folders, shard indexes or run folders.
+    #[arg(required = true)]
+    models: Vec<PathBuf>,
+    /// A plugin parameter, key=value (repeatable).
+    #[arg(long = "param", short = 'p', value_name = "KEY=VALUE")]
+    params: Vec<String>,
+    #[arg(long, short = 'f')]
+    format: Option<Format>,
+    #[arg(long, short = 'o')]
+    out: Option<PathBuf>,
+    /// Extra folder to look for plugins in (repeatable).
+    #[arg(long = "plugin-dir")]
+    plugin_dirs: Vec<PathBuf>,
+    /// Run slice I of N (0-based) and write a part file beside --out; also
+    /// taken from Slurm array and Kubernetes indexed-Job variables.
+    #[arg(long)]
+    shard: Option<Shard>,
+    /// Run the plugin in a child process, so a crashing plugin cannot take probe down.
+    #[arg(long)]
+    isolate: bool,
+    /// No progress or log lines (warnings and errors still show).
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// Internal: the isolated child writes its table here.
+    #[arg(long, hide = true)]
+    isolated_result: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +108,9 @@ fn main() -> ExitCode {
             // A closed pipe (`probe inspect … | head`) is not an error worth a line.
             if is_broken_pipe(&error) {
                 return ExitCode::SUCCESS;
+            }
+            if error.is::<AlreadyReported>() {
+                return ExitCode::from(2);
             }
             eprintln!("probe: error: {error:#}");
             ExitCode::from(2)
@@ -69,6 +133,199 @@ fn run(cli: Cli) -> Result<()> {
             format,
             out,
         } => inspect(&models, format, out),
+        Command::Run(args) => run_plugin(args),
+        Command::Plugins {
+            command,
+            plugin_dirs,
+        } => plugins(command, &plugin_dirs),
+        Command::Merge { parts, format, out } => {
+            let merged = probe::run::merge(&parts)?;
+            write_output(merged, format, out.as_deref())
+        }
+    }
+}
+
+/// Set by Ctrl-C; plugins poll it and stop. A second Ctrl-C exits at once.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+fn run_plugin(args: RunArgs) -> Result<()> {
+    let shard = match args.shard {
+        Some(shard) => Some(shard),
+        None => Shard::from_env(|name| std::env::var(name).ok()).map_err(anyhow::Error::msg)?,
+    };
+    let dirs = probe::plugin::search_dirs(&args.plugin_dirs);
+    let path = probe::plugin::find(&args.plugin, &dirs)?;
+    if shard.is_some() && args.out.is_none() && args.isolated_result.is_none() {
+        bail!("--shard writes a part file named after --out: give --out");
+    }
+    let output = if args.isolate {
+        run_isolated(&args, &path, shard)?
+    } else {
+        let plugin = probe::plugin::load(&path)?;
+        let _ = ctrlc::set_handler(|| {
+            if CANCEL.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("probe: stopping (Ctrl-C again to quit now)");
+        });
+        let progress = Progress::new(&plugin.name, args.quiet);
+        probe::run::execute(
+            plugin,
+            &args.models,
+            &args.params,
+            shard,
+            &progress,
+            &CANCEL,
+        )?
+    };
+    if let Some(result) = &args.isolated_result {
+        let mut frame = output.frame;
+        return Ok(table::write_frame(
+            &mut frame,
+            Format::Parquet,
+            Some(result),
+            &output.metadata,
+        )?);
+    }
+    match shard {
+        Some(shard) => {
+            let out = args.out.as_deref().expect("checked above");
+            let part = shard.part_path(out);
+            let mut frame = output.frame;
+            table::write_frame(&mut frame, Format::Parquet, Some(&part), &output.metadata)?;
+            if !args.quiet {
+                eprintln!("probe: wrote part {shard} to {}", part.display());
+            }
+            Ok(())
+        }
+        None => write_output(output, args.format, args.out.as_deref()),
+    }
+}
+
+/// Run the same command in a child process and read back its table. A
+/// plugin that segfaults or aborts kills only the child.
+fn run_isolated(
+    args: &RunArgs,
+    plugin: &std::path::Path,
+    shard: Option<Shard>,
+) -> Result<RunOutput> {
+    let scratch = tempfile::tempdir()?;
+    let result = scratch.path().join("result.parquet");
+    let mut child = std::process::Command::new(std::env::current_exe()?);
+    child.arg("run").arg("--plugin").arg(plugin);
+    child.args(&args.models);
+    for param in &args.params {
+        child.arg("--param").arg(param);
+    }
+    if let Some(shard) = shard {
+        child.arg("--shard").arg(shard.to_string());
+    }
+    if args.quiet {
+        child.arg("--quiet");
+    }
+    child.arg("--isolated-result").arg(&result);
+    let status = child.status()?;
+    if !status.success() {
+        if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+            bail!(
+                "plugin `{}` crashed with signal {signal} ({}) in its isolated process; probe itself is unaffected",
+                args.plugin,
+                signal_name(signal)
+            );
+        }
+        // The child has printed its own one-line error.
+        return Err(AlreadyReported.into());
+    }
+    let (frame, metadata) = probe::run::read_parquet(&result)?;
+    Ok(RunOutput { frame, metadata })
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        15 => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// An error the isolated child already printed.
+#[derive(Debug)]
+struct AlreadyReported;
+impl std::fmt::Display for AlreadyReported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the isolated run failed")
+    }
+}
+impl std::error::Error for AlreadyReported {}
+
+fn write_output(
+    output: RunOutput,
+    format: Option<Format>,
+    out: Option<&std::path::Path>,
+) -> Result<()> {
+    let mut frame = output.frame;
+    let format = Format::resolve(format, out);
+    table::write_frame(&mut frame, format, out, &output.metadata)?;
+    Ok(())
+}
+
+fn plugins(command: Option<PluginsCommand>, plugin_dirs: &[PathBuf]) -> Result<()> {
+    let dirs = probe::plugin::search_dirs(plugin_dirs);
+    match command {
+        None => {
+            let (found, failures) = probe::plugin::discover(&dirs);
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+            table.set_header(["name", "version", "summary", "path"]);
+            for plugin in &found {
+                table.add_row([
+                    plugin.name.as_str(),
+                    plugin.version.as_str(),
+                    plugin.summary.as_str(),
+                    &plugin.path.display().to_string(),
+                ]);
+            }
+            println!("{table}");
+            for failure in failures {
+                eprintln!("probe: warning: {failure}");
+            }
+            Ok(())
+        }
+        Some(PluginsCommand::Info { name }) => {
+            let plugin = probe::plugin::load(&probe::plugin::find(&name, &dirs)?)?;
+            println!("{} {} — {}", plugin.name, plugin.version, plugin.summary);
+            println!("{}", plugin.path.display());
+            if !plugin.description.is_empty() {
+                println!("\n{}", plugin.description.trim_end());
+            }
+            if plugin.params.is_empty() {
+                println!("\nNo parameters.");
+                return Ok(());
+            }
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+            table.set_header(["parameter", "type", "default", "help"]);
+            for spec in &plugin.params {
+                let kind = if spec.choices.is_empty() {
+                    spec.kind.as_str().to_string()
+                } else {
+                    spec.choices.join("|")
+                };
+                table.add_row([
+                    spec.name.clone(),
+                    kind,
+                    spec.default.clone().unwrap_or_else(|| "—".into()),
+                    spec.help.clone(),
+                ]);
+            }
+            println!("\nParameters (--param NAME=VALUE):\n{table}");
+            Ok(())
+        }
     }
 }
 
@@ -141,7 +398,7 @@ fn emit_text(out: Option<&std::path::Path>, text: &str) -> Result<()> {
         Some(path) => table::write_atomically(path, |file| {
             writeln!(file, "{text}").map_err(|source| table::TableError::Io {
                 path: path.to_path_buf(),
-                source,
+                cause: source,
             })
         })
         .map_err(Into::into),

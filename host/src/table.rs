@@ -56,18 +56,13 @@ impl Format {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{}: could not write the table: {source}", path.display())]
-    Polars {
-        path: PathBuf,
-        #[source]
-        source: PolarsError,
-    },
+    #[error("{}: could not write the table: {cause}", path.display())]
+    Polars { path: PathBuf, cause: PolarsError },
     #[error("parquet is binary: name an output file with --out, or pipe stdout to a file")]
     ParquetToTerminal,
 }
@@ -79,7 +74,7 @@ pub fn write_atomically(
 ) -> Result<(), TableError> {
     let io = |source| TableError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -117,7 +112,7 @@ pub fn write_frame(
             encode(df, format, &mut lock, Path::new("<stdout>"), metadata)?;
             lock.flush().map_err(|source| TableError::Io {
                 path: "<stdout>".into(),
-                source,
+                cause: source,
             })
         }
     }
@@ -132,7 +127,7 @@ fn encode<W: Write>(
 ) -> Result<(), TableError> {
     let polars_err = |source| TableError::Polars {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     match format {
         Format::Parquet => {
@@ -157,13 +152,13 @@ fn encode<W: Write>(
                 .map_err(polars_err)?;
             writeln!(writer).map_err(|source| TableError::Io {
                 path: path.to_path_buf(),
-                source,
+                cause: source,
             })?;
         }
         Format::Table => {
             writeln!(writer, "{}", render(df)).map_err(|source| TableError::Io {
                 path: path.to_path_buf(),
-                source,
+                cause: source,
             })?;
         }
     }

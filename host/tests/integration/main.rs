@@ -2,5 +2,6 @@
 //! the real `probe` executable on real files.
 
 mod inspect;
+mod plugins;
 mod real_models;
 mod util;

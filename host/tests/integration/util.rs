@@ -33,7 +33,7 @@ impl Run {
             self.stderr
         );
         assert!(
-            !self.stderr.contains("panicked"),
+            !self.stderr.contains("thread '"), // a Rust panic prints "thread '…' panicked at"
             "probe panicked:\n{}",
             self.stderr
         );
@@ -102,4 +102,46 @@ pub fn copy_dir(from: &Path, dest: &Path) {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dest.join(entry.file_name())).unwrap();
     }
+}
+
+/// The shared library of a workspace plugin crate, built (once per test
+/// process) with the same profile as the tests. `cargo test` builds no
+/// cdylibs by itself, so the tests ask cargo for them.
+pub fn plugin_lib(crate_name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet"]);
+        for name in PLUGIN_CRATES {
+            cargo.args(["--package", name]);
+        }
+        let output = cargo.output().map_err(|e| e.to_string())?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    });
+    if let Err(message) = built {
+        panic!("building the plugins failed:\n{message}");
+    }
+    let dir = Path::new(env!("CARGO_BIN_EXE_probe")).parent().unwrap();
+    let path = dir.join(format!("lib{}.so", crate_name.replace('-', "_")));
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
+/// Every cdylib crate the tests load.
+pub const PLUGIN_CRATES: [&str; 3] = [
+    "probe-testkit",
+    "probe-testkit-wrong-abi",
+    "probe-testkit-not-a-plugin",
+];
+
+/// Read a parquet file into a frame.
+pub fn read_parquet(path: &Path) -> polars::prelude::DataFrame {
+    use polars::prelude::*;
+    ParquetReader::new(std::fs::File::open(path).unwrap())
+        .finish()
+        .unwrap()
 }

@@ -1,0 +1,315 @@
+//! The host's side of the plugin ABI: the function table a plugin calls
+//! during a run, over one open checkpoint.
+//!
+//! Every function here is `extern "C"` and is called from plugin code, so
+//! none may unwind: each body runs under `catch_unwind`, and failures become
+//! a status plus a message the plugin reads with `last_error`.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use polars::prelude::DataFrame;
+use probe_sdk::abi::{self, ArrowArray, ArrowSchema, F32Buffer, HostApi, StrRef, TensorInfoC};
+
+use crate::plugin::LoadedPlugin;
+use crate::progress::Progress;
+use crate::schema::Schema;
+use crate::store::Checkpoint;
+
+/// Everything a plugin may reach during one call on one checkpoint.
+pub struct RunContext<'a> {
+    checkpoint: &'a Checkpoint,
+    model_json: String,
+    roles: Vec<String>,
+    layers: Vec<i64>,
+    shapes: Vec<Vec<u64>>,
+    /// The plugin's own error message (set_error).
+    plugin_error: Mutex<Option<String>>,
+    progress: &'a Progress,
+    cancel: &'a AtomicBool,
+}
+
+thread_local! {
+    /// The message of the last failed host call on this thread (like errno).
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Why a plugin call failed, as the plugin said it.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("panicked ({0})")]
+    Panicked(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("returned an unreadable table: {0}")]
+    BadOutput(String),
+    #[error("returned unknown status {0}")]
+    UnknownStatus(i32),
+}
+
+impl CallError {
+    /// What happened, as a verb after the plugin's name.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            CallError::Failed(_) => "failed",
+            CallError::Panicked(_) => "panicked",
+            CallError::Cancelled => "was cancelled",
+            CallError::BadOutput(_) => "returned an unreadable table",
+            CallError::UnknownStatus(_) => "returned an unknown status",
+        }
+    }
+
+    pub fn detail(&self) -> String {
+        match self {
+            CallError::Failed(m) | CallError::Panicked(m) | CallError::BadOutput(m) => m.clone(),
+            CallError::Cancelled => "stopped at the user's request".into(),
+            CallError::UnknownStatus(status) => format!("status {status}"),
+        }
+    }
+}
+
+impl<'a> RunContext<'a> {
+    pub fn new(checkpoint: &'a Checkpoint, progress: &'a Progress, cancel: &'a AtomicBool) -> Self {
+        let schema = Schema::of(checkpoint);
+        let model_json = serde_json::json!({
+            "label": checkpoint.label,
+            "family": schema.family.as_str(),
+            "num_layers": schema.num_layers,
+            "hidden_size": schema.hidden_size,
+            "vocab_size": schema.vocab_size,
+            "tied_embeddings": schema.tied_embeddings,
+            "config": checkpoint.config,
+        })
+        .to_string();
+        Self {
+            checkpoint,
+            model_json,
+            roles: schema.placements.iter().map(|p| p.role_name()).collect(),
+            layers: schema
+                .placements
+                .iter()
+                .map(|p| p.layer.map_or(-1, |l| l as i64))
+                .collect(),
+            shapes: checkpoint
+                .tensors()
+                .iter()
+                .map(|t| t.shape.iter().map(|&d| d as u64).collect())
+                .collect(),
+            plugin_error: Mutex::new(None),
+            progress,
+            cancel,
+        }
+    }
+
+    fn api(&self) -> HostApi {
+        HostApi {
+            size: std::mem::size_of::<HostApi>(),
+            abi_version: abi::ABI_VERSION,
+            ctx: self as *const Self as *const c_void,
+            last_error,
+            set_error,
+            model_json,
+            tensor_count,
+            tensor_info,
+            tensor_f32,
+            release_f32,
+            progress,
+            is_cancelled,
+            log,
+        }
+    }
+
+    fn take_error(&self) -> String {
+        self.plugin_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| "failed without saying why".into())
+    }
+
+    fn status_error(&self, status: i32) -> CallError {
+        match status {
+            abi::STATUS_ERROR => CallError::Failed(self.take_error()),
+            abi::STATUS_PANIC => CallError::Panicked(self.take_error()),
+            abi::STATUS_CANCELLED => CallError::Cancelled,
+            other => CallError::UnknownStatus(other),
+        }
+    }
+
+    /// Ask the plugin how many work items this checkpoint gives.
+    pub fn work_items(&self, plugin: &LoadedPlugin, params_json: &str) -> Result<usize, CallError> {
+        let api = self.api();
+        let mut count = 0usize;
+        let status = unsafe { (plugin.api.work_items)(&api, StrRef::new(params_json), &mut count) };
+        if status != abi::STATUS_OK {
+            return Err(self.status_error(status));
+        }
+        Ok(count)
+    }
+
+    /// Run the plugin on these work items and import the table it returns.
+    pub fn run(
+        &self,
+        plugin: &LoadedPlugin,
+        params_json: &str,
+        items: &[usize],
+    ) -> Result<DataFrame, CallError> {
+        let api = self.api();
+        let mut schema = ArrowSchema::empty();
+        let mut array = ArrowArray::empty();
+        let status = unsafe {
+            (plugin.api.run)(
+                &api,
+                StrRef::new(params_json),
+                items.as_ptr(),
+                items.len(),
+                &mut schema,
+                &mut array,
+            )
+        };
+        if status != abi::STATUS_OK {
+            return Err(self.status_error(status));
+        }
+        // SAFETY: on success the plugin wrote producer-owned Arrow structs;
+        // importing takes them over and their release callbacks run on drop.
+        unsafe { probe_sdk::table::import_frame(schema, array) }
+            .map_err(|e| CallError::BadOutput(e.to_string()))
+    }
+}
+
+/// Run `body` without letting a panic cross into the plugin.
+fn shielded<T>(fallback: T, body: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or(fallback)
+}
+
+fn fail(message: impl Into<String>) -> i32 {
+    LAST_ERROR.with(|slot| *slot.borrow_mut() = message.into());
+    abi::STATUS_ERROR
+}
+
+/// # Safety
+/// `ctx` is the pointer `RunContext::api` put in the table.
+unsafe fn context<'a>(ctx: *const c_void) -> &'a RunContext<'a> {
+    unsafe { &*(ctx as *const RunContext<'a>) }
+}
+
+unsafe extern "C" fn last_error(_ctx: *const c_void) -> StrRef {
+    // The pointer stays valid until this thread's next failing host call.
+    LAST_ERROR.with(|slot| StrRef::new(slot.borrow().as_str()))
+}
+
+unsafe extern "C" fn set_error(ctx: *const c_void, message: StrRef) {
+    shielded((), || {
+        let run = unsafe { context(ctx) };
+        let text = unsafe { message.as_str() }.into_owned();
+        *run.plugin_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+    })
+}
+
+unsafe extern "C" fn model_json(ctx: *const c_void) -> StrRef {
+    shielded(StrRef::empty(), || {
+        StrRef::new(&unsafe { context(ctx) }.model_json)
+    })
+}
+
+unsafe extern "C" fn tensor_count(ctx: *const c_void) -> usize {
+    shielded(0, || unsafe { context(ctx) }.checkpoint.tensors().len())
+}
+
+unsafe extern "C" fn tensor_info(ctx: *const c_void, index: usize, out: *mut TensorInfoC) -> i32 {
+    shielded(abi::STATUS_ERROR, || {
+        let run = unsafe { context(ctx) };
+        let Some(entry) = run.checkpoint.tensors().get(index) else {
+            return fail(format!("no tensor with index {index}"));
+        };
+        if out.is_null() {
+            return fail("tensor_info: null output");
+        }
+        let shape = &run.shapes[index];
+        unsafe {
+            out.write(TensorInfoC {
+                name: StrRef::new(&entry.name),
+                role: StrRef::new(&run.roles[index]),
+                dtype: StrRef::new(entry.dtype.as_str()),
+                layer: run.layers[index],
+                shape: shape.as_ptr(),
+                ndim: shape.len(),
+            })
+        };
+        abi::STATUS_OK
+    })
+}
+
+unsafe extern "C" fn tensor_f32(ctx: *const c_void, index: usize, out: *mut F32Buffer) -> i32 {
+    shielded(abi::STATUS_ERROR, || {
+        let run = unsafe { context(ctx) };
+        let Some(entry) = run.checkpoint.tensors().get(index) else {
+            return fail(format!("no tensor with index {index}"));
+        };
+        if out.is_null() {
+            return fail("tensor_f32: null output");
+        }
+        let values = match run.checkpoint.view(entry).to_f32() {
+            Ok(values) => values,
+            Err(error) => return fail(error.to_string()),
+        };
+        let buffer = match values {
+            Cow::Borrowed(slice) => F32Buffer {
+                data: slice.as_ptr(),
+                len: slice.len(),
+                owner: std::ptr::null_mut(),
+            },
+            Cow::Owned(vec) => {
+                let boxed = Box::new(vec);
+                F32Buffer {
+                    data: boxed.as_ptr(),
+                    len: boxed.len(),
+                    owner: Box::into_raw(boxed) as *mut c_void,
+                }
+            }
+        };
+        unsafe { out.write(buffer) };
+        abi::STATUS_OK
+    })
+}
+
+unsafe extern "C" fn release_f32(_ctx: *const c_void, buffer: *mut F32Buffer) {
+    shielded((), || {
+        let Some(buffer) = (unsafe { buffer.as_mut() }) else {
+            return;
+        };
+        if !buffer.owner.is_null() {
+            // SAFETY: `owner` came from Box::into_raw in tensor_f32.
+            drop(unsafe { Box::from_raw(buffer.owner as *mut Vec<f32>) });
+        }
+        *buffer = F32Buffer::empty();
+    })
+}
+
+unsafe extern "C" fn progress(ctx: *const c_void, done: u64, total: u64, message: StrRef) {
+    shielded((), || {
+        let run = unsafe { context(ctx) };
+        run.progress
+            .update(done, total, &unsafe { message.as_str() });
+    })
+}
+
+unsafe extern "C" fn is_cancelled(ctx: *const c_void) -> bool {
+    shielded(true, || {
+        unsafe { context(ctx) }.cancel.load(Ordering::Relaxed)
+    })
+}
+
+unsafe extern "C" fn log(ctx: *const c_void, level: u32, message: StrRef) {
+    shielded((), || {
+        let run = unsafe { context(ctx) };
+        run.progress
+            .log(level == abi::LOG_WARN, &unsafe { message.as_str() });
+    })
+}

@@ -1,0 +1,181 @@
+//! The C ABI between probe (the host) and a plugin (a cdylib).
+//!
+//! Only `#[repr(C)]` structs, function pointers, and Arrow C Data Interface
+//! structs cross it; never a Rust type whose layout the compiler may change.
+//!
+//! Handshake, in this order:
+//! 1. the host resolves [`ABI_VERSION_SYMBOL`], calls it, and refuses the
+//!    library unless it returns [`ABI_VERSION`];
+//! 2. the host resolves [`PLUGIN_API_SYMBOL`] and reads the [`PluginApi`]
+//!    table it returns (static, owned by the plugin);
+//! 3. for each checkpoint the host calls `work_items`, then `run` with a
+//!    [`HostApi`] table (owned by the host, valid for the call).
+//!
+//! Both tables start with their own size, so either side can tell which
+//! fields the other knows. Tables only grow: a field, once published, keeps
+//! its place and meaning within an ABI version.
+
+use std::ffi::{c_char, c_void};
+
+pub use polars_arrow::ffi::{ArrowArray, ArrowSchema};
+
+/// Bumped whenever a published field changes place or meaning.
+pub const ABI_VERSION: u32 = 1;
+
+/// `extern "C" fn() -> u32`: the ABI version the plugin was built for.
+pub const ABI_VERSION_SYMBOL: &[u8] = b"probe_plugin_abi_version";
+/// `extern "C" fn() -> *const PluginApi`.
+pub const PLUGIN_API_SYMBOL: &[u8] = b"probe_plugin_api";
+
+/// Status codes of calls across the boundary.
+pub const STATUS_OK: i32 = 0;
+/// The callee failed and reported why through `HostApi::set_error` (plugin)
+/// or `HostApi::last_error` (host).
+pub const STATUS_ERROR: i32 = 1;
+/// The plugin panicked; the panic was caught at the boundary.
+pub const STATUS_PANIC: i32 = 2;
+/// The run stopped because the host asked it to (Ctrl-C).
+pub const STATUS_CANCELLED: i32 = 3;
+
+/// A borrowed UTF-8 string: pointer and length, no terminator.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StrRef {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+impl StrRef {
+    pub fn new(s: &str) -> Self {
+        Self {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    pub const fn empty() -> Self {
+        Self {
+            ptr: std::ptr::null(),
+            len: 0,
+        }
+    }
+
+    /// # Safety
+    /// `ptr` must point to `len` readable bytes for the lifetime `'a`.
+    pub unsafe fn as_str<'a>(&self) -> std::borrow::Cow<'a, str> {
+        if self.ptr.is_null() || self.len == 0 {
+            return std::borrow::Cow::Borrowed("");
+        }
+        let bytes = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
+        String::from_utf8_lossy(bytes)
+    }
+}
+
+/// One tensor of the checkpoint as the host's schema places it. The strings
+/// and the shape are owned by the host and live as long as the run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TensorInfoC {
+    pub name: StrRef,
+    /// `q`, `k_bias`, `embed`, … (see the host's `Role`).
+    pub role: StrRef,
+    /// `F32`, `BF16`, …
+    pub dtype: StrRef,
+    /// Block index, or -1 outside the blocks.
+    pub layer: i64,
+    pub shape: *const u64,
+    pub ndim: usize,
+}
+
+/// f32 values lent by the host: borrowed from the mapping when the stored
+/// data already is aligned F32, converted otherwise. Give it back with
+/// `HostApi::release_f32`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct F32Buffer {
+    pub data: *const f32,
+    pub len: usize,
+    /// Host-private; null when borrowed from the mapping.
+    pub owner: *mut c_void,
+}
+
+impl F32Buffer {
+    pub const fn empty() -> Self {
+        Self {
+            data: std::ptr::null(),
+            len: 0,
+            owner: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// Log levels for `HostApi::log`.
+pub const LOG_INFO: u32 = 1;
+pub const LOG_WARN: u32 = 2;
+
+/// What the host offers a plugin during a call. Owned by the host; `ctx` is
+/// opaque to the plugin and every function is safe to call from any thread.
+#[repr(C)]
+pub struct HostApi {
+    /// `size_of::<HostApi>()` as the host was built.
+    pub size: usize,
+    pub abi_version: u32,
+    pub ctx: *const c_void,
+    /// The message of the last failed host call on this thread.
+    pub last_error: unsafe extern "C" fn(ctx: *const c_void) -> StrRef,
+    /// The plugin's reason for returning STATUS_ERROR (copied by the host).
+    pub set_error: unsafe extern "C" fn(ctx: *const c_void, message: StrRef),
+    /// Model facts as a JSON object: label, family, num_layers, hidden_size,
+    /// vocab_size, tied_embeddings, config (config.json or null).
+    pub model_json: unsafe extern "C" fn(ctx: *const c_void) -> StrRef,
+    pub tensor_count: unsafe extern "C" fn(ctx: *const c_void) -> usize,
+    pub tensor_info:
+        unsafe extern "C" fn(ctx: *const c_void, index: usize, out: *mut TensorInfoC) -> i32,
+    pub tensor_f32:
+        unsafe extern "C" fn(ctx: *const c_void, index: usize, out: *mut F32Buffer) -> i32,
+    pub release_f32: unsafe extern "C" fn(ctx: *const c_void, buffer: *mut F32Buffer),
+    /// `done` of `total` units finished; `message` says on what.
+    pub progress: unsafe extern "C" fn(ctx: *const c_void, done: u64, total: u64, message: StrRef),
+    /// True once the user asked to stop: the plugin should return soon.
+    pub is_cancelled: unsafe extern "C" fn(ctx: *const c_void) -> bool,
+    pub log: unsafe extern "C" fn(ctx: *const c_void, level: u32, message: StrRef),
+}
+
+/// What a plugin offers. Static, owned by the plugin.
+#[repr(C)]
+pub struct PluginApi {
+    /// `size_of::<PluginApi>()` as the plugin was built.
+    pub size: usize,
+    pub abi_version: u32,
+    /// NUL-terminated static strings.
+    pub name: *const c_char,
+    pub version: *const c_char,
+    pub summary: *const c_char,
+    pub description: *const c_char,
+    /// JSON array of parameter specs: `[{"name", "kind", "default", "help"}]`.
+    pub params_json: *const c_char,
+    /// How many independent work items this checkpoint gives, with these
+    /// parameters (`--shard` splits them).
+    pub work_items: unsafe extern "C" fn(
+        host: *const HostApi,
+        params_json: StrRef,
+        out_count: *mut usize,
+    ) -> i32,
+    /// Run on the given work items (ascending indices) and write the result
+    /// table as one Arrow struct array. Producer-owned: the host calls the
+    /// `release` callbacks of `out_schema` and `out_array` when done.
+    pub run: unsafe extern "C" fn(
+        host: *const HostApi,
+        params_json: StrRef,
+        items: *const usize,
+        n_items: usize,
+        out_schema: *mut ArrowSchema,
+        out_array: *mut ArrowArray,
+    ) -> i32,
+}
+
+// The tables hold raw pointers to 'static or host-owned data that every
+// thread may read.
+unsafe impl Sync for PluginApi {}
+unsafe impl Sync for HostApi {}
+unsafe impl Send for HostApi {}
