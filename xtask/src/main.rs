@@ -2,10 +2,13 @@
 //!
 //! - `fixtures [--check]`: regenerate the committed test checkpoints (or check they are current).
 //! - `models`: fetch and convert the real models, pinned by sha256, into `.models/`.
+//! - `new-plugin NAME --path DIR`: scaffold a plugin crate outside the workspace.
+//! - `plugins [--release]`: build probe and the built-in plugins into `target/<profile>/plugins/`.
 //! - `bench inspect`: time `probe inspect` on a 1 GB checkpoint and record it in BENCHMARKS.md.
 
 mod bench;
 mod models;
+mod scaffold;
 
 use std::path::{Path, PathBuf};
 
@@ -26,8 +29,11 @@ fn run() -> Result<()> {
         ["fixtures", "--check"] => fixtures(true),
         ["models"] => models::fetch_all(&workspace_root()),
         ["bench", "inspect"] => bench::inspect(&workspace_root()),
+        ["new-plugin", name, "--path", dir] => scaffold::new_plugin(&workspace_root(), name, Path::new(dir)),
+        ["plugins"] => plugins(&workspace_root(), false),
+        ["plugins", "--release"] => plugins(&workspace_root(), true),
         _ => bail!(
-            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  bench inspect        time `probe inspect` on a 1 GB checkpoint"
+            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
         ),
     }
 }
@@ -99,4 +105,36 @@ fn diff_trees(a: &Path, b: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(differing)
+}
+
+/// The built-in plugins: every `probe-plugin-*` crate of the workspace.
+pub const BUILTIN_PLUGINS: &[&str] = &[];
+
+/// Build probe and the built-in plugins, and copy the plugins into
+/// `target/<profile>/plugins/`, the folder beside the executable probe searches.
+fn plugins(root: &Path, release: bool) -> Result<()> {
+    let mut cargo = std::process::Command::new(env!("CARGO"));
+    cargo
+        .current_dir(root)
+        .args(["build", "--package", "probe"]);
+    if release {
+        cargo.arg("--release");
+    }
+    for name in BUILTIN_PLUGINS {
+        cargo.args(["--package", name]);
+    }
+    if !cargo.status()?.success() {
+        bail!("cargo build failed");
+    }
+    let profile_dir = root
+        .join("target")
+        .join(if release { "release" } else { "debug" });
+    let dest = profile_dir.join("plugins");
+    std::fs::create_dir_all(&dest)?;
+    for name in BUILTIN_PLUGINS {
+        let file = format!("lib{}.so", name.replace('-', "_"));
+        std::fs::copy(profile_dir.join(&file), dest.join(&file))?;
+        println!("{}", dest.join(&file).display());
+    }
+    Ok(())
 }

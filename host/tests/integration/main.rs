@@ -4,4 +4,5 @@
 mod inspect;
 mod plugins;
 mod real_models;
+mod scaffold;
 mod util;
