@@ -52,7 +52,14 @@ pub fn inspect(root: &Path) -> Result<()> {
 
 pub fn build_release(root: &Path) -> Result<PathBuf> {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--package", "probe", "--bin", "probe"])
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "probe",
+            "--package",
+            "probe-plugin-spectral",
+        ])
         .current_dir(root)
         .status()?;
     if !status.success() {
@@ -106,32 +113,107 @@ fn write_sparse_checkpoint(path: &Path) -> Result<u64> {
     Ok(total)
 }
 
+/// Time `probe run --plugin spectral` on SmolLM2-135M against numpy's
+/// LAPACK SVD (`np.linalg.svd(W.astype(float64), compute_uv=False)`) of the
+/// same matrices, both on the same number of threads.
+pub fn spectral(root: &Path) -> Result<()> {
+    let probe = build_release(root)?;
+    let plugin = root.join("target/release/libprobe_plugin_spectral.so");
+    let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
+    if !model.join(".complete").exists() {
+        bail!("{} is missing: run `cargo xtask models`", model.display());
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let out = root.join("target/bench/spectral.parquet");
+    let runs = 3;
+    let mut rows = Vec::new();
+    for precision in ["f32", "f64"] {
+        let timing = time_command(runs, || {
+            let mut c = Command::new(&probe);
+            c.args(["run", "--quiet", "--plugin"])
+                .arg(&plugin)
+                .arg(&model);
+            c.args([
+                "--param",
+                &format!("precision={precision}"),
+                "--param",
+                &format!("threads={threads}"),
+                "--out",
+            ]);
+            c.arg(&out);
+            c
+        })?;
+        rows.push((precision, timing));
+    }
+    let script = root.join("plugins/spectral/reference/spectral_reference.py");
+    let site = root.join(".cache/py");
+    let numpy = time_command(runs, || {
+        let mut c = Command::new("python3");
+        c.arg(&script).arg(&model).arg("--time");
+        c.env("PYTHONPATH", &site);
+        for var in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+            c.env(var, &threads);
+        }
+        c
+    })?;
+    for (precision, timing) in rows {
+        let line = format!(
+            "| {} | {} | spectral, SmolLM2-135M (211 matrices), {precision} SVD, {threads} threads, median of {runs} | probe {:.2} s (whole run), peak RSS {:.0} MB | numpy LAPACK f64 SVDs alone {:.2} s (script {:.2} s), peak RSS {:.0} MB | {:.2}× |",
+            today(),
+            machine(),
+            timing.median.as_secs_f64(),
+            timing.peak_rss_kb as f64 / 1024.0,
+            numpy.inner_seconds.unwrap_or(f64::NAN),
+            numpy.median.as_secs_f64(),
+            numpy.peak_rss_kb as f64 / 1024.0,
+            numpy.inner_seconds.unwrap_or(numpy.median.as_secs_f64()) / timing.median.as_secs_f64(),
+        );
+        println!("{line}");
+        record(root, &line)?;
+    }
+    Ok(())
+}
+
 struct Timing {
     median: Duration,
     peak_rss_kb: i64,
+    /// What the command printed as its own timing (seconds), median.
+    inner_seconds: Option<f64>,
 }
 
 fn time_command(runs: usize, make: impl Fn() -> Command) -> Result<Timing> {
     let mut times = Vec::with_capacity(runs);
+    let mut inner = Vec::new();
     let mut peak = 0;
     for _ in 0..runs {
         let start = Instant::now();
-        let child = make()
-            .stdout(Stdio::null())
+        let mut child = make()
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting the benchmarked command")?;
+        let mut printed = String::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            std::io::Read::read_to_string(&mut stdout, &mut printed)?;
+        }
         let (status, rss) = wait_with_rusage(child)?;
         times.push(start.elapsed());
         if !status {
             bail!("benchmarked command failed");
         }
+        if let Ok(seconds) = printed.trim().parse::<f64>() {
+            inner.push(seconds);
+        }
         peak = peak.max(rss);
     }
     times.sort();
+    inner.sort_by(f64::total_cmp);
     Ok(Timing {
         median: times[runs / 2],
         peak_rss_kb: peak,
+        inner_seconds: (inner.len() == runs).then(|| inner[runs / 2]),
     })
 }
 

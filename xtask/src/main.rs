@@ -29,11 +29,12 @@ fn run() -> Result<()> {
         ["fixtures", "--check"] => fixtures(true),
         ["models"] => models::fetch_all(&workspace_root()),
         ["bench", "inspect"] => bench::inspect(&workspace_root()),
+        ["bench", "spectral"] => bench::spectral(&workspace_root()),
         ["new-plugin", name, "--path", dir] => scaffold::new_plugin(&workspace_root(), name, Path::new(dir)),
         ["plugins"] => plugins(&workspace_root(), false),
         ["plugins", "--release"] => plugins(&workspace_root(), true),
         _ => bail!(
-            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
+            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
         ),
     }
 }
@@ -108,7 +109,7 @@ fn diff_trees(a: &Path, b: &Path) -> Result<Vec<String>> {
 }
 
 /// The built-in plugins: every `probe-plugin-*` crate of the workspace.
-pub const BUILTIN_PLUGINS: &[&str] = &[];
+pub const BUILTIN_PLUGINS: &[&str] = &["probe-plugin-spectral"];
 
 /// Build probe and the built-in plugins, and copy the plugins into
 /// `target/<profile>/plugins/`, the folder beside the executable probe searches.

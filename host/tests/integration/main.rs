@@ -5,4 +5,5 @@ mod inspect;
 mod plugins;
 mod real_models;
 mod scaffold;
+mod spectral;
 mod util;

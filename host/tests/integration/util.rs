@@ -132,7 +132,8 @@ pub fn plugin_lib(crate_name: &str) -> PathBuf {
 }
 
 /// Every cdylib crate the tests load.
-pub const PLUGIN_CRATES: [&str; 3] = [
+pub const PLUGIN_CRATES: [&str; 4] = [
+    "probe-plugin-spectral",
     "probe-testkit",
     "probe-testkit-wrong-abi",
     "probe-testkit-not-a-plugin",

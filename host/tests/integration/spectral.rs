@@ -1,0 +1,264 @@
+//! The spectral plugin through the real host: split banks and fused QKV,
+//! selection parameters, and agreement with an independent numpy/LAPACK
+//! reference on both real models.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use polars::prelude::*;
+
+use crate::real_models::real_model;
+use crate::util::{fixture, plugin_lib, probe, read_parquet, tempdir};
+
+fn spectral() -> String {
+    plugin_lib("probe-plugin-spectral").display().to_string()
+}
+
+fn run_to_frame(model: &Path, params: &[&str]) -> DataFrame {
+    let dir = tempdir();
+    let out = dir.path().join("s.parquet");
+    let mut args = vec![
+        "run".to_string(),
+        "--plugin".into(),
+        spectral(),
+        model.display().to_string(),
+        "-q".into(),
+    ];
+    for p in params {
+        args.extend(["--param".to_string(), p.to_string()]);
+    }
+    args.extend(["-o".to_string(), out.display().to_string()]);
+    probe(&args).ok();
+    read_parquet(&out)
+}
+
+fn strings(df: &DataFrame, name: &str) -> Vec<String> {
+    df.column(name)
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .map(|s| s.unwrap_or("").to_string())
+        .collect()
+}
+
+fn floats(df: &DataFrame, name: &str) -> Vec<Option<f64>> {
+    let column = df.column(name).unwrap().cast(&DataType::Float64).unwrap();
+    column.f64().unwrap().iter().collect()
+}
+
+const METRICS: [&str; 16] = [
+    "sigma_max",
+    "sigma_min",
+    "frobenius",
+    "stable_rank",
+    "stable_rank_ratio",
+    "pr_rank",
+    "pr_rank_ratio",
+    "erank",
+    "spectral_entropy",
+    "r50",
+    "r90",
+    "r99",
+    "condition",
+    "alpha_loglog",
+    "alpha",
+    "alpha_weighted",
+];
+
+/// (layer, role) → metrics, for comparing two layouts of the same weights.
+fn by_placement(df: &DataFrame) -> HashMap<(i64, String), Vec<Option<f64>>> {
+    let layers = df.column("layer").unwrap().i64().unwrap().clone();
+    let roles = strings(df, "role");
+    let columns: Vec<Vec<Option<f64>>> = METRICS.iter().map(|m| floats(df, m)).collect();
+    (0..df.height())
+        .filter_map(|i| {
+            Some((
+                (layers.get(i)?, roles[i].clone()),
+                columns.iter().map(|c| c[i]).collect(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn banked_weights_split_into_the_same_matrices_as_unbanked() {
+    // Stack paramgolf-tied's per-block matrices into banks, as the banked
+    // training scripts store them; every (layer, role) must keep its spectrum.
+    let source = fixture("paramgolf-tied-f32");
+    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let n = 4;
+    let stack = |parts: Vec<String>| -> (Vec<u8>, Vec<usize>) {
+        let mut data = Vec::new();
+        let mut shape = Vec::new();
+        for name in &parts {
+            let t = tensors.tensor(name).unwrap();
+            shape = t.shape().to_vec();
+            data.extend_from_slice(t.data());
+        }
+        let mut full = vec![parts.len()];
+        full.extend(shape);
+        (data, full)
+    };
+    let names = |a: &str, b: Option<&str>| -> Vec<String> {
+        let mut v: Vec<String> = (0..n).map(|i| format!("blocks.{i}.{a}.weight")).collect();
+        if let Some(b) = b {
+            v.extend((0..n).map(|i| format!("blocks.{i}.{b}.weight")));
+        }
+        v
+    };
+    let banks = [
+        ("qo_bank", stack(names("attn.c_q", Some("attn.proj")))),
+        ("kv_bank", stack(names("attn.c_k", Some("attn.c_v")))),
+        ("mlp_up_bank", stack(names("mlp.fc", None))),
+        ("mlp_down_bank", stack(names("mlp.proj", None))),
+    ];
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = banks
+        .iter()
+        .map(|(name, (data, shape))| {
+            (
+                name.to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    views.push((
+        "tok_emb.weight".into(),
+        tensors.tensor("tok_emb.weight").unwrap(),
+    ));
+    let dir = tempdir();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+
+    let unbanked = run_to_frame(&source, &[]);
+    let banked = run_to_frame(dir.path(), &[]);
+    assert_eq!(banked.height(), 4 * 6 + 1);
+    let (a, b) = (by_placement(&unbanked), by_placement(&banked));
+    assert_eq!(a.len(), 24);
+    assert_eq!(a, b);
+    assert!(strings(&banked, "tensor").contains(&"qo_bank[5]".to_string()));
+}
+
+#[test]
+fn gpt2_fused_qkv_is_split_and_conv1d_shapes_are_linear() {
+    let df = run_to_frame(&fixture("gpt2-tied-f32"), &["layers=1"]);
+    let roles = strings(&df, "role");
+    assert_eq!(roles, ["q", "k", "v", "o", "up", "down"].map(String::from));
+    let rows = df.column("rows").unwrap().i64().unwrap().clone();
+    let cols = df.column("cols").unwrap().i64().unwrap().clone();
+    // c_fc is stored (32, 64) as Conv1D; as a Linear it is (64 out, 32 in).
+    assert_eq!((rows.get(4), cols.get(4)), (Some(64), Some(32)));
+    assert_eq!((rows.get(0), cols.get(0)), (Some(32), Some(32)));
+    assert_eq!(strings(&df, "tensor")[0], "h.1.attn.c_attn.weight[q]");
+}
+
+#[test]
+fn selection_and_power_method() {
+    let model = fixture("llama-untied-bf16");
+    let all = run_to_frame(&model, &[]);
+    assert_eq!(all.height(), 3 * 7 + 2);
+    let qk = run_to_frame(&model, &["roles=q,k", "layers=0-1"]);
+    assert_eq!(qk.height(), 4);
+    let no_embed = run_to_frame(&model, &["skip_embeddings=true"]);
+    assert_eq!(no_embed.height(), 3 * 7);
+    let power = run_to_frame(&model, &["method=power", "power_iterations=200"]);
+    assert!(power.column("sigma_max_power").is_ok());
+    assert!(power.column("alpha").is_err());
+    // With enough iterations the estimate meets the SVD's σ₁.
+    let exact = floats(&all, "sigma_max");
+    let estimate = floats(&power, "sigma_max_power");
+    for (e, p) in exact.iter().zip(&estimate) {
+        assert!(
+            (e.unwrap() - p.unwrap()).abs() < 1e-3 * e.unwrap(),
+            "{e:?} vs {p:?}"
+        );
+    }
+    probe([
+        "run",
+        "--plugin",
+        &spectral(),
+        model.to_str().unwrap(),
+        "--param",
+        "method=qr",
+    ])
+    .fails_with(&["parameter `method`: expected one of svd, power"]);
+}
+
+/// Compare probe's table with the committed numpy/LAPACK reference: every
+/// metric within `tolerance`, except that an f32 SVD resolves the smallest
+/// singular values of ill-conditioned matrices (condition ~3·10⁴ in MiniLM)
+/// only to `small_sigma_tolerance`.
+fn check_against_reference(
+    model: &Path,
+    reference: &str,
+    precision: &str,
+    tolerance: f64,
+    small_sigma_tolerance: f64,
+) {
+    let precision = format!("precision={precision}");
+    let df = run_to_frame(model, &[&precision]);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/spectral/reference")
+        .join(reference);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let names = strings(&df, "tensor");
+    let columns: HashMap<&str, Vec<Option<f64>>> =
+        header[1..].iter().map(|c| (*c, floats(&df, c))).collect();
+    let mut checked = 0;
+    let mut worst = (0.0f64, String::new());
+    for line in lines {
+        let cells: Vec<&str> = line.split(',').collect();
+        let row = names
+            .iter()
+            .position(|n| n == cells[0])
+            .unwrap_or_else(|| panic!("probe lacks {}", cells[0]));
+        for (column, cell) in header[1..].iter().zip(&cells[1..]) {
+            let got = columns[column][row];
+            match (cell.parse::<f64>().ok(), got) {
+                (None, None) => {}
+                (Some(want), Some(got)) => {
+                    let mut error = (got - want).abs() / want.abs().max(1e-12);
+                    if matches!(*column, "sigma_min" | "condition") {
+                        error *= tolerance / small_sigma_tolerance;
+                    }
+                    if error > worst.0 {
+                        worst = (
+                            error,
+                            format!("{}.{column}: probe {got} numpy {want}", cells[0]),
+                        );
+                    }
+                    checked += 1;
+                }
+                (want, got) => panic!("{}.{column}: probe {got:?}, numpy {want:?}", cells[0]),
+            }
+        }
+    }
+    assert!(checked > 100);
+    assert!(
+        worst.0 <= tolerance,
+        "{precision}: worst (scaled) relative difference {:.2e} at {}",
+        worst.0,
+        worst.1
+    );
+}
+
+#[test]
+fn smollm2_agrees_with_numpy_lapack() {
+    let Some(model) = real_model("SmolLM2-135M-Instruct") else {
+        return;
+    };
+    check_against_reference(&model, "SmolLM2-135M-Instruct.csv", "f64", 1e-4, 1e-4);
+    check_against_reference(&model, "SmolLM2-135M-Instruct.csv", "f32", 1e-4, 1e-3);
+}
+
+#[test]
+fn minilm_agrees_with_numpy_lapack() {
+    let Some(model) = real_model("all-MiniLM-L6-v2") else {
+        return;
+    };
+    check_against_reference(&model, "all-MiniLM-L6-v2.csv", "f64", 1e-4, 1e-4);
+    check_against_reference(&model, "all-MiniLM-L6-v2.csv", "f32", 1e-4, 1e-3);
+}

@@ -1,0 +1,451 @@
+//! The `spectral` plugin: the singular-value spectrum of every weight matrix
+//! and the metrics of RESEARCH.md's "Spectral structure", one row per matrix.
+//!
+//! Speed: singular values only (no U/V) with faer, f32 by default; matrices
+//! run in parallel on a bounded rayon pool, each converted to f32 on its
+//! own, so memory stays near (largest matrix × workers).
+
+pub mod spectrum;
+
+use probe_sdk::prelude::*;
+use rayon::prelude::*;
+
+use spectrum::{metrics, power_estimate, recommended_rank, Metrics};
+
+struct Spectral;
+
+/// One analysed matrix.
+struct Row {
+    name: String,
+    layer: Option<usize>,
+    role: String,
+    rows: usize,
+    cols: usize,
+    dtype: String,
+    metrics: Option<Metrics>,
+    frobenius_power: f64,
+    sigma_max_power: f64,
+    stable_rank_power: Option<f64>,
+    recommended_rank: usize,
+    sigma: Option<Vec<f64>>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Precision {
+    F32,
+    F64,
+}
+
+/// Singular values of a row-major matrix, descending.
+pub fn singular_values(
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    f64_precision: bool,
+) -> Result<Vec<f64>, String> {
+    if rows == 0 || cols == 0 {
+        return Ok(Vec::new());
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err("holds NaN or infinite values".into());
+    }
+    let result = if f64_precision {
+        let wide: Vec<f64> = values.iter().map(|&v| f64::from(v)).collect();
+        faer::MatRef::from_row_major_slice(&wide, rows, cols).singular_values()
+    } else {
+        faer::MatRef::from_row_major_slice(values, rows, cols)
+            .singular_values()
+            .map(|s| s.into_iter().map(f64::from).collect())
+    };
+    result.map_err(|e| format!("SVD did not converge ({e:?})"))
+}
+
+fn selected(host: &Host, params: &Params) -> Result<Vec<Matrix>, PluginError> {
+    let roles = params.list("roles");
+    let layers = params.range("layers");
+    let skip_embeddings = params.bool("skip_embeddings")?;
+    Ok(host
+        .matrices()?
+        .into_iter()
+        .filter(|m| roles.as_ref().is_none_or(|r| r.contains(&m.role)))
+        .filter(|m| match (&layers, m.layer) {
+            (None, _) => true,
+            (Some(wanted), Some(layer)) => wanted.contains(&layer),
+            (Some(_), None) => false,
+        })
+        .filter(|m| {
+            !(skip_embeddings
+                && matches!(
+                    m.role.as_str(),
+                    "embed" | "lm_head" | "pos_embed" | "type_embed"
+                ))
+        })
+        .collect())
+}
+
+fn analyse(
+    host: &Host,
+    matrix: &Matrix,
+    params: &Params,
+    precision: Precision,
+) -> Result<Row, PluginError> {
+    let values = host.matrix_f32(matrix)?;
+    let (rows, cols) = (matrix.stored_rows, matrix.stored_cols);
+    let iterations = params.int("power_iterations")?.max(1) as usize;
+    let (sigma_max_power, frobenius_sq) = power_estimate(&values, rows, cols, iterations);
+    let stable_rank_power =
+        (sigma_max_power > 0.0).then(|| frobenius_sq / (sigma_max_power * sigma_max_power));
+    let r_min = params.int("r_min")?.max(0) as usize;
+    let k = matrix.rank_bound();
+    let (metrics, sigma) = if params.str("method")? == "power" {
+        (None, None)
+    } else {
+        let sigma = singular_values(&values, rows, cols, precision == Precision::F64)
+            .map_err(|e| PluginError::Other(format!("{}: {e}", matrix.name)))?;
+        let keep = params.bool("singular_values")?;
+        (Some(metrics(&sigma)), keep.then_some(sigma))
+    };
+    Ok(Row {
+        name: matrix.name.clone(),
+        layer: matrix.layer,
+        role: matrix.role.clone(),
+        rows: matrix.rows,
+        cols: matrix.cols,
+        dtype: matrix.tensor.dtype.clone(),
+        metrics,
+        frobenius_power: frobenius_sq.sqrt(),
+        sigma_max_power,
+        stable_rank_power,
+        recommended_rank: recommended_rank(stable_rank_power.unwrap_or(0.0), r_min, k),
+        sigma,
+    })
+}
+
+impl Plugin for Spectral {
+    const NAME: &'static str = "spectral";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const SUMMARY: &'static str = "Singular-value spectra of every weight matrix: stable/effective ranks, entropy, heavy-tail alpha";
+    const DESCRIPTION: &'static str =
+        "One row per 2-D weight matrix (banks and fused QKV split per layer and role) with
+sigma_max, sigma_min, frobenius, stable_rank(_ratio), pr_rank(_ratio), erank,
+spectral_entropy, r50/r90/r99, condition, alpha_loglog, alpha and alpha_weighted
+(WeightWatcher's power-law fit), stable_rank_power and recommended_rank, as
+defined in RESEARCH.md. method=power skips the SVD and gives the power-iteration
+stable rank alone, for models too big to decompose.";
+
+    fn params() -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::new(
+                "roles",
+                ParamKind::List,
+                None,
+                "only these roles, e.g. q,k,v (default: all)",
+            ),
+            ParamSpec::new(
+                "layers",
+                ParamKind::Range,
+                None,
+                "only these layers, e.g. 0-5,8 (default: all)",
+            ),
+            ParamSpec::new(
+                "skip_embeddings",
+                ParamKind::Bool,
+                Some("false"),
+                "leave out embed, lm_head and position embeddings",
+            ),
+            ParamSpec::choice(
+                "method",
+                &["svd", "power"],
+                "svd",
+                "svd: every metric; power: the cheap stable-rank estimate alone",
+            ),
+            ParamSpec::choice("precision", &["f32", "f64"], "f32", "precision of the SVD"),
+            ParamSpec::new(
+                "singular_values",
+                ParamKind::Bool,
+                Some("false"),
+                "add a list column `singular_values` (explode it for a long table)",
+            ),
+            ParamSpec::new(
+                "power_iterations",
+                ParamKind::Int,
+                Some("20"),
+                "power-iteration steps for stable_rank_power",
+            ),
+            ParamSpec::new(
+                "r_min",
+                ParamKind::Int,
+                Some("1"),
+                "lower clamp of recommended_rank",
+            ),
+            ParamSpec::new(
+                "threads",
+                ParamKind::Int,
+                Some("0"),
+                "worker threads (0: one per core)",
+            ),
+        ]
+    }
+
+    fn work_items(host: &Host, params: &Params) -> Result<usize, PluginError> {
+        Ok(selected(host, params)?.len())
+    }
+
+    fn run(host: &Host, params: &Params, items: &[usize]) -> Result<DataFrame, PluginError> {
+        let matrices = selected(host, params)?;
+        let precision = if params.str("precision")? == "f64" {
+            Precision::F64
+        } else {
+            Precision::F32
+        };
+        let threads = params.int("threads")?.max(0) as usize;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| PluginError::Other(format!("thread pool: {e}")))?;
+        // Parallelism is across matrices; faer itself runs each one sequentially.
+        faer::set_global_parallelism(faer::Par::Seq);
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let total = items.len() as u64;
+        let rows: Vec<Row> = pool.install(|| {
+            items
+                .par_iter()
+                .map(|&item| {
+                    host.check_cancelled()?;
+                    let matrix = matrices.get(item).ok_or("work item out of range")?;
+                    let row = analyse(host, matrix, params, precision)?;
+                    let finished = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    host.progress(finished, total, &matrix.name);
+                    Ok(row)
+                })
+                .collect::<Result<Vec<Row>, PluginError>>()
+        })?;
+        if params.str("method")? == "svd" && !rows.is_empty() {
+            for line in role_summary(&rows) {
+                host.info(&line);
+            }
+        }
+        frame(&rows, params.str("method")? == "power")
+    }
+}
+
+fn frame(rows: &[Row], power_only: bool) -> Result<DataFrame, PluginError> {
+    let m = |f: fn(&Metrics) -> Option<f64>| -> Vec<Option<f64>> {
+        rows.iter()
+            .map(|r| r.metrics.as_ref().and_then(f))
+            .collect()
+    };
+    let mr = |f: fn(&Metrics) -> Option<u32>| -> Vec<Option<u32>> {
+        rows.iter()
+            .map(|r| r.metrics.as_ref().and_then(f))
+            .collect()
+    };
+    let mut columns = vec![
+        Column::new(
+            "tensor".into(),
+            rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "layer".into(),
+            rows.iter()
+                .map(|r| r.layer.map(|l| l as i64))
+                .collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "role".into(),
+            rows.iter().map(|r| r.role.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "rows".into(),
+            rows.iter().map(|r| r.rows as i64).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "cols".into(),
+            rows.iter().map(|r| r.cols as i64).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "dtype".into(),
+            rows.iter().map(|r| r.dtype.as_str()).collect::<Vec<_>>(),
+        ),
+    ];
+    if power_only {
+        columns.extend([
+            Column::new(
+                "frobenius".into(),
+                rows.iter().map(|r| r.frobenius_power).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "sigma_max_power".into(),
+                rows.iter().map(|r| r.sigma_max_power).collect::<Vec<_>>(),
+            ),
+        ]);
+    } else {
+        columns.extend([
+            Column::new("sigma_max".into(), m(|x| Some(x.sigma_max))),
+            Column::new("sigma_min".into(), m(|x| x.sigma_min)),
+            Column::new("frobenius".into(), m(|x| Some(x.frobenius))),
+            Column::new("stable_rank".into(), m(|x| x.stable_rank)),
+            Column::new("stable_rank_ratio".into(), m(|x| x.stable_rank_ratio)),
+            Column::new("pr_rank".into(), m(|x| x.pr_rank)),
+            Column::new("pr_rank_ratio".into(), m(|x| x.pr_rank_ratio)),
+            Column::new("erank".into(), m(|x| x.erank)),
+            Column::new("spectral_entropy".into(), m(|x| x.spectral_entropy)),
+            Column::new("r50".into(), mr(|x| x.r50)),
+            Column::new("r90".into(), mr(|x| x.r90)),
+            Column::new("r99".into(), mr(|x| x.r99)),
+            Column::new("condition".into(), m(|x| x.condition)),
+            Column::new("alpha_loglog".into(), m(|x| x.alpha_loglog)),
+            Column::new("alpha".into(), m(|x| x.alpha)),
+            Column::new("alpha_weighted".into(), m(|x| x.alpha_weighted)),
+        ]);
+    }
+    columns.extend([
+        Column::new(
+            "stable_rank_power".into(),
+            rows.iter().map(|r| r.stable_rank_power).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "recommended_rank".into(),
+            rows.iter()
+                .map(|r| r.recommended_rank as i64)
+                .collect::<Vec<_>>(),
+        ),
+    ]);
+    if rows.iter().any(|r| r.sigma.is_some()) {
+        let lists: Vec<Series> = rows
+            .iter()
+            .map(|r| Series::new("".into(), r.sigma.clone().unwrap_or_default()))
+            .collect();
+        columns.push(Column::new("singular_values".into(), lists));
+    }
+    Ok(DataFrame::new(rows.len(), columns)?)
+}
+
+/// Mean ratios by role, lowest-rank first: the "Q/K lower-rank than V/O and
+/// MLP" view, with a verdict on whether it holds for this checkpoint.
+fn role_summary(rows: &[Row]) -> Vec<String> {
+    let mut by_role: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+    for row in rows {
+        let Some(metrics) = &row.metrics else {
+            continue;
+        };
+        let (Some(pr), Some(stable)) = (metrics.pr_rank_ratio, metrics.stable_rank_ratio) else {
+            continue;
+        };
+        match by_role.iter_mut().find(|(role, ..)| *role == row.role) {
+            Some((_, prs, stables)) => {
+                prs.push(pr);
+                stables.push(stable);
+            }
+            None => by_role.push((row.role.clone(), vec![pr], vec![stable])),
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let mut means: Vec<(String, f64, f64, usize)> = by_role
+        .iter()
+        .map(|(role, prs, stables)| (role.clone(), mean(prs), mean(stables), prs.len()))
+        .collect();
+    means.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut lines = vec!["mean rank ratios by role, lowest pr_rank_ratio first:".to_string()];
+    for (role, pr, stable, n) in &means {
+        lines.push(format!(
+            "  {role:<10} pr_rank_ratio {pr:.3}  stable_rank_ratio {stable:.4}  ({n} matrices)"
+        ));
+    }
+    let get = |role: &str| means.iter().find(|m| m.0 == role).map(|m| m.1);
+    let routing: Vec<f64> = ["q", "k"].iter().filter_map(|r| get(r)).collect();
+    let others: Vec<f64> = ["v", "o", "gate", "up", "down"]
+        .iter()
+        .filter_map(|r| get(r))
+        .collect();
+    if let (Some(max_routing), Some(min_other)) = (
+        routing.iter().copied().reduce(f64::max),
+        others.iter().copied().reduce(f64::min),
+    ) {
+        let verdict = if max_routing < min_other {
+            "holds"
+        } else {
+            "does not hold"
+        };
+        lines.push(format!(
+            "Q/K lower-rank than V/O and MLP (by pr_rank_ratio): {verdict} (q/k at most {max_routing:.3}, v/o/mlp at least {min_other:.3})"
+        ));
+    }
+    lines
+}
+
+export_plugin!(Spectral);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic m × n matrix U·diag(σ)·Vᵀ with orthogonal U, V built
+    /// from Householder reflections, so its singular values are known.
+    fn with_spectrum(m: usize, n: usize, sigma: &[f64]) -> Vec<f32> {
+        let reflect = |dim: usize, seed: f64| -> Vec<Vec<f64>> {
+            let v: Vec<f64> = (0..dim).map(|i| ((i as f64 + 1.0) * seed).sin()).collect();
+            let norm_sq: f64 = v.iter().map(|x| x * x).sum();
+            (0..dim)
+                .map(|i| {
+                    (0..dim)
+                        .map(|j| f64::from(u8::from(i == j)) - 2.0 * v[i] * v[j] / norm_sq)
+                        .collect()
+                })
+                .collect()
+        };
+        let (u, v) = (reflect(m, 0.7), reflect(n, 1.3));
+        let mut w = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = sigma
+                    .iter()
+                    .enumerate()
+                    .map(|(r, s)| u[i][r] * s * v[j][r])
+                    .sum();
+                w[i * n + j] = s as f32;
+            }
+        }
+        w
+    }
+
+    #[test]
+    fn svd_recovers_known_singular_values() {
+        let sigma = [9.0, 5.0, 2.0, 1.0, 0.5];
+        let w = with_spectrum(7, 5, &sigma);
+        for f64_precision in [false, true] {
+            let got = singular_values(&w, 7, 5, f64_precision).unwrap();
+            for (g, s) in got.iter().zip(sigma) {
+                assert!((g - s).abs() < 1e-5 * s.max(1.0), "{got:?}");
+            }
+        }
+        // Orientation does not matter.
+        let wt: Vec<f32> = (0..5)
+            .flat_map(|j| (0..7).map(move |i| (i, j)))
+            .map(|(i, j)| w[i * 5 + j])
+            .collect();
+        let got = singular_values(&wt, 5, 7, true).unwrap();
+        assert!((got[0] - 9.0).abs() < 1e-5 && (got[4] - 0.5).abs() < 1e-5);
+    }
+
+    #[test]
+    fn identity_and_orthogonal_matrices() {
+        let n = 6;
+        let identity: Vec<f32> = (0..n * n)
+            .map(|i| f32::from(u8::from(i % (n + 1) == 0)))
+            .collect();
+        let m = metrics(&singular_values(&identity, n, n, false).unwrap());
+        assert!((m.stable_rank.unwrap() - 6.0).abs() < 1e-5);
+        assert!((m.erank.unwrap() - 6.0).abs() < 1e-5);
+        let orthogonal = with_spectrum(n, n, &[1.0; 6]);
+        let m = metrics(&singular_values(&orthogonal, n, n, true).unwrap());
+        assert!((m.pr_rank.unwrap() - 6.0).abs() < 1e-6);
+        assert!((m.condition.unwrap() - 1.0).abs() < 1e-6);
+        assert_eq!((m.r50, m.r90, m.r99), (Some(3), Some(6), Some(6)));
+    }
+
+    #[test]
+    fn non_finite_values_are_an_error() {
+        assert!(singular_values(&[1.0, f32::NAN, 0.0, 1.0], 2, 2, false).is_err());
+    }
+}
