@@ -185,17 +185,32 @@ fn selection_and_power_method() {
     .fails_with(&["parameter `method`: expected one of svd, power"]);
 }
 
-/// Compare probe's table with the committed numpy/LAPACK reference: every
-/// metric within `tolerance`, except that an f32 SVD resolves the smallest
-/// singular values of ill-conditioned matrices (condition ~3·10⁴ in MiniLM)
-/// only to `small_sigma_tolerance`.
+/// What the default f32 SVD promises against LAPACK in f64 (precision=f64
+/// is held to 1e-4 on everything). A backward-stable f32 SVD errs by about
+/// eps₃₂·σ₁ on every σ, which is large against the small end of a spectrum:
+/// - sigma_min and condition: |Δσ_min| ≤ 1e-5 · σ₁;
+/// - sums over the whole spectrum (erank, entropy, r50/r90/r99): 2e-3, the
+///   most seen on SmolLM2's 49152 × 576 embedding, whose σ₁ dominates;
+/// - alpha_loglog weighs ln σ of the whole tail: 1e-2;
+/// - alpha: the KS choice of x_min is discontinuous, and f32 noise can tip a
+///   near-tie to a neighbouring x_min: 2e-2.
+fn f32_tolerance(column: &str) -> f64 {
+    match column {
+        "sigma_min" | "condition" => 1e-5,
+        "alpha_loglog" => 1e-2,
+        "alpha" | "alpha_weighted" => 2e-2,
+        _ => 2e-3,
+    }
+}
+
+/// Compare probe's table with the committed numpy/LAPACK reference.
 fn check_against_reference(
     model: &Path,
     reference: &str,
     precision: &str,
-    tolerance: f64,
-    small_sigma_tolerance: f64,
+    tolerance: fn(&str) -> f64,
 ) {
+    let small_end_absolute = precision == "f32";
     let precision = format!("precision={precision}");
     let df = run_to_frame(model, &[&precision]);
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -220,10 +235,18 @@ fn check_against_reference(
             match (cell.parse::<f64>().ok(), got) {
                 (None, None) => {}
                 (Some(want), Some(got)) => {
-                    let mut error = (got - want).abs() / want.abs().max(1e-12);
-                    if matches!(*column, "sigma_min" | "condition") {
-                        error *= tolerance / small_sigma_tolerance;
-                    }
+                    // Scaled so that 1 is the limit for this column. In f32 the
+                    // small end of the spectrum is held to what a backward-stable
+                    // SVD promises, |Δσ| ≤ tolerance · σ₁: sigma_min's error is
+                    // measured against σ₁, and condition's (Δc/c ≈ Δσ_min/σ_min) too.
+                    let sigma_max: f64 = cells[1].parse().unwrap();
+                    let scale = match *column {
+                        "sigma_min" if small_end_absolute => sigma_max / want,
+                        "condition" if small_end_absolute => want,
+                        _ => 1.0,
+                    };
+                    let error =
+                        (got - want).abs() / want.abs().max(1e-12) / scale / tolerance(column);
                     if error > worst.0 {
                         worst = (
                             error,
@@ -238,8 +261,8 @@ fn check_against_reference(
     }
     assert!(checked > 100);
     assert!(
-        worst.0 <= tolerance,
-        "{precision}: worst (scaled) relative difference {:.2e} at {}",
+        worst.0 <= 1.0,
+        "{precision}: worst difference is {:.2}× its tolerance, at {}",
         worst.0,
         worst.1
     );
@@ -250,8 +273,8 @@ fn smollm2_agrees_with_numpy_lapack() {
     let Some(model) = real_model("SmolLM2-135M-Instruct") else {
         return;
     };
-    check_against_reference(&model, "SmolLM2-135M-Instruct.csv", "f64", 1e-4, 1e-4);
-    check_against_reference(&model, "SmolLM2-135M-Instruct.csv", "f32", 1e-4, 1e-3);
+    check_against_reference(&model, "SmolLM2-135M-Instruct.csv", "f64", |_| 1e-4);
+    check_against_reference(&model, "SmolLM2-135M-Instruct.csv", "f32", f32_tolerance);
 }
 
 #[test]
@@ -259,6 +282,6 @@ fn minilm_agrees_with_numpy_lapack() {
     let Some(model) = real_model("all-MiniLM-L6-v2") else {
         return;
     };
-    check_against_reference(&model, "all-MiniLM-L6-v2.csv", "f64", 1e-4, 1e-4);
-    check_against_reference(&model, "all-MiniLM-L6-v2.csv", "f32", 1e-4, 1e-3);
+    check_against_reference(&model, "all-MiniLM-L6-v2.csv", "f64", |_| 1e-4);
+    check_against_reference(&model, "all-MiniLM-L6-v2.csv", "f32", f32_tolerance);
 }
