@@ -204,15 +204,11 @@ fn f32_tolerance(column: &str) -> f64 {
 }
 
 /// Compare probe's table with the committed numpy/LAPACK reference.
-fn check_against_reference(
-    model: &Path,
-    reference: &str,
-    precision: &str,
-    tolerance: fn(&str) -> f64,
-) {
-    let small_end_absolute = precision == "f32";
-    let precision = format!("precision={precision}");
-    let df = run_to_frame(model, &[&precision]);
+fn check_against_reference(model: &Path, reference: &str, route: &str, tolerance: fn(&str) -> f64) {
+    let small_end_absolute = route == "algorithm=svd,precision=f32";
+    let params: Vec<&str> = route.split(',').collect();
+    let df = run_to_frame(model, &params);
+    let precision = route;
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../plugins/spectral/reference")
         .join(reference);
@@ -273,8 +269,24 @@ fn smollm2_agrees_with_numpy_lapack() {
     let Some(model) = real_model("SmolLM2-135M-Instruct") else {
         return;
     };
-    check_against_reference(&model, "SmolLM2-135M-Instruct.csv", "f64", |_| 1e-4);
-    check_against_reference(&model, "SmolLM2-135M-Instruct.csv", "f32", f32_tolerance);
+    check_against_reference(
+        &model,
+        "SmolLM2-135M-Instruct.csv",
+        "algorithm=gram",
+        |_| 1e-4,
+    );
+    check_against_reference(
+        &model,
+        "SmolLM2-135M-Instruct.csv",
+        "algorithm=svd,precision=f64",
+        |_| 1e-4,
+    );
+    check_against_reference(
+        &model,
+        "SmolLM2-135M-Instruct.csv",
+        "algorithm=svd,precision=f32",
+        f32_tolerance,
+    );
 }
 
 #[test]
@@ -282,6 +294,17 @@ fn minilm_agrees_with_numpy_lapack() {
     let Some(model) = real_model("all-MiniLM-L6-v2") else {
         return;
     };
-    check_against_reference(&model, "all-MiniLM-L6-v2.csv", "f64", |_| 1e-4);
-    check_against_reference(&model, "all-MiniLM-L6-v2.csv", "f32", f32_tolerance);
+    check_against_reference(&model, "all-MiniLM-L6-v2.csv", "algorithm=gram", |_| 1e-4);
+    check_against_reference(
+        &model,
+        "all-MiniLM-L6-v2.csv",
+        "algorithm=svd,precision=f64",
+        |_| 1e-4,
+    );
+    check_against_reference(
+        &model,
+        "all-MiniLM-L6-v2.csv",
+        "algorithm=svd,precision=f32",
+        f32_tolerance,
+    );
 }

@@ -60,6 +60,130 @@ pub fn singular_values(
     result.map_err(|e| format!("SVD did not converge ({e:?})"))
 }
 
+/// Rows converted to f64 at a time when forming a Gram matrix, so a tall
+/// embedding never exists in f64 all at once (4096 × 576 × 8 B = 19 MB).
+const GRAM_BLOCK_ROWS: usize = 4096;
+
+/// Singular values as √eig(G), G the k × k Gram matrix (WᵀW or WWᵀ,
+/// whichever is smaller) accumulated in f64 — a matrix product and a small
+/// symmetric eigenproblem, far cheaper than bidiagonalising W. f32 inputs
+/// are exact in f64, so σᵢ is off by about eps₆₄·σ₁²/σᵢ: better than an f32
+/// SVD (eps₃₂·σ₁) for every σᵢ above ~10⁻⁸·σ₁.
+pub fn gram_singular_values(values: &[f32], rows: usize, cols: usize) -> Result<Vec<f64>, String> {
+    gram_spectrum(values, rows, cols).map(|(sigma, _)| sigma)
+}
+
+/// The Gram matrix (lower triangle filled) and the singular values from it.
+fn gram_spectrum(
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<f64>, faer::Mat<f64>), String> {
+    use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+    if rows == 0 || cols == 0 {
+        return Ok((Vec::new(), faer::Mat::zeros(0, 0)));
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err("holds NaN or infinite values".into());
+    }
+    let tall = rows >= cols;
+    let k = rows.min(cols);
+    let mut gram = faer::Mat::<f64>::zeros(k, k);
+    let mut block = Vec::new();
+    let step = if tall { GRAM_BLOCK_ROWS } else { rows };
+    for start in (0..rows).step_by(step) {
+        let end = (start + step).min(rows);
+        block.clear();
+        block.extend(
+            values[start * cols..end * cols]
+                .iter()
+                .map(|&v| f64::from(v)),
+        );
+        let b = faer::MatRef::from_row_major_slice(&block, end - start, cols);
+        // Lower triangle of G += BᵀB (tall) or G = BBᵀ (wide, one block).
+        let (lhs, rhs) = if tall {
+            (b.transpose(), b)
+        } else {
+            (b, b.transpose())
+        };
+        matmul(
+            gram.as_mut(),
+            BlockStructure::TriangularLower,
+            faer::Accum::Add,
+            lhs,
+            BlockStructure::Rectangular,
+            rhs,
+            BlockStructure::Rectangular,
+            1.0,
+            faer::Par::Seq,
+        );
+    }
+    let eigenvalues = gram
+        .self_adjoint_eigenvalues(faer::Side::Lower)
+        .map_err(|e| format!("eigenvalues did not converge ({e:?})"))?;
+    let mut sigma: Vec<f64> = eigenvalues.into_iter().map(|l| l.max(0.0).sqrt()).collect();
+    sigma.sort_by(|a, b| b.total_cmp(a));
+    Ok((sigma, gram))
+}
+
+/// The power-iteration σ₁ of `spectrum::power_estimate` (v ← WᵀWv/‖·‖ from
+/// v₀ = 1/√n, then ‖Wv‖), run on the Gram matrix instead of W: k² work per
+/// step instead of 2mn. For wide W (G = WWᵀ) the same iterates follow from
+/// z = G^(T−1)·Wv₀, since v_T ∝ Wᵀz and ‖Wv_T‖² = ‖Gz‖² / zᵀGz.
+fn power_sigma_from_gram(
+    gram: &faer::Mat<f64>,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    iterations: usize,
+) -> f64 {
+    let k = gram.nrows();
+    // G is stored as its lower triangle.
+    let g = |i: usize, j: usize| if i >= j { gram[(i, j)] } else { gram[(j, i)] };
+    let multiply = |x: &[f64]| -> Vec<f64> {
+        (0..k)
+            .map(|i| (0..k).map(|j| g(i, j) * x[j]).sum())
+            .collect()
+    };
+    let normalise = |x: &mut Vec<f64>| {
+        let norm = x.iter().map(|a| a * a).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            x.iter_mut().for_each(|a| *a /= norm);
+        }
+    };
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let iterations = iterations.max(1);
+    if rows >= cols {
+        let mut v = vec![1.0 / (cols as f64).sqrt(); cols];
+        for _ in 0..iterations {
+            v = multiply(&v);
+            normalise(&mut v);
+        }
+        dot(&v, &multiply(&v)).max(0.0).sqrt()
+    } else {
+        let v0 = 1.0 / (cols as f64).sqrt();
+        let mut z: Vec<f64> = (0..rows)
+            .map(|r| {
+                values[r * cols..(r + 1) * cols]
+                    .iter()
+                    .map(|&w| f64::from(w) * v0)
+                    .sum()
+            })
+            .collect();
+        for _ in 1..iterations {
+            z = multiply(&z);
+            normalise(&mut z);
+        }
+        let gz = multiply(&z);
+        let denominator = dot(&z, &gz);
+        if denominator > 0.0 {
+            (dot(&gz, &gz) / denominator).sqrt()
+        } else {
+            0.0
+        }
+    }
+}
+
 fn selected(host: &Host, params: &Params) -> Result<Vec<Matrix>, PluginError> {
     let roles = params.list("roles");
     let layers = params.range("layers");
@@ -92,18 +216,33 @@ fn analyse(
     let values = host.matrix_f32(matrix)?;
     let (rows, cols) = (matrix.stored_rows, matrix.stored_cols);
     let iterations = params.int("power_iterations")?.max(1) as usize;
-    let (sigma_max_power, frobenius_sq) = power_estimate(&values, rows, cols, iterations);
-    let stable_rank_power =
-        (sigma_max_power > 0.0).then(|| frobenius_sq / (sigma_max_power * sigma_max_power));
     let r_min = params.int("r_min")?.max(0) as usize;
     let k = matrix.rank_bound();
-    let (metrics, sigma) = if params.str("method")? == "power" {
-        (None, None)
+    let failed = |e: String| PluginError::Other(format!("{}: {e}", matrix.name));
+    let frobenius_sq: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let (sigma, sigma_max_power) = match (params.str("method")?, params.str("algorithm")?) {
+        ("power", _) => (None, power_estimate(&values, rows, cols, iterations).0),
+        (_, "gram") => {
+            let (sigma, gram) = gram_spectrum(&values, rows, cols).map_err(failed)?;
+            let power = power_sigma_from_gram(&gram, &values, rows, cols, iterations);
+            (Some(sigma), power)
+        }
+        _ => {
+            let sigma = singular_values(&values, rows, cols, precision == Precision::F64)
+                .map_err(failed)?;
+            (
+                Some(sigma),
+                power_estimate(&values, rows, cols, iterations).0,
+            )
+        }
+    };
+    let stable_rank_power =
+        (sigma_max_power > 0.0).then(|| frobenius_sq / (sigma_max_power * sigma_max_power));
+    let metrics = sigma.as_deref().map(metrics);
+    let sigma = if params.bool("singular_values")? {
+        sigma
     } else {
-        let sigma = singular_values(&values, rows, cols, precision == Precision::F64)
-            .map_err(|e| PluginError::Other(format!("{}: {e}", matrix.name)))?;
-        let keep = params.bool("singular_values")?;
-        (Some(metrics(&sigma)), keep.then_some(sigma))
+        None
     };
     Ok(Row {
         name: matrix.name.clone(),
@@ -160,6 +299,12 @@ stable rank alone, for models too big to decompose.";
                 "svd: every metric; power: the cheap stable-rank estimate alone",
             ),
             ParamSpec::choice("precision", &["f32", "f64"], "f32", "precision of the SVD"),
+            ParamSpec::choice(
+                "algorithm",
+                &["gram", "svd"],
+                "gram",
+                "svd: faer's SVD in `precision`; gram: √eig(WᵀW) accumulated in f64",
+            ),
             ParamSpec::new(
                 "singular_values",
                 ParamKind::Bool,
@@ -442,6 +587,28 @@ mod tests {
         assert!((m.pr_rank.unwrap() - 6.0).abs() < 1e-6);
         assert!((m.condition.unwrap() - 1.0).abs() < 1e-6);
         assert_eq!((m.r50, m.r90, m.r99), (Some(3), Some(6), Some(6)));
+    }
+
+    #[test]
+    fn gram_route_matches_the_svd() {
+        let sigma = [9.0, 5.0, 2.0, 1.0, 0.5];
+        for (m, n) in [(7, 5), (5, 7), (9000, 5)] {
+            let (rows, cols) = (m.max(n), m.min(n));
+            let w = with_spectrum(rows, cols, &sigma);
+            let w = if m < n {
+                (0..cols)
+                    .flat_map(|j| (0..rows).map(move |i| (i, j)))
+                    .map(|(i, j)| w[i * cols + j])
+                    .collect()
+            } else {
+                w
+            };
+            let got = gram_singular_values(&w, m, n).unwrap();
+            assert_eq!(got.len(), 5);
+            for (g, s) in got.iter().zip(sigma) {
+                assert!((g - s).abs() < 1e-5 * s.max(1.0), "{m}×{n}: {got:?}");
+            }
+        }
     }
 
     #[test]
