@@ -31,6 +31,8 @@ pub struct RunContext<'a> {
     plugin_error: Mutex<Option<String>>,
     progress: &'a Progress,
     cancel: &'a AtomicBool,
+    /// Companion tables the plugin emitted, in order.
+    companions: Mutex<Vec<(String, DataFrame)>>,
 }
 
 thread_local! {
@@ -104,6 +106,7 @@ impl<'a> RunContext<'a> {
             plugin_error: Mutex::new(None),
             progress,
             cancel,
+            companions: Mutex::new(Vec::new()),
         }
     }
 
@@ -122,7 +125,13 @@ impl<'a> RunContext<'a> {
             progress,
             is_cancelled,
             log,
+            emit_table,
         }
+    }
+
+    /// The companion tables emitted so far, taken out.
+    pub fn take_companions(&self) -> Vec<(String, DataFrame)> {
+        std::mem::take(&mut *self.companions.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn take_error(&self) -> String {
@@ -311,5 +320,52 @@ unsafe extern "C" fn log(ctx: *const c_void, level: u32, message: StrRef) {
         let run = unsafe { context(ctx) };
         run.progress
             .log(level == abi::LOG_WARN, &unsafe { message.as_str() });
+    })
+}
+
+/// Names become part of file names: keep them to letters, digits and `_`.
+pub fn is_companion_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+unsafe extern "C" fn emit_table(
+    ctx: *const c_void,
+    name: StrRef,
+    schema: *mut ArrowSchema,
+    array: *mut ArrowArray,
+) -> i32 {
+    shielded(abi::STATUS_ERROR, || {
+        let run = unsafe { context(ctx) };
+        let name = unsafe { name.as_str() }.into_owned();
+        if !is_companion_name(&name) {
+            return fail(format!("table name `{name}` must be letters, digits and _"));
+        }
+        if schema.is_null() || array.is_null() {
+            return fail("emit_table: null table");
+        }
+        // Move the structs out, leaving released (empty) ones behind.
+        let (schema, array) = unsafe {
+            (
+                std::ptr::replace(schema, ArrowSchema::empty()),
+                std::ptr::replace(array, ArrowArray::empty()),
+            )
+        };
+        match unsafe { probe_sdk::table::import_frame(schema, array) } {
+            Ok(frame) => {
+                let mut companions = run.companions.lock().unwrap_or_else(|p| p.into_inner());
+                match companions.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, existing)) => {
+                        if let Err(e) = existing.vstack_mut(&frame) {
+                            return fail(format!("table `{name}` changed its columns: {e}"));
+                        }
+                    }
+                    None => companions.push((name, frame)),
+                }
+                abi::STATUS_OK
+            }
+            Err(e) => fail(format!("table `{name}` is unreadable: {e}")),
+        }
     })
 }

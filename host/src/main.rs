@@ -179,20 +179,13 @@ fn run_plugin(args: RunArgs) -> Result<()> {
         )?
     };
     if let Some(result) = &args.isolated_result {
-        let mut frame = output.frame;
-        return Ok(table::write_frame(
-            &mut frame,
-            Format::Parquet,
-            Some(result),
-            &output.metadata,
-        )?);
+        return Ok(output.write_parquet(result)?);
     }
     match shard {
         Some(shard) => {
             let out = args.out.as_deref().expect("checked above");
             let part = shard.part_path(out);
-            let mut frame = output.frame;
-            table::write_frame(&mut frame, Format::Parquet, Some(&part), &output.metadata)?;
+            output.write_parquet(&part)?;
             if !args.quiet {
                 eprintln!("probe: wrote part {shard} to {}", part.display());
             }
@@ -236,8 +229,7 @@ fn run_isolated(
         // The child has printed its own one-line error.
         return Err(AlreadyReported.into());
     }
-    let (frame, metadata) = probe::run::read_parquet(&result)?;
-    Ok(RunOutput { frame, metadata })
+    Ok(RunOutput::read_parquet(&result)?)
 }
 
 fn signal_name(signal: i32) -> &'static str {
@@ -263,14 +255,32 @@ impl std::fmt::Display for AlreadyReported {
 }
 impl std::error::Error for AlreadyReported {}
 
+/// The main table, then each companion beside it (`STEM.NAME.EXT`); on a
+/// terminal, companions follow the main table under their names.
 fn write_output(
     output: RunOutput,
     format: Option<Format>,
     out: Option<&std::path::Path>,
 ) -> Result<()> {
-    let mut frame = output.frame;
+    let RunOutput {
+        mut frame,
+        companions,
+        metadata,
+    } = output;
     let format = Format::resolve(format, out);
-    table::write_frame(&mut frame, format, out, &output.metadata)?;
+    table::write_frame(&mut frame, format, out, &metadata)?;
+    for (name, mut table) in companions {
+        match out {
+            Some(out) => {
+                let path = probe::run::companion_path(out, &name);
+                table::write_frame(&mut table, format, Some(&path), &metadata)?;
+            }
+            None if format == Format::Table => {
+                println!("\n{name}:\n{}", table::render(&table));
+            }
+            None => eprintln!("probe: warning: table `{name}` is written only with --out"),
+        }
+    }
     Ok(())
 }
 

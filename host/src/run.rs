@@ -120,10 +120,102 @@ impl Shard {
     }
 }
 
-/// A finished run: the table and what to record beside it.
+/// A finished run: the table, the companion tables the plugin emitted
+/// (written beside it as `STEM.NAME.EXT`), and what to record in parquet
+/// metadata.
 pub struct RunOutput {
     pub frame: DataFrame,
+    pub companions: Vec<(String, DataFrame)>,
     pub metadata: Vec<(String, String)>,
+}
+
+/// `out/spectral.parquet` + `singular_values` → `out/spectral.singular_values.parquet`.
+pub fn companion_path(out: &Path, name: &str) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file = match out.extension() {
+        Some(ext) => format!("{stem}.{name}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.{name}"),
+    };
+    out.with_file_name(file)
+}
+
+const COMPANIONS_KEY: &str = "probe.companions";
+
+impl RunOutput {
+    /// Write as parquet: the main table at `path`, companions beside it.
+    pub fn write_parquet(mut self, path: &Path) -> Result<(), crate::table::TableError> {
+        let names: Vec<&str> = self.companions.iter().map(|(n, _)| n.as_str()).collect();
+        self.metadata.retain(|(k, _)| k != COMPANIONS_KEY);
+        self.metadata.push((
+            COMPANIONS_KEY.into(),
+            serde_json::to_string(&names).unwrap_or_default(),
+        ));
+        for (name, frame) in &mut self.companions {
+            crate::table::write_frame(
+                frame,
+                crate::table::Format::Parquet,
+                Some(&companion_path(path, name)),
+                &self.metadata,
+            )?;
+        }
+        crate::table::write_frame(
+            &mut self.frame,
+            crate::table::Format::Parquet,
+            Some(path),
+            &self.metadata,
+        )
+    }
+
+    /// Read what `write_parquet` wrote.
+    pub fn read_parquet(path: &Path) -> Result<RunOutput, RunError> {
+        let (frame, metadata) = read_parquet(path)?;
+        let names: Vec<String> = metadata
+            .iter()
+            .find(|(k, _)| k == COMPANIONS_KEY)
+            .and_then(|(_, v)| serde_json::from_str(v).ok())
+            .unwrap_or_default();
+        let mut companions = Vec::new();
+        for name in names {
+            if !crate::host_api::is_companion_name(&name) {
+                return Err(RunError::Part {
+                    path: path.to_path_buf(),
+                    problem: format!("names a companion table `{name}` that is not a plain name"),
+                });
+            }
+            let (table, _) = read_parquet(&companion_path(path, &name))?;
+            companions.push((name, table));
+        }
+        Ok(RunOutput {
+            frame,
+            companions,
+            metadata,
+        })
+    }
+}
+
+/// Append `part`'s companions to `acc`, by name, in first-seen order.
+fn append_companions(
+    acc: &mut Vec<(String, DataFrame)>,
+    part: Vec<(String, DataFrame)>,
+    plugin: &LoadedPlugin,
+) -> Result<(), RunError> {
+    for (name, frame) in part {
+        match acc.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, existing)) => {
+                existing.vstack_mut(&frame).map_err(|e| RunError::Output {
+                    plugin: plugin.name.clone(),
+                    problem: format!(
+                        "table `{name}` has different columns for different checkpoints ({e})"
+                    ),
+                })?;
+            }
+            None => acc.push((name, frame)),
+        }
+    }
+    Ok(())
 }
 
 /// Labels for the checkpoints: their names, or their paths when names repeat.
@@ -187,6 +279,8 @@ pub fn execute(
     let selected = shard.map_or(0..total, |s| s.range(total));
 
     let mut frame: Option<DataFrame> = None;
+    let mut companions: Vec<(String, DataFrame)> = Vec::new();
+    let several = checkpoints.len() > 1;
     let mut offset = 0;
     for (index, context) in contexts.iter().enumerate() {
         let items: Vec<usize> = (0..counts[index])
@@ -199,8 +293,16 @@ pub fn execute(
         let part = context
             .run(plugin, &params_json, &items)
             .map_err(|e| call_error(index, e))?;
-        let part = with_checkpoint(part, &labels[index], checkpoints.len() > 1, plugin)?;
+        let part = with_checkpoint(part, &labels[index], several, plugin)?;
         frame = Some(append(frame, part, plugin)?);
+        let mut extra = Vec::new();
+        for (name, table) in context.take_companions() {
+            extra.push((
+                name,
+                with_checkpoint(table, &labels[index], several, plugin)?,
+            ));
+        }
+        append_companions(&mut companions, extra, plugin)?;
     }
     // A shard with no work still writes a table with the right columns.
     let frame = match frame {
@@ -215,12 +317,11 @@ pub fn execute(
             let empty = context
                 .run(plugin, &params_json, &[])
                 .map_err(|e| call_error(0, e))?;
-            with_checkpoint(
-                empty.head(Some(0)),
-                &labels[0],
-                checkpoints.len() > 1,
-                plugin,
-            )?
+            for (name, table) in context.take_companions() {
+                let table = with_checkpoint(table.head(Some(0)), &labels[0], several, plugin)?;
+                companions.push((name, table));
+            }
+            with_checkpoint(empty.head(Some(0)), &labels[0], several, plugin)?
         }
     };
     progress.finish();
@@ -241,7 +342,11 @@ pub fn execute(
     if let Some(shard) = shard {
         metadata.push(("probe.shard".to_string(), shard.to_string()));
     }
-    Ok(RunOutput { frame, metadata })
+    Ok(RunOutput {
+        frame,
+        companions,
+        metadata,
+    })
 }
 
 fn with_checkpoint(
@@ -310,7 +415,11 @@ pub fn read_parquet(path: &Path) -> Result<(DataFrame, Vec<(String, String)>), R
 pub fn merge(parts: &[PathBuf]) -> Result<RunOutput, RunError> {
     let mut loaded = Vec::new();
     for path in parts {
-        let (frame, metadata) = read_parquet(path)?;
+        let RunOutput {
+            frame,
+            companions,
+            metadata,
+        } = RunOutput::read_parquet(path)?;
         let get = |key: &str| {
             metadata
                 .iter()
@@ -333,7 +442,7 @@ pub fn merge(parts: &[PathBuf]) -> Result<RunOutput, RunError> {
             get("probe.params"),
             get("probe.checkpoints"),
         );
-        loaded.push((path.clone(), shard, run_key, frame, metadata));
+        loaded.push((path.clone(), shard, run_key, (frame, companions), metadata));
     }
     let Some((first_path, first_shard, first_key, _, first_metadata)) = loaded.first().cloned()
     else {
@@ -373,20 +482,30 @@ pub fn merge(parts: &[PathBuf]) -> Result<RunOutput, RunError> {
     }
     let mut frames = loaded
         .into_iter()
-        .map(|(path, _, _, frame, _)| (path, frame));
-    let (_, mut merged) = frames.next().expect("at least one part");
-    for (path, frame) in frames {
-        merged.vstack_mut(&frame).map_err(|e| RunError::Part {
-            path,
+        .map(|(path, _, _, tables, _)| (path, tables));
+    let (_, (mut merged, mut companions)) = frames.next().expect("at least one part");
+    for (path, (frame, extra)) in frames {
+        let differ = |e: PolarsError| RunError::Part {
+            path: path.clone(),
             problem: format!("columns differ from the other parts ({e})"),
-        })?;
+        };
+        merged.vstack_mut(&frame).map_err(differ)?;
+        for (name, table) in extra {
+            match companions.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, existing)) => {
+                    existing.vstack_mut(&table).map_err(differ)?;
+                }
+                None => companions.push((name, table)),
+            }
+        }
     }
     let metadata = first_metadata
         .into_iter()
-        .filter(|(k, _)| k != "probe.shard")
+        .filter(|(k, _)| k != "probe.shard" && k != COMPANIONS_KEY)
         .collect();
     Ok(RunOutput {
         frame: merged,
+        companions,
         metadata,
     })
 }

@@ -12,6 +12,21 @@ fn testkit() -> String {
     plugin_lib("probe-testkit").display().to_string()
 }
 
+/// `probe run --plugin testkit MODEL --param P… EXTRA…`.
+fn testkit_run(model: &Path, params: &[&str], extra: &[&str]) -> crate::util::Run {
+    let mut args = vec![
+        "run".to_string(),
+        "--plugin".into(),
+        testkit(),
+        model.display().to_string(),
+    ];
+    for param in params {
+        args.extend(["--param".to_string(), param.to_string()]);
+    }
+    args.extend(extra.iter().map(|e| e.to_string()));
+    probe(&args)
+}
+
 /// Frobenius norms computed here, independently of the plugin and the host.
 fn expected_norms(model: &Path) -> Vec<(String, f64)> {
     let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
@@ -233,28 +248,13 @@ fn shard_from_slurm_environment() {
 
 #[test]
 fn a_plugin_error_is_one_line() {
-    probe([
-        "run",
-        "--plugin",
-        &testkit(),
-        fixture("llama-tied-f32").to_str().unwrap(),
-        "--param",
-        "mode=error",
-    ])
-    .fails_with(&["plugin `testkit` failed on llama-tied-f32: asked to fail"]);
+    testkit_run(&fixture("llama-tied-f32"), &["mode=error"], &[])
+        .fails_with(&["plugin `testkit` failed on llama-tied-f32: asked to fail"]);
 }
 
 #[test]
 fn a_panicking_plugin_leaves_the_host_alive() {
-    probe([
-        "run",
-        "--plugin",
-        &testkit(),
-        fixture("llama-tied-f32").to_str().unwrap(),
-        "--param",
-        "mode=panic",
-    ])
-    .fails_with(&[
+    testkit_run(&fixture("llama-tied-f32"), &["mode=panic"], &[]).fails_with(&[
         "plugin `testkit` panicked",
         "asked to panic",
         "plugins/testkit/src/lib.rs",
@@ -265,30 +265,13 @@ fn a_panicking_plugin_leaves_the_host_alive() {
 #[test]
 fn a_segfaulting_plugin_under_isolate_is_reported() {
     let model = fixture("llama-tied-f32");
-    probe([
-        "run",
-        "--plugin",
-        &testkit(),
-        model.to_str().unwrap(),
-        "--param",
-        "mode=segfault",
-        "--isolate",
-    ])
-    .fails_with(&[
+    testkit_run(&model, &["mode=segfault"], &["--isolate"]).fails_with(&[
         "plugin",
         "crashed with signal 11 (SIGSEGV)",
         "probe itself is unaffected",
     ]);
-    probe([
-        "run",
-        "--plugin",
-        &testkit(),
-        model.to_str().unwrap(),
-        "--param",
-        "mode=abort",
-        "--isolate",
-    ])
-    .fails_with(&["crashed with signal 6 (SIGABRT)"]);
+    testkit_run(&model, &["mode=abort"], &["--isolate"])
+        .fails_with(&["crashed with signal 6 (SIGABRT)"]);
     // And isolation changes nothing about a working run.
     let direct = probe([
         "run",
@@ -313,16 +296,7 @@ fn a_segfaulting_plugin_under_isolate_is_reported() {
     .ok();
     assert_eq!(direct, isolated);
     // An error inside the isolated child is still one line.
-    probe([
-        "run",
-        "--plugin",
-        &testkit(),
-        model.to_str().unwrap(),
-        "--param",
-        "mode=error",
-        "--isolate",
-    ])
-    .fails_with(&["asked to fail"]);
+    testkit_run(&model, &["mode=error"], &["--isolate"]).fails_with(&["asked to fail"]);
 }
 
 #[test]
@@ -376,33 +350,13 @@ fn a_file_that_is_no_library_is_refused() {
 #[test]
 fn bad_parameters_are_refused_before_running() {
     let model = fixture("llama-tied-f32");
-    probe([
-        "run",
-        "--plugin",
-        &testkit(),
-        model.to_str().unwrap(),
-        "--param",
-        "colour=red",
-    ])
-    .fails_with(&["plugin `testkit`: unknown parameter `colour` (this plugin takes: mode, scale)"]);
-    probe([
-        "run",
-        "--plugin",
-        &testkit(),
-        model.to_str().unwrap(),
-        "--param",
-        "scale=big",
-    ])
-    .fails_with(&["parameter `scale`: expected a number, got `big`"]);
-    probe([
-        "run",
-        "--plugin",
-        &testkit(),
-        model.to_str().unwrap(),
-        "--param",
-        "mode=dance",
-    ])
-    .fails_with(&["expected one of ok, error, panic, segfault, abort"]);
+    testkit_run(&model, &["colour=red"], &[]).fails_with(&[
+        "plugin `testkit`: unknown parameter `colour` (this plugin takes: mode, scale)",
+    ]);
+    testkit_run(&model, &["scale=big"], &[])
+        .fails_with(&["parameter `scale`: expected a number, got `big`"]);
+    testkit_run(&model, &["mode=dance"], &[])
+        .fails_with(&["expected one of ok, error, panic, segfault, abort"]);
 }
 
 #[test]

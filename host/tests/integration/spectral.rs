@@ -308,3 +308,85 @@ fn minilm_agrees_with_numpy_lapack() {
         f32_tolerance,
     );
 }
+
+#[test]
+fn singular_values_come_as_a_long_companion_table() {
+    let model = fixture("qwen3-tied-bf16");
+    let dir = tempdir();
+    let out = dir.path().join("spectral.parquet");
+    let base = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "run".to_string(),
+            "--plugin".into(),
+            spectral(),
+            model.display().to_string(),
+            "-q".into(),
+            "--param".into(),
+            "singular_values=true".into(),
+            "-o".into(),
+            out.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|e| e.to_string()));
+        probe(&args)
+    };
+    base(&out, &[]).ok();
+    let main = read_parquet(&out);
+    let long = read_parquet(&dir.path().join("spectral.singular_values.parquet"));
+    assert_eq!(
+        long.get_column_names()
+            .iter()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>(),
+        ["tensor", "layer", "role", "index", "sigma"]
+    );
+    // One row per singular value: Σ min(rows, cols) over the matrices.
+    let rows = main.column("rows").unwrap().i64().unwrap().clone();
+    let cols = main.column("cols").unwrap().i64().unwrap().clone();
+    let expected: i64 = (0..main.height())
+        .map(|i| rows.get(i).unwrap().min(cols.get(i).unwrap()))
+        .sum();
+    assert_eq!(long.height() as i64, expected);
+    // Index 1 is σ₁ = sigma_max of the main table.
+    let first = long.column("index").unwrap().i64().unwrap().clone();
+    let sigma = floats(&long, "sigma");
+    let sigma_max = floats(&main, "sigma_max");
+    let firsts: Vec<f64> = (0..long.height())
+        .filter(|&i| first.get(i) == Some(1))
+        .map(|i| sigma[i].unwrap())
+        .collect();
+    assert_eq!(firsts.len(), main.height());
+    for (a, b) in firsts.iter().zip(&sigma_max) {
+        assert_eq!(*a, b.unwrap());
+    }
+
+    // Through --isolate, and through --shard + merge, the same tables.
+    let plain_csv = dir.path().join("plain.csv");
+    base(&plain_csv, &[]).ok();
+    let isolated_csv = dir.path().join("iso.csv");
+    base(&isolated_csv, &["--isolate"]).ok();
+    let text = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    assert_eq!(
+        text("iso.singular_values.csv"),
+        text("plain.singular_values.csv")
+    );
+    assert_eq!(text("iso.csv"), text("plain.csv"));
+    let sweep = dir.path().join("sweep.parquet");
+    let mut parts = Vec::new();
+    for index in 0..3 {
+        base(&sweep, &["--shard", &format!("{index}/3")]).ok();
+        parts.push(
+            dir.path()
+                .join(format!("sweep.part-{index:04}-of-0003.parquet"))
+                .display()
+                .to_string(),
+        );
+    }
+    let merged = dir.path().join("merged.csv");
+    let mut args = vec!["merge".to_string()];
+    args.extend(parts);
+    args.extend(["-o".to_string(), merged.display().to_string()]);
+    probe(&args).ok();
+    let merged_long =
+        std::fs::read_to_string(dir.path().join("merged.singular_values.csv")).unwrap();
+    assert_eq!(merged_long.lines().count(), 1 + long.height());
+}

@@ -139,6 +139,15 @@ pub struct HostApi {
     /// True once the user asked to stop: the plugin should return soon.
     pub is_cancelled: unsafe extern "C" fn(ctx: *const c_void) -> bool,
     pub log: unsafe extern "C" fn(ctx: *const c_void, level: u32, message: StrRef),
+    /// Hand the host a companion table (written beside the main output as
+    /// `OUT_STEM.NAME.EXT`). The host moves the structs out: on return their
+    /// `release` is null and the plugin must not release them.
+    pub emit_table: unsafe extern "C" fn(
+        ctx: *const c_void,
+        name: StrRef,
+        schema: *mut ArrowSchema,
+        array: *mut ArrowArray,
+    ) -> i32,
 }
 
 /// What a plugin offers. Static, owned by the plugin.

@@ -226,6 +226,21 @@ impl<'a> Host<'a> {
         }
     }
 
+    /// Return a second table beside the main one, e.g. a long table of
+    /// values behind the main table's summary. `name` (letters, digits, `_`)
+    /// becomes part of its file name: `OUT_STEM.NAME.EXT`. Rows should
+    /// follow the work items, like the main table's.
+    pub fn emit_table(&self, name: &str, frame: DataFrame) -> Result<(), PluginError> {
+        let (mut schema, mut array) = table::export_frame(frame)?;
+        let status = unsafe {
+            (self.api.emit_table)(self.api.ctx, StrRef::new(name), &mut schema, &mut array)
+        };
+        if status != abi::STATUS_OK {
+            return Err(self.last_error());
+        }
+        Ok(())
+    }
+
     pub fn info(&self, message: &str) {
         unsafe { (self.api.log)(self.api.ctx, abi::LOG_INFO, StrRef::new(message)) }
     }

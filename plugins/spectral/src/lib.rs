@@ -309,7 +309,7 @@ stable rank alone, for models too big to decompose.";
                 "singular_values",
                 ParamKind::Bool,
                 Some("false"),
-                "add a list column `singular_values` (explode it for a long table)",
+                "also write the long table (tensor, layer, role, index, sigma) as OUT_STEM.singular_values.EXT",
             ),
             ParamSpec::new(
                 "power_iterations",
@@ -370,8 +370,29 @@ stable rank alone, for models too big to decompose.";
                 host.info(&line);
             }
         }
+        if params.bool("singular_values")? && params.str("method")? == "svd" {
+            host.emit_table("singular_values", singular_value_table(&rows)?)?;
+        }
         frame(&rows, params.str("method")? == "power")
     }
+}
+
+/// One row per (matrix, singular value): index 1 is σ₁, the largest.
+fn singular_value_table(rows: &[Row]) -> Result<DataFrame, PluginError> {
+    let (mut tensor, mut layer, mut role, mut index, mut sigma) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        for (i, s) in row.sigma.iter().flatten().enumerate() {
+            tensor.push(row.name.as_str());
+            layer.push(row.layer.map(|l| l as i64));
+            role.push(row.role.as_str());
+            index.push(i as i64 + 1);
+            sigma.push(*s);
+        }
+    }
+    Ok(
+        df!("tensor" => tensor, "layer" => layer, "role" => role, "index" => index, "sigma" => sigma)?,
+    )
 }
 
 fn frame(rows: &[Row], power_only: bool) -> Result<DataFrame, PluginError> {
@@ -456,13 +477,6 @@ fn frame(rows: &[Row], power_only: bool) -> Result<DataFrame, PluginError> {
                 .collect::<Vec<_>>(),
         ),
     ]);
-    if rows.iter().any(|r| r.sigma.is_some()) {
-        let lists: Vec<Series> = rows
-            .iter()
-            .map(|r| Series::new("".into(), r.sigma.clone().unwrap_or_default()))
-            .collect();
-        columns.push(Column::new("singular_values".into(), lists));
-    }
     Ok(DataFrame::new(rows.len(), columns)?)
 }
 
