@@ -57,7 +57,7 @@ pub enum StoreError {
     )]
     NoCheckpoint { path: PathBuf },
 
-    #[error("{}: this folder holds several checkpoints of a run; open it with `open_run`", path.display())]
+    #[error("{}: this folder holds several checkpoints of a run; open it with `source::open_all`", path.display())]
     IsRun { path: PathBuf },
 }
 

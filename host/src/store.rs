@@ -204,24 +204,17 @@ impl<'a> TensorView<'a> {
 }
 
 impl Checkpoint {
-    /// Open a checkpoint given by a `.safetensors` file, a shard index
-    /// (`*.safetensors.index.json`), or a folder holding either.
+    /// Open one checkpoint given by a `.safetensors` file, a shard index
+    /// (`*.safetensors.index.json`), or a folder holding either; a folder of
+    /// several checkpoints is refused (see `source::open_all`).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let label = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string());
-        match crate::source::classify(path)? {
-            crate::source::Layout::Single(file) => {
-                Self::from_files(label, path, &[file], None, false)
-            }
-            crate::source::Layout::Sharded { index, shards } => {
-                Self::from_files(label, path, &shards, index.as_deref(), false)
-            }
-            crate::source::Layout::Run(_) => Err(StoreError::IsRun {
+        let mut all = crate::source::open_all(path)?;
+        if all.len() != 1 {
+            return Err(StoreError::IsRun {
                 path: path.to_path_buf(),
-            }),
+            });
         }
+        Ok(all.remove(0))
     }
 
     pub(crate) fn from_files(
@@ -308,11 +301,6 @@ impl Checkpoint {
         self.shards.iter().map(|s| s.path.as_path())
     }
 
-    /// The file a tensor is stored in.
-    pub fn file_of(&self, entry: &TensorEntry) -> &Path {
-        &self.shards[entry.shard].path
-    }
-
     /// `__metadata__` of every shard, merged (first shard wins on conflicts).
     pub fn user_metadata(&self) -> BTreeMap<String, String> {
         let mut merged = BTreeMap::new();
@@ -322,11 +310,6 @@ impl Checkpoint {
             }
         }
         merged
-    }
-
-    /// Total bytes of tensor data.
-    pub fn data_bytes(&self) -> usize {
-        self.tensors.iter().map(|t| t.bytes.len()).sum()
     }
 }
 

@@ -104,40 +104,56 @@ pub fn copy_dir(from: &Path, dest: &Path) {
     }
 }
 
-/// The shared library of a workspace plugin crate, built (once per test
-/// process) with the same profile as the tests. `cargo test` builds no
-/// cdylibs by itself, so the tests ask cargo for them.
+/// The shared library of a workspace plugin crate, as `cargo build
+/// --workspace` (the first half of the README's test command) left it.
+///
+/// `cargo test` builds no cdylibs, and a nested `cargo build` from inside the
+/// tests would relink the `probe` binary other tests are running, so the
+/// tests only check that the library exists and is newer than its sources
+/// and the SDK's — a stale plugin would test old code.
 pub fn plugin_lib(crate_name: &str) -> PathBuf {
-    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "--quiet"]);
-        for name in PLUGIN_CRATES {
-            cargo.args(["--package", name]);
-        }
-        let output = cargo.output().map_err(|e| e.to_string())?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&output.stderr).into_owned())
-        }
-    });
-    if let Err(message) = built {
-        panic!("building the plugins failed:\n{message}");
-    }
     let dir = Path::new(env!("CARGO_BIN_EXE_probe")).parent().unwrap();
     let path = dir.join(format!("lib{}.so", crate_name.replace('-', "_")));
-    assert!(path.is_file(), "{} was not built", path.display());
+    let fix = "run `cargo build --workspace` before `cargo test --workspace`";
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: {fix}", path.display()));
+    let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+    let folder = crate_name
+        .strip_prefix("probe-plugin-")
+        .unwrap_or(crate_name.strip_prefix("probe-").unwrap_or(crate_name));
+    let crate_dir = plugins.join(folder);
+    let uses_sdk = std::fs::read_to_string(crate_dir.join("Cargo.toml"))
+        .is_ok_and(|m| m.contains("probe-sdk"));
+    let mut sources = vec![crate_dir.join("src")];
+    if uses_sdk {
+        sources.push(plugins.join("sdk/src"));
+    }
+    for source in sources {
+        if let Some(newest) = newest_file(&source) {
+            assert!(
+                newest <= built,
+                "{} is older than its sources: {fix}",
+                path.display()
+            );
+        }
+    }
     path
 }
 
-/// Every cdylib crate the tests load.
-pub const PLUGIN_CRATES: [&str; 4] = [
-    "probe-plugin-spectral",
-    "probe-testkit",
-    "probe-testkit-wrong-abi",
-    "probe-testkit-not-a-plugin",
-];
+fn newest_file(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let time = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            entry.metadata().ok().and_then(|m| m.modified().ok())
+        };
+        newest = newest.max(time);
+    }
+    newest
+}
 
 /// Read a parquet file into a frame.
 pub fn read_parquet(path: &Path) -> polars::prelude::DataFrame {
