@@ -6,7 +6,7 @@ use std::path::Path;
 
 use polars::prelude::*;
 
-use crate::util::{copy_dir, fixture, plugin_lib, probe, read_parquet, tempdir};
+use crate::util::{copy_dir, fixture, plugin_lib, probe, read_parquet, run_plugin, tempdir};
 
 fn testkit() -> String {
     plugin_lib("probe-testkit").display().to_string()
@@ -14,17 +14,7 @@ fn testkit() -> String {
 
 /// `probe run --plugin testkit MODEL --param P… EXTRA…`.
 fn testkit_run(model: &Path, params: &[&str], extra: &[&str]) -> crate::util::Run {
-    let mut args = vec![
-        "run".to_string(),
-        "--plugin".into(),
-        testkit(),
-        model.display().to_string(),
-    ];
-    for param in params {
-        args.extend(["--param".to_string(), param.to_string()]);
-    }
-    args.extend(extra.iter().map(|e| e.to_string()));
-    probe(&args)
+    run_plugin(&testkit(), model, params, extra)
 }
 
 /// Frobenius norms computed here, independently of the plugin and the host.
@@ -273,27 +263,8 @@ fn a_segfaulting_plugin_under_isolate_is_reported() {
     testkit_run(&model, &["mode=abort"], &["--isolate"])
         .fails_with(&["crashed with signal 6 (SIGABRT)"]);
     // And isolation changes nothing about a working run.
-    let direct = probe([
-        "run",
-        "--plugin",
-        &testkit(),
-        model.to_str().unwrap(),
-        "-f",
-        "csv",
-        "-q",
-    ])
-    .ok();
-    let isolated = probe([
-        "run",
-        "--plugin",
-        &testkit(),
-        model.to_str().unwrap(),
-        "-f",
-        "csv",
-        "-q",
-        "--isolate",
-    ])
-    .ok();
+    let direct = testkit_run(&model, &[], &["-f", "csv", "-q"]).ok();
+    let isolated = testkit_run(&model, &[], &["-f", "csv", "-q", "--isolate"]).ok();
     assert_eq!(direct, isolated);
     // An error inside the isolated child is still one line.
     testkit_run(&model, &["mode=error"], &["--isolate"]).fails_with(&["asked to fail"]);

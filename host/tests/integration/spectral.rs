@@ -8,7 +8,7 @@ use std::path::Path;
 use polars::prelude::*;
 
 use crate::real_models::real_model;
-use crate::util::{fixture, plugin_lib, probe, read_parquet, tempdir};
+use crate::util::{fixture, plugin_lib, probe, read_parquet, run_plugin, tempdir};
 
 fn spectral() -> String {
     plugin_lib("probe-plugin-spectral").display().to_string()
@@ -17,18 +17,13 @@ fn spectral() -> String {
 fn run_to_frame(model: &Path, params: &[&str]) -> DataFrame {
     let dir = tempdir();
     let out = dir.path().join("s.parquet");
-    let mut args = vec![
-        "run".to_string(),
-        "--plugin".into(),
-        spectral(),
-        model.display().to_string(),
-        "-q".into(),
-    ];
-    for p in params {
-        args.extend(["--param".to_string(), p.to_string()]);
-    }
-    args.extend(["-o".to_string(), out.display().to_string()]);
-    probe(&args).ok();
+    run_plugin(
+        &spectral(),
+        model,
+        params,
+        &["-q", "-o", out.to_str().unwrap()],
+    )
+    .ok();
     read_parquet(&out)
 }
 
@@ -315,19 +310,9 @@ fn singular_values_come_as_a_long_companion_table() {
     let dir = tempdir();
     let out = dir.path().join("spectral.parquet");
     let base = |out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "run".to_string(),
-            "--plugin".into(),
-            spectral(),
-            model.display().to_string(),
-            "-q".into(),
-            "--param".into(),
-            "singular_values=true".into(),
-            "-o".into(),
-            out.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|e| e.to_string()));
-        probe(&args)
+        let mut all = vec!["-q", "-o", out.to_str().unwrap()];
+        all.extend_from_slice(extra);
+        run_plugin(&spectral(), &model, &["singular_values=true"], &all)
     };
     base(&out, &[]).ok();
     let main = read_parquet(&out);

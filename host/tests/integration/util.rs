@@ -70,6 +70,21 @@ where
     }
 }
 
+/// `probe run --plugin PLUGIN MODEL --param P… EXTRA…`.
+pub fn run_plugin(plugin: &str, model: &Path, params: &[&str], extra: &[&str]) -> Run {
+    let mut args = vec![
+        "run".to_string(),
+        "--plugin".into(),
+        plugin.into(),
+        model.display().to_string(),
+    ];
+    for param in params {
+        args.extend(["--param".to_string(), param.to_string()]);
+    }
+    args.extend(extra.iter().map(|e| e.to_string()));
+    probe(&args)
+}
+
 /// The committed fixture of that name.
 pub fn fixture(name: &str) -> PathBuf {
     let path = probe_fixtures::data_dir().join(name);
