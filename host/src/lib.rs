@@ -4,6 +4,7 @@
 //! See ARCHITECTURE.md for how data flows from a file to a table.
 
 pub mod error;
+pub mod forward;
 pub mod host_api;
 pub mod inspect;
 pub mod limits;

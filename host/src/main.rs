@@ -50,6 +50,9 @@ enum Command {
         #[arg(long = "plugin-dir", global = true)]
         plugin_dirs: Vec<PathBuf>,
     },
+    /// Run the model on a text: top-K next-token predictions per position,
+    /// the loss on the text, and the residual norm after every block.
+    Forward(ForwardArgs),
     /// Join the part files of a `probe run --shard` sweep into one table.
     Merge {
         #[arg(required = true)]
@@ -59,6 +62,42 @@ enum Command {
         #[arg(long, short = 'o')]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct ForwardArgs {
+    /// A checkpoint (file, folder or shard index) with its config.json.
+    model: PathBuf,
+    /// The text, tokenized with the checkpoint's tokenizer.json.
+    #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
+    text: Option<String>,
+    /// Token ids instead of text: `--tokens 1,2,3`.
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    /// Wrap the text in the model's chat template as a user message.
+    #[arg(long, requires = "text")]
+    chat: bool,
+    /// Predictions shown per position.
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// cpu, or cuda (fails if the CUDA provider cannot be registered).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceArg,
+    /// ONNX Runtime threads (default: every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// table or json.
+    #[arg(long, short = 'f')]
+    format: Option<Format>,
+    /// Write to this file (whole or not at all) instead of stdout.
+    #[arg(long, short = 'o')]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Subcommand)]
@@ -138,11 +177,80 @@ fn run(cli: Cli) -> Result<()> {
             command,
             plugin_dirs,
         } => plugins(command, &plugin_dirs),
+        Command::Forward(args) => forward(args),
         Command::Merge { parts, format, out } => {
             let merged = probe::run::merge(&parts)?;
             write_output(merged, format, out.as_deref())
         }
     }
+}
+
+fn forward(args: ForwardArgs) -> Result<()> {
+    use probe::forward::{
+        summary::Summary, text::TextCodec, Capture, Device, Engine, EngineOptions, Request,
+    };
+    let format = Format::resolve(args.format, args.out.as_deref());
+    if !matches!(format, Format::Table | Format::Json) {
+        bail!("probe forward writes a table or json, not {format:?}");
+    }
+    let checkpoint = probe::store::Checkpoint::open(&args.model)?;
+    let codec = TextCodec::open(&checkpoint.dir);
+    let tokens = match (&args.tokens, &args.text) {
+        (Some(tokens), _) => tokens.clone(),
+        (None, Some(text)) => {
+            let codec = codec.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+            if args.chat {
+                codec.encode_chat(text)?
+            } else {
+                codec.encode(text)?
+            }
+        }
+        (None, None) => bail!("give --text or --tokens"),
+    };
+    let device = match args.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda,
+    };
+    let mut engine = Engine::open(
+        &checkpoint,
+        EngineOptions {
+            device,
+            threads: args.threads,
+        },
+    )?;
+    let capture = Capture {
+        residuals: true,
+        logits: engine.has_head(),
+        ..Capture::default()
+    };
+    let trace = engine.run(&Request {
+        tokens: &tokens,
+        capture,
+        ..Request::default()
+    })?;
+    let summary = Summary::new(
+        checkpoint.label.clone(),
+        engine.arch.family.to_string(),
+        device.as_str().to_string(),
+        &trace,
+        codec.as_ref().ok(),
+        args.top_k,
+    );
+    let text = match format {
+        Format::Json => serde_json::to_string_pretty(&summary)? + "\n",
+        _ => summary.render(),
+    };
+    match &args.out {
+        Some(path) => table::write_atomically(path, |file| {
+            file.write_all(text.as_bytes())
+                .map_err(|cause| table::TableError::Io {
+                    path: path.clone(),
+                    cause,
+                })
+        })?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(())
 }
 
 /// Set by Ctrl-C; plugins poll it and stop. A second Ctrl-C exits at once.

@@ -1,0 +1,678 @@
+//! The forward engine: sessions for the embedding, each distinct block shape
+//! and the head, run block by block so the host sees — and may change — the
+//! residual stream between any two blocks.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+use ort::session::{
+    builder::GraphOptimizationLevel, OutputSelector, RunOptions, Session, SessionInputValue,
+};
+use ort::value::TensorRef;
+
+use crate::schema::Schema;
+use crate::store::Checkpoint;
+
+use super::arch::{Arch, Attention, WeightMap};
+use super::graph::{self, io, WeightShapes};
+use super::{runtime, ForwardError};
+
+/// Where the graphs run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The CUDA execution provider, registered strictly: if it cannot be,
+    /// opening the engine fails rather than running on the CPU.
+    Cuda,
+}
+
+impl Device {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineOptions {
+    pub device: Device,
+    /// Intra-op threads; 0 lets ONNX Runtime use every core.
+    pub threads: usize,
+}
+
+/// What to keep from a run besides the final residual.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Capture {
+    /// The residual after the embedding and after every block run.
+    pub residuals: bool,
+    /// What each block's attention and MLP added (before any post-norm of BERT).
+    pub updates: bool,
+    /// Attention probabilities `[heads, T, T]` per block run.
+    pub attention: bool,
+    /// Logits `[T, vocab]` from the final residual.
+    pub logits: bool,
+}
+
+/// A change to the residual stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EditKind {
+    /// Put this vector in place of the residual.
+    Replace(Vec<f32>),
+    /// Add this vector to the residual.
+    Add(Vec<f32>),
+}
+
+/// Change the residual at one position, at one stage: stage 0 is the
+/// embedding output, stage `s` the output of the `s`-th block run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResidualEdit {
+    pub stage: usize,
+    pub position: usize,
+    pub kind: EditKind,
+}
+
+/// One forward pass to make.
+#[derive(Clone, Debug, Default)]
+pub struct Request<'a> {
+    pub tokens: &'a [u32],
+    /// Blocks to run, in this order; `None` runs all in stored order. Leaving
+    /// a block out skips it; listing one twice runs it twice.
+    pub blocks: Option<&'a [usize]>,
+    pub edits: &'a [ResidualEdit],
+    pub capture: Capture,
+}
+
+/// What a forward pass produced. Matrices are row-major.
+#[derive(Clone, Debug, Default)]
+pub struct Trace {
+    pub tokens: Vec<u32>,
+    /// The blocks run, in order.
+    pub blocks: Vec<usize>,
+    pub hidden: usize,
+    pub heads: usize,
+    pub vocab: usize,
+    /// `blocks.len() + 1` residuals `[T, hidden]` when captured.
+    pub residuals: Vec<Vec<f32>>,
+    pub attn_updates: Vec<Vec<f32>>,
+    pub mlp_updates: Vec<Vec<f32>>,
+    pub attention: Vec<Vec<f32>>,
+    /// The residual after the last block run.
+    pub output: Vec<f32>,
+    pub logits: Option<Vec<f32>>,
+}
+
+impl Trace {
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Cross-entropy of each next token (`T - 1` values), in nats.
+    pub fn token_losses(&self) -> Option<Vec<f64>> {
+        let logits = self.logits.as_ref()?;
+        Some(token_losses(logits, self.vocab, &self.tokens))
+    }
+
+    /// Mean next-token cross-entropy; `None` without logits or with one token.
+    pub fn loss(&self) -> Option<f64> {
+        let losses = self.token_losses()?;
+        (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64)
+    }
+}
+
+/// Cross-entropy of `tokens[t + 1]` under `logits[t]`, in f64.
+pub fn token_losses(logits: &[f32], vocab: usize, tokens: &[u32]) -> Vec<f64> {
+    (0..tokens.len().saturating_sub(1))
+        .map(|t| {
+            let row = &logits[t * vocab..(t + 1) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let sum: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+            max + sum.ln() - row[tokens[t + 1] as usize] as f64
+        })
+        .collect()
+}
+
+/// A block session and the blocks that run on it.
+struct BlockGraph {
+    session: Session,
+}
+
+pub struct Engine<'c> {
+    checkpoint: &'c Checkpoint,
+    pub arch: Arch,
+    map: WeightMap,
+    /// f32 values of every tensor the graphs read: borrowed from the mapping
+    /// when stored as aligned F32, converted once otherwise.
+    values: HashMap<String, (Vec<usize>, Cow<'c, [f32]>)>,
+    embed: Session,
+    graphs: Vec<BlockGraph>,
+    /// Index into `graphs` for each block.
+    graph_of: Vec<usize>,
+    head: Option<Session>,
+    pub device: Device,
+}
+
+fn ort_error<'a>(file: &'a Checkpoint, what: &str) -> impl Fn(ort::Error) -> ForwardError + 'a {
+    let what = what.to_string();
+    move |e| ForwardError::Onnx {
+        file: file.path.clone(),
+        what: what.clone(),
+        message: e.to_string(),
+    }
+}
+
+impl<'c> Engine<'c> {
+    /// Build the graphs and sessions for a checkpoint.
+    pub fn open(checkpoint: &'c Checkpoint, options: EngineOptions) -> Result<Self, ForwardError> {
+        let schema = Schema::of(checkpoint);
+        let (arch, map) = Arch::of(checkpoint, &schema)?;
+        let environment = runtime::environment()?;
+
+        let mut values = HashMap::new();
+        let names = map
+            .embed
+            .values()
+            .chain(map.head.values())
+            .chain(map.blocks.iter().flat_map(|b| b.values()));
+        for name in names {
+            if values.contains_key(name) {
+                continue;
+            }
+            let view = checkpoint.tensor(name)?;
+            let data = view.to_f32()?;
+            values.insert(name.clone(), (view.shape().to_vec(), data));
+        }
+        let shapes = |inputs: &BTreeMap<&'static str, String>| -> WeightShapes {
+            inputs
+                .iter()
+                .map(|(k, v)| (*k, values[v].0.clone()))
+                .collect()
+        };
+        check_shapes(checkpoint, &arch, &map, &values)?;
+
+        let session = |model: ort::editor::Model, what: &str| -> Result<Session, ForwardError> {
+            let fail = ort_error(checkpoint, what);
+            let mut builder = Session::builder(environment)
+                .map_err(&fail)?
+                .with_optimization_level(GraphOptimizationLevel::All)
+                .map_err(|e| fail(e.into()))?;
+            if options.threads > 0 {
+                builder = builder
+                    .with_intra_threads(options.threads)
+                    .map_err(|e| fail(e.into()))?;
+            }
+            if options.device == Device::Cuda {
+                builder = builder
+                    .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                    .map_err(|e| ForwardError::Device {
+                        device: "cuda",
+                        message: e.to_string(),
+                    })?;
+            }
+            model.into_session(&builder).map_err(&fail)
+        };
+
+        let embed_shapes = shapes(&map.embed);
+        let embed_model = graph::embedding(&arch, &embed_shapes)
+            .map_err(ort_error(checkpoint, "building the embedding graph"))?;
+        let embed = session(embed_model, "creating the embedding session")?;
+
+        let mut graphs = Vec::new();
+        let mut graph_of = Vec::new();
+        let mut by_shapes: BTreeMap<Vec<(&'static str, Vec<usize>)>, usize> = BTreeMap::new();
+        for (layer, inputs) in map.blocks.iter().enumerate() {
+            let block_shapes = shapes(inputs);
+            let key: Vec<_> = block_shapes.iter().map(|(k, v)| (*k, v.clone())).collect();
+            let index = match by_shapes.get(&key) {
+                Some(&i) => i,
+                None => {
+                    let model = graph::block(&arch, &block_shapes).map_err(ort_error(
+                        checkpoint,
+                        &format!("building the graph of block {layer}"),
+                    ))?;
+                    graphs.push(BlockGraph {
+                        session: session(model, &format!("creating the session of block {layer}"))?,
+                    });
+                    by_shapes.insert(key, graphs.len() - 1);
+                    graphs.len() - 1
+                }
+            };
+            graph_of.push(index);
+        }
+
+        let head = if arch.has_head {
+            let head_shapes = shapes(&map.head);
+            let model = graph::head(&arch, &head_shapes)
+                .map_err(ort_error(checkpoint, "building the head graph"))?;
+            Some(session(model, "creating the head session")?)
+        } else {
+            None
+        };
+
+        Ok(Engine {
+            checkpoint,
+            arch,
+            map,
+            values,
+            embed,
+            graphs,
+            graph_of,
+            head,
+            device: options.device,
+        })
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.graph_of.len()
+    }
+
+    /// Distinct block graphs built (blocks with the same tensors share one).
+    pub fn num_block_graphs(&self) -> usize {
+        self.graphs.len()
+    }
+
+    pub fn has_head(&self) -> bool {
+        self.head.is_some()
+    }
+
+    fn weight_inputs<'v>(
+        values: &'v HashMap<String, (Vec<usize>, Cow<'c, [f32]>)>,
+        inputs: &BTreeMap<&'static str, String>,
+        into: &mut Vec<(Cow<'static, str>, SessionInputValue<'v>)>,
+    ) -> Result<(), ort::Error> {
+        for (input, name) in inputs {
+            let (shape, data) = &values[name];
+            let tensor = TensorRef::from_array_view((shape.clone(), &data[..]))?;
+            into.push((Cow::Borrowed(*input), tensor.into()));
+        }
+        Ok(())
+    }
+
+    /// Run one forward pass.
+    pub fn run(&mut self, request: &Request<'_>) -> Result<Trace, ForwardError> {
+        let tokens = request.tokens;
+        let t = tokens.len();
+        let file = self.checkpoint.path.clone();
+        let bad = |problem: String| ForwardError::Request {
+            file: file.clone(),
+            problem,
+        };
+        if t == 0 {
+            return Err(bad("no tokens to run".into()));
+        }
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.arch.vocab) {
+            return Err(bad(format!(
+                "token id {id} is outside the vocabulary of {}",
+                self.arch.vocab
+            )));
+        }
+        if let Some(max) = self.arch.max_positions {
+            if t > max {
+                return Err(bad(format!(
+                    "{t} tokens exceed the {max} learned positions"
+                )));
+            }
+        }
+        let all: Vec<usize> = (0..self.num_blocks()).collect();
+        let blocks = request.blocks.unwrap_or(&all);
+        if let Some(&b) = blocks.iter().find(|&&b| b >= self.num_blocks()) {
+            return Err(bad(format!(
+                "block {b} does not exist (the model has {})",
+                self.num_blocks()
+            )));
+        }
+        let hidden = self.arch.hidden;
+        for edit in request.edits {
+            if edit.stage > blocks.len() {
+                return Err(bad(format!(
+                    "edit at stage {} but only {} blocks run",
+                    edit.stage,
+                    blocks.len()
+                )));
+            }
+            if edit.position >= t {
+                return Err(bad(format!(
+                    "edit at position {} of a {t}-token sequence",
+                    edit.position
+                )));
+            }
+            let len = match &edit.kind {
+                EditKind::Replace(v) | EditKind::Add(v) => v.len(),
+            };
+            if len != hidden {
+                return Err(bad(format!(
+                    "edit vector has {len} values, the residual {hidden}"
+                )));
+            }
+        }
+        if request.capture.logits && self.head.is_none() {
+            return Err(ForwardError::Unsupported {
+                file: file.clone(),
+                what: format!(
+                    "logits: the {} checkpoint has no output embedding",
+                    self.arch.family
+                ),
+            });
+        }
+
+        // --- embedding ---
+        let ids: Vec<i64> = tokens.iter().map(|&id| id as i64).collect();
+        let positions: Vec<i64> = (0..t as i64).collect();
+        let type_ids = vec![0i64; t];
+        let fail = ort_error(self.checkpoint, "running the embedding");
+        let mut residual = {
+            let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
+            inputs.push((
+                io::IDS.into(),
+                TensorRef::from_array_view(([t], &ids[..]))
+                    .map_err(&fail)?
+                    .into(),
+            ));
+            if self.map.embed.contains_key("pos_embed.weight") {
+                inputs.push((
+                    io::POSITIONS.into(),
+                    TensorRef::from_array_view(([t], &positions[..]))
+                        .map_err(&fail)?
+                        .into(),
+                ));
+            }
+            if self.map.embed.contains_key("type_embed.weight") {
+                inputs.push((
+                    io::TYPE_IDS.into(),
+                    TensorRef::from_array_view(([t], &type_ids[..]))
+                        .map_err(&fail)?
+                        .into(),
+                ));
+            }
+            Self::weight_inputs(&self.values, &self.map.embed, &mut inputs).map_err(&fail)?;
+            let outputs = self.embed.run(inputs).map_err(&fail)?;
+            outputs[io::OUT]
+                .try_extract_tensor::<f32>()
+                .map_err(&fail)?
+                .1
+                .to_vec()
+        };
+
+        // Per-pattern RoPE tables and masks, made once per run.
+        let tables: Vec<(Vec<f32>, Vec<f32>)> = self
+            .arch
+            .ropes
+            .iter()
+            .map(|r| rope_table(&r.inv_freq, t))
+            .collect();
+        let mut masks: HashMap<Attention, Vec<f32>> = HashMap::new();
+        for kind in &self.arch.blocks {
+            masks
+                .entry(kind.attention)
+                .or_insert_with(|| attention_mask(kind.attention, t));
+        }
+
+        let mut trace = Trace {
+            tokens: tokens.to_vec(),
+            blocks: blocks.to_vec(),
+            hidden,
+            heads: self.arch.heads,
+            vocab: self.arch.vocab,
+            ..Default::default()
+        };
+        apply_edits(&mut residual, hidden, request.edits, 0);
+        if request.capture.residuals {
+            trace.residuals.push(residual.clone());
+        }
+        let mut selector = OutputSelector::no_default().with(io::OUT);
+        if request.capture.updates {
+            selector = selector.with(io::ATTN_UPDATE).with(io::MLP_UPDATE);
+        }
+        if request.capture.attention {
+            selector = selector.with(io::ATTN_PROBS);
+        }
+        let run_options = RunOptions::new()
+            .map_err(ort_error(self.checkpoint, "preparing a run"))?
+            .with_outputs(selector);
+
+        for (step, &block) in blocks.iter().enumerate() {
+            let fail = ort_error(self.checkpoint, &format!("running block {block}"));
+            let kind = self.arch.blocks[block];
+            let mask = &masks[&kind.attention];
+            let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
+            inputs.push((
+                io::RESIDUAL.into(),
+                TensorRef::from_array_view(([t, hidden], &residual[..]))
+                    .map_err(&fail)?
+                    .into(),
+            ));
+            if let Some(rope) = kind.rope {
+                let (cos, sin) = &tables[rope];
+                let dh = self.arch.head_dim;
+                inputs.push((
+                    io::COS.into(),
+                    TensorRef::from_array_view(([t, dh], &cos[..]))
+                        .map_err(&fail)?
+                        .into(),
+                ));
+                inputs.push((
+                    io::SIN.into(),
+                    TensorRef::from_array_view(([t, dh], &sin[..]))
+                        .map_err(&fail)?
+                        .into(),
+                ));
+            }
+            inputs.push((
+                io::MASK.into(),
+                TensorRef::from_array_view(([t, t], &mask[..]))
+                    .map_err(&fail)?
+                    .into(),
+            ));
+            Self::weight_inputs(&self.values, &self.map.blocks[block], &mut inputs)
+                .map_err(&fail)?;
+            let session = &mut self.graphs[self.graph_of[block]].session;
+            let outputs = session
+                .run_with_options(inputs, &run_options)
+                .map_err(&fail)?;
+            let take = |name: &str| -> Result<Vec<f32>, ForwardError> {
+                Ok(outputs[name]
+                    .try_extract_tensor::<f32>()
+                    .map_err(&fail)?
+                    .1
+                    .to_vec())
+            };
+            residual = take(io::OUT)?;
+            if request.capture.updates {
+                trace.attn_updates.push(take(io::ATTN_UPDATE)?);
+                trace.mlp_updates.push(take(io::MLP_UPDATE)?);
+            }
+            if request.capture.attention {
+                trace.attention.push(take(io::ATTN_PROBS)?);
+            }
+            drop(outputs);
+            apply_edits(&mut residual, hidden, request.edits, step + 1);
+            if request.capture.residuals {
+                trace.residuals.push(residual.clone());
+            }
+        }
+        if request.capture.logits {
+            trace.logits = Some(self.lens(&residual, t)?);
+        }
+        trace.output = residual;
+        Ok(trace)
+    }
+
+    /// The head (final norm + unembedding) applied to a residual `[T, hidden]`:
+    /// the logit lens. Returns logits `[T, vocab]`.
+    pub fn lens(&mut self, residual: &[f32], t: usize) -> Result<Vec<f32>, ForwardError> {
+        let hidden = self.arch.hidden;
+        let Some(head) = self.head.as_mut() else {
+            return Err(ForwardError::Unsupported {
+                file: self.checkpoint.path.clone(),
+                what: format!(
+                    "the logit lens: the {} checkpoint has no output embedding",
+                    self.arch.family
+                ),
+            });
+        };
+        if residual.len() != t * hidden {
+            return Err(ForwardError::Request {
+                file: self.checkpoint.path.clone(),
+                problem: format!(
+                    "a residual of {} values is not {t} × {hidden}",
+                    residual.len()
+                ),
+            });
+        }
+        let fail = ort_error(self.checkpoint, "running the head");
+        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
+        inputs.push((
+            io::RESIDUAL.into(),
+            TensorRef::from_array_view(([t, hidden], residual))
+                .map_err(&fail)?
+                .into(),
+        ));
+        Self::weight_inputs(&self.values, &self.map.head, &mut inputs).map_err(&fail)?;
+        let outputs = head.run(inputs).map_err(&fail)?;
+        let logits = outputs[io::LOGITS]
+            .try_extract_tensor::<f32>()
+            .map_err(&fail)?
+            .1
+            .to_vec();
+        Ok(logits)
+    }
+}
+
+fn apply_edits(residual: &mut [f32], hidden: usize, edits: &[ResidualEdit], stage: usize) {
+    for edit in edits.iter().filter(|e| e.stage == stage) {
+        let row = &mut residual[edit.position * hidden..(edit.position + 1) * hidden];
+        match &edit.kind {
+            EditKind::Replace(values) => row.copy_from_slice(values),
+            EditKind::Add(values) => row.iter_mut().zip(values).for_each(|(r, v)| *r += v),
+        }
+    }
+}
+
+/// `cos`/`sin` `[T, head_dim]`, each half repeating the frequencies (the
+/// rotate-half convention of Hugging Face checkpoints), computed in f64.
+pub fn rope_table(inv_freq: &[f64], t: usize) -> (Vec<f32>, Vec<f32>) {
+    let dim = inv_freq.len() * 2;
+    let mut cos = Vec::with_capacity(t * dim);
+    let mut sin = Vec::with_capacity(t * dim);
+    for pos in 0..t {
+        for _ in 0..2 {
+            for &f in inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// Additive `[T, T]` mask: 0 where query `i` may attend to key `j`, −∞ elsewhere.
+pub fn attention_mask(attention: Attention, t: usize) -> Vec<f32> {
+    let mut mask = vec![0.0f32; t * t];
+    for i in 0..t {
+        for j in 0..t {
+            let allowed = match attention {
+                Attention::Bidirectional => true,
+                Attention::Causal => j <= i,
+                Attention::Sliding { window } => j <= i && i - j < window,
+            };
+            if !allowed {
+                mask[i * t + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    mask
+}
+
+/// Every tensor must have the shape the architecture implies: a mismatch
+/// is a clear error here rather than an ONNX Runtime shape error later.
+fn check_shapes(
+    checkpoint: &Checkpoint,
+    arch: &Arch,
+    map: &WeightMap,
+    values: &HashMap<String, (Vec<usize>, Cow<'_, [f32]>)>,
+) -> Result<(), ForwardError> {
+    let (d, h, kv, dh) = (arch.hidden, arch.heads, arch.kv_heads, arch.head_dim);
+    let expect = |name: &String, want: &[usize]| -> Result<(), ForwardError> {
+        let got = &values[name].0;
+        if got.as_slice() != want {
+            return Err(ForwardError::Shape {
+                file: checkpoint.path.clone(),
+                tensor: name.clone(),
+                got: got.clone(),
+                want: want.to_vec(),
+            });
+        }
+        Ok(())
+    };
+    let embed = &map.embed["embed.weight"];
+    expect(embed, &[arch.vocab, d])?;
+    for block in &map.blocks {
+        let get = |k: &str| block.get(k);
+        if let Some(n) = get("q.weight") {
+            expect(n, &[h * dh, d])?;
+        }
+        for key in ["k.weight", "v.weight"] {
+            if let Some(n) = get(key) {
+                expect(n, &[kv * dh, d])?;
+            }
+        }
+        if let Some(n) = get("o.weight") {
+            if block.contains_key("qkv.weight") {
+                expect(n, &[d, d])?;
+            } else {
+                expect(n, &[d, h * dh])?;
+            }
+        }
+        if let Some(n) = get("qkv.weight") {
+            expect(n, &[d, 3 * d])?;
+        }
+        for key in ["q_norm.weight", "k_norm.weight"] {
+            if let Some(n) = get(key) {
+                expect(n, &[dh])?;
+            }
+        }
+        for key in [
+            "attn_norm.weight",
+            "mlp_norm.weight",
+            "post_attn_norm.weight",
+            "post_mlp_norm.weight",
+        ] {
+            if let Some(n) = get(key) {
+                expect(n, &[d])?;
+            }
+        }
+        if let (Some(up), Some(down)) = (get("up.weight"), get("down.weight")) {
+            let up_shape = &values[up].0;
+            let inter = if block.contains_key("qkv.weight") {
+                up_shape.get(1)
+            } else {
+                up_shape.first()
+            };
+            let inter = *inter.unwrap_or(&0);
+            if block.contains_key("qkv.weight") {
+                expect(up, &[d, inter])?;
+                expect(down, &[inter, d])?;
+            } else {
+                expect(up, &[inter, d])?;
+                expect(down, &[d, inter])?;
+                if let Some(gate) = get("gate.weight") {
+                    expect(gate, &[inter, d])?;
+                }
+            }
+        }
+    }
+    if let Some(n) = map.head.get("lm_head.weight") {
+        expect(n, &[arch.vocab, d])?;
+    }
+    if let Some(n) = map.head.get("final_norm.weight") {
+        expect(n, &[d])?;
+    }
+    Ok(())
+}

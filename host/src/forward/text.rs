@@ -1,0 +1,127 @@
+//! Text in, token ids out: the checkpoint's own `tokenizer.json` through the
+//! `tokenizers` crate, and its chat template (from `tokenizer_config.json`)
+//! through minijinja.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::ForwardError;
+
+pub struct TextCodec {
+    tokenizer: tokenizers::Tokenizer,
+    file: PathBuf,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+fn special_token(config: &Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        // Older configs store {"content": "<s>", ...}.
+        other => other
+            .get("content")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    }
+}
+
+impl TextCodec {
+    /// Load `tokenizer.json` (and `tokenizer_config.json` when present) from
+    /// the checkpoint's folder.
+    pub fn open(dir: &Path) -> Result<Self, ForwardError> {
+        let file = dir.join("tokenizer.json");
+        if !file.is_file() {
+            return Err(ForwardError::Tokenizer {
+                file: file.clone(),
+                problem: "no tokenizer.json beside the weights (give token ids with --tokens)"
+                    .into(),
+            });
+        }
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&file).map_err(|e| ForwardError::Tokenizer {
+                file: file.clone(),
+                problem: format!("cannot load the tokenizer: {e}"),
+            })?;
+        let config_file = dir.join("tokenizer_config.json");
+        let config: Value = match std::fs::read(&config_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ForwardError::Tokenizer {
+                file: config_file.clone(),
+                problem: format!("invalid JSON: {e}"),
+            })?,
+            Err(_) => Value::Null,
+        };
+        Ok(TextCodec {
+            tokenizer,
+            file,
+            chat_template: config
+                .get("chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            bos_token: special_token(&config, "bos_token"),
+            eos_token: special_token(&config, "eos_token"),
+        })
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Token ids of `text`, with the tokenizer's own special tokens (BERT's
+    /// [CLS] … [SEP]) as its post-processor adds them.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ForwardError> {
+        self.encode_with(text, true)
+    }
+
+    fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>, ForwardError> {
+        let encoding =
+            self.tokenizer
+                .encode(text, special)
+                .map_err(|e| ForwardError::Tokenizer {
+                    file: self.file.clone(),
+                    problem: format!("cannot tokenize the text: {e}"),
+                })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The text as one user message under the model's chat template, with
+    /// the prompt for the assistant's answer; tokenized without adding
+    /// special tokens again (the template writes them).
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>, ForwardError> {
+        let Some(template) = &self.chat_template else {
+            return Err(ForwardError::Tokenizer {
+                file: self.file.with_file_name("tokenizer_config.json"),
+                problem: "the model has no chat template".into(),
+            });
+        };
+        let rendered = self.render_chat(template, text)?;
+        self.encode_with(&rendered, false)
+    }
+
+    pub fn render_chat(&self, template: &str, text: &str) -> Result<String, ForwardError> {
+        let fail = |e: minijinja::Error| ForwardError::Tokenizer {
+            file: self.file.with_file_name("tokenizer_config.json"),
+            problem: format!("chat template: {e}"),
+        };
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", template).map_err(fail)?;
+        let messages = vec![minijinja::context! { role => "user", content => text }];
+        env.get_template("chat")
+            .map_err(fail)?
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            })
+            .map_err(fail)
+    }
+
+    /// The text of one token, as the model would print it.
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer
+            .decode(&[id], false)
+            .unwrap_or_else(|_| self.tokenizer.id_to_token(id).unwrap_or_default())
+    }
+}
