@@ -39,10 +39,19 @@ impl TextCodec {
                     .into(),
             });
         }
-        let tokenizer =
+        let mut tokenizer =
             tokenizers::Tokenizer::from_file(&file).map_err(|e| ForwardError::Tokenizer {
                 file: file.clone(),
                 problem: format!("cannot load the tokenizer: {e}"),
+            })?;
+        // A probe runs one sequence as it is: padding would add positions the
+        // model attends to, truncation would drop text without a word.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| ForwardError::Tokenizer {
+                file: file.clone(),
+                problem: format!("cannot turn off truncation: {e}"),
             })?;
         let config_file = dir.join("tokenizer_config.json");
         let config: Value = match std::fs::read(&config_file) {
