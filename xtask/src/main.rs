@@ -2,6 +2,7 @@
 //!
 //! - `fixtures [--check]`: regenerate the committed test checkpoints (or check they are current).
 //! - `models`: fetch and convert the real models, pinned by sha256, into `.models/`.
+//! - `ort`: fetch the ONNX Runtime shared library (PyPI wheel, pinned by sha256) into `.ort/`.
 //! - `new-plugin NAME --path DIR`: scaffold a plugin crate outside the workspace.
 //! - `plugins [--release]`: build probe and the built-in plugins into `target/<profile>/plugins/`.
 //! - `bench inspect`: time `probe inspect` on a 1 GB checkpoint and record it in BENCHMARKS.md.
@@ -28,13 +29,14 @@ fn run() -> Result<()> {
         ["fixtures"] => fixtures(false),
         ["fixtures", "--check"] => fixtures(true),
         ["models"] => models::fetch_all(&workspace_root()),
+        ["ort"] => models::fetch_ort(&workspace_root()),
         ["bench", "inspect"] => bench::inspect(&workspace_root()),
         ["bench", "spectral"] => bench::spectral(&workspace_root()),
         ["new-plugin", name, "--path", dir] => scaffold::new_plugin(&workspace_root(), name, Path::new(dir)),
         ["plugins"] => plugins(&workspace_root(), false),
         ["plugins", "--release"] => plugins(&workspace_root(), true),
         _ => bail!(
-            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
+            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  ort                  fetch the ONNX Runtime library into .ort/\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
         ),
     }
 }

@@ -233,6 +233,52 @@ fn ensure_converter(cache: &Path) -> Result<PathBuf> {
     Ok(site)
 }
 
+/// The ONNX Runtime wheel whose shared library the forward engine loads
+/// (CPython 3.11, manylinux x86_64: the machines this project runs on).
+const ORT_WHEEL: Wheel = Wheel {
+    package: "onnxruntime",
+    version: "1.32.0",
+    sha256: "5a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d",
+};
+
+/// `cargo xtask ort`: unpack the pinned onnxruntime wheel into `.ort/`, the
+/// layout `pip install --no-deps --target .ort onnxruntime==1.32.0` makes, so
+/// `probe` finds `.ort/onnxruntime/capi/libonnxruntime.so.1.32.0`.
+pub fn fetch_ort(root: &Path) -> Result<()> {
+    let dest = root.join(".ort");
+    let library = dest.join("onnxruntime/capi/libonnxruntime.so.1.32.0");
+    let stamp = dest.join(".complete");
+    if library.is_file()
+        && std::fs::read_to_string(&stamp).ok().as_deref() == Some(ORT_WHEEL.sha256)
+    {
+        println!(
+            "onnxruntime {}: already in {}",
+            ORT_WHEEL.version,
+            dest.display()
+        );
+        return Ok(());
+    }
+    let wheel = download_wheel(&ORT_WHEEL, &root.join(".cache/wheels"))?;
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest)?;
+    }
+    extract(&wheel, "onnxruntime/", &dest.join("onnxruntime"))?;
+    if !library.is_file() {
+        bail!(
+            "{}: the wheel has no {}",
+            wheel.display(),
+            library.display()
+        );
+    }
+    std::fs::write(&stamp, ORT_WHEEL.sha256)?;
+    println!(
+        "onnxruntime {}: ready in {}",
+        ORT_WHEEL.version,
+        library.display()
+    );
+    Ok(())
+}
+
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;

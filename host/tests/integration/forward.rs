@@ -1,0 +1,415 @@
+//! The forward engine against implementations this project did not write:
+//! llama.cpp on SmolLM2, the published sentence-transformers similarity on
+//! MiniLM, and an independent numpy forward of every fixture family.
+
+use std::path::Path;
+
+use probe::forward::{
+    text::TextCodec, Capture, EditKind, Engine, EngineOptions, Request, ResidualEdit, Trace,
+};
+use probe::store::Checkpoint;
+use serde_json::Value;
+
+use crate::real_models::real_model;
+use crate::util::{fixture, probe};
+
+fn reference(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/reference")
+        .join(name);
+    serde_json::from_slice(&std::fs::read(&path).expect("committed reference")).expect("valid JSON")
+}
+
+fn everything() -> Capture {
+    Capture {
+        residuals: true,
+        updates: true,
+        attention: true,
+        logits: true,
+    }
+}
+
+fn run(engine: &mut Engine, tokens: &[u32], capture: Capture) -> Trace {
+    engine
+        .run(&Request {
+            tokens,
+            capture,
+            ..Request::default()
+        })
+        .expect("forward pass")
+}
+
+fn as_f64s(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn norms(matrix: &[f32], hidden: usize) -> Vec<f64> {
+    matrix
+        .chunks_exact(hidden)
+        .map(|r| r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt())
+        .collect()
+}
+
+#[test]
+fn every_family_matches_the_numpy_reference() {
+    let reference = reference("fixtures_forward.json");
+    let tokens: Vec<u32> = as_f64s(&reference["tokens"])
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    let fixtures = reference["fixtures"].as_object().unwrap();
+    assert_eq!(
+        fixtures.len(),
+        8,
+        "llama ×3, qwen2, qwen3, gemma3, gpt2, bert"
+    );
+    for (name, expected) in fixtures {
+        let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
+        let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+        let bert = name.starts_with("bert");
+        let capture = Capture {
+            residuals: true,
+            logits: !bert,
+            ..Capture::default()
+        };
+        let trace = run(&mut engine, &tokens, capture);
+        let stages = expected["residual_norms"].as_array().unwrap();
+        assert_eq!(trace.residuals.len(), stages.len(), "{name}: stages");
+        for (stage, (ours, theirs)) in trace.residuals.iter().zip(stages).enumerate() {
+            for (a, b) in norms(ours, trace.hidden).iter().zip(as_f64s(theirs)) {
+                assert!(
+                    (a - b).abs() < 1e-4 * b.max(1.0),
+                    "{name} stage {stage}: norm {a} vs numpy {b}"
+                );
+            }
+        }
+        let (ours, theirs, width) = if bert {
+            (&trace.output, &expected["hidden"], trace.hidden)
+        } else {
+            (
+                trace.logits.as_ref().unwrap(),
+                &expected["logits"],
+                trace.vocab,
+            )
+        };
+        let rows = theirs.as_array().unwrap();
+        assert_eq!(rows.len(), tokens.len());
+        for (p, row) in rows.iter().enumerate() {
+            for (i, b) in as_f64s(row).into_iter().enumerate() {
+                let a = ours[p * width + i] as f64;
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{name} position {p} index {i}: {a} vs numpy {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn smollm2_agrees_with_llama_cpp() {
+    let Some(model) = real_model("SmolLM2-135M-Instruct") else {
+        return;
+    };
+    let reference = reference("smollm2_llama_cpp.json");
+    let checkpoint = Checkpoint::open(&model).unwrap();
+    let codec = TextCodec::open(&checkpoint.dir).unwrap();
+    let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+    let (mut agree, mut positions) = (0usize, 0usize);
+    for text in reference["texts"].as_array().unwrap() {
+        let tokens: Vec<u32> = as_f64s(&text["tokens"]).iter().map(|&t| t as u32).collect();
+        // The re-created tokenizer.json splits text exactly as llama.cpp does.
+        assert_eq!(
+            codec.encode(text["text"].as_str().unwrap()).unwrap(),
+            tokens,
+            "tokenization"
+        );
+        let trace = run(
+            &mut engine,
+            &tokens,
+            Capture {
+                logits: true,
+                ..Capture::default()
+            },
+        );
+        let logits = trace.logits.as_ref().unwrap();
+        for (p, expected) in text["positions"].as_array().unwrap().iter().enumerate() {
+            let row = &logits[p * trace.vocab..(p + 1) * trace.vocab];
+            let top = probe::forward::summary::top_k(row, 1)[0].0;
+            agree += (top as u64 == expected["top_ids"][0].as_u64().unwrap()) as usize;
+            positions += 1;
+        }
+        let ours = trace.loss().unwrap().exp();
+        let theirs = text["perplexity"].as_f64().unwrap();
+        assert!(
+            (ours / theirs - 1.0).abs() < 0.02,
+            "perplexity {ours} vs llama.cpp {theirs}"
+        );
+    }
+    let share = agree as f64 / positions as f64;
+    assert!(share >= 0.98, "top-1 agreement {agree}/{positions}");
+}
+
+#[test]
+fn minilm_sentence_similarity_is_the_published_one() {
+    let Some(model) = real_model("all-MiniLM-L6-v2") else {
+        return;
+    };
+    let embed = |text: &str| -> Vec<f64> {
+        let out = probe([
+            "forward".as_ref(),
+            model.as_os_str(),
+            "--text".as_ref(),
+            text.as_ref(),
+            "--format".as_ref(),
+            "json".as_ref(),
+        ])
+        .ok();
+        let json: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            json["loss"],
+            Value::Null,
+            "an encoder has no next-token loss"
+        );
+        as_f64s(&json["mean_pooled"])
+    };
+    let a = embed("A man is eating food.");
+    let b = embed("A man is eating a piece of bread.");
+    let cosine: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    assert!((cosine - 0.755).abs() <= 0.005, "cosine {cosine}");
+}
+
+#[test]
+fn interventions_reorder_skip_and_edit_the_residual() {
+    let checkpoint = Checkpoint::open(&fixture("llama-tied-f32")).unwrap();
+    let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+    assert_eq!(
+        engine.num_block_graphs(),
+        1,
+        "identical blocks share one session"
+    );
+    let tokens = [3u32, 14, 15, 92, 65, 35];
+    let base = run(&mut engine, &tokens, everything());
+    let (t, d, h) = (tokens.len(), base.hidden, base.heads);
+
+    // The logit lens on the last residual is the model's own output.
+    let lens = engine.lens(&base.output, t).unwrap();
+    assert_eq!(&lens, base.logits.as_ref().unwrap());
+    assert_eq!(base.residuals.last().unwrap(), &base.output);
+
+    // Each block adds its attention and MLP updates to the residual.
+    for b in 0..base.blocks.len() {
+        for i in 0..t * d {
+            let sum = base.residuals[b][i] + base.attn_updates[b][i] + base.mlp_updates[b][i];
+            assert!((sum - base.residuals[b + 1][i]).abs() < 1e-5);
+        }
+    }
+
+    // Attention rows are distributions over earlier positions only.
+    for probs in &base.attention {
+        assert_eq!(probs.len(), h * t * t);
+        for head in 0..h {
+            for i in 0..t {
+                let row = &probs[(head * t + i) * t..(head * t + i + 1) * t];
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+                assert!(row[i + 1..].iter().all(|&p| p == 0.0), "causal");
+            }
+        }
+    }
+
+    // No blocks: the output is the embedding.
+    let none = engine
+        .run(&Request {
+            tokens: &tokens,
+            blocks: Some(&[]),
+            ..Request::default()
+        })
+        .unwrap();
+    assert_eq!(none.output, base.residuals[0]);
+
+    // Blocks 0 and 1 only: the residual after them is the base run's stage 2;
+    // block 2 run twice differs from the base.
+    let partial = engine
+        .run(&Request {
+            tokens: &tokens,
+            blocks: Some(&[0, 1]),
+            ..Request::default()
+        })
+        .unwrap();
+    assert_eq!(partial.output, base.residuals[2]);
+    let doubled = engine
+        .run(&Request {
+            tokens: &tokens,
+            blocks: Some(&[0, 1, 2, 2]),
+            ..Request::default()
+        })
+        .unwrap();
+    assert_ne!(doubled.output, base.output);
+
+    // Replacing the residual at position 3 after block 0 leaves the earlier
+    // positions alone (causal) and changes position 3 onwards.
+    let edit = [ResidualEdit {
+        stage: 1,
+        position: 3,
+        kind: EditKind::Replace(vec![0.5; d]),
+    }];
+    let edited = engine
+        .run(&Request {
+            tokens: &tokens,
+            edits: &edit,
+            capture: everything(),
+            ..Request::default()
+        })
+        .unwrap();
+    assert_eq!(&edited.residuals[1][3 * d..4 * d], &vec![0.5; d][..]);
+    assert_eq!(&edited.output[..3 * d], &base.output[..3 * d]);
+    assert_ne!(&edited.output[3 * d..], &base.output[3 * d..]);
+    let loss = edited.loss().unwrap();
+    assert!(loss.is_finite() && loss != base.loss().unwrap());
+}
+
+#[test]
+fn gemma3_sliding_layers_see_only_their_window() {
+    let checkpoint = Checkpoint::open(&fixture("gemma3-tied-f32")).unwrap();
+    let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+    let tokens: Vec<u32> = (1..=7).collect();
+    let trace = run(&mut engine, &tokens, everything());
+    let (t, h) = (tokens.len(), trace.heads);
+    // layer_types: sliding, sliding, full; sliding_window = 4.
+    for (block, window) in [(0, Some(4)), (1, Some(4)), (2, None)] {
+        let probs = &trace.attention[block];
+        for head in 0..h {
+            let last = &probs[(head * t + t - 1) * t..(head * t + t) * t];
+            let seen = last.iter().filter(|&&p| p > 0.0).count();
+            assert_eq!(seen, window.unwrap_or(t), "block {block} head {head}");
+        }
+    }
+}
+
+#[test]
+fn forward_command_prints_predictions_loss_and_norms() {
+    let model = fixture("llama-tied-f32");
+    let out = probe([
+        "forward".as_ref(),
+        model.as_os_str(),
+        "--tokens".as_ref(),
+        "3,14,15,92".as_ref(),
+        "--top-k".as_ref(),
+        "2".as_ref(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ])
+    .ok();
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["family"], "llama");
+    assert_eq!(json["tokens"], serde_json::json!([3, 14, 15, 92]));
+    let positions = json["positions"].as_array().unwrap();
+    assert_eq!(positions.len(), 4);
+    assert!(positions
+        .iter()
+        .all(|p| p["top"].as_array().unwrap().len() == 2));
+    assert_eq!(positions[3]["next_token"], Value::Null);
+    let losses: Vec<f64> = positions[..3]
+        .iter()
+        .map(|p| p["next_token_loss"].as_f64().unwrap())
+        .collect();
+    let mean = losses.iter().sum::<f64>() / 3.0;
+    assert!((json["loss"].as_f64().unwrap() - mean).abs() < 1e-9);
+    assert!((json["perplexity"].as_f64().unwrap() - mean.exp()).abs() < 1e-9);
+    assert_eq!(
+        json["residual_norms"].as_array().unwrap().len(),
+        4,
+        "embedding + 3 blocks"
+    );
+
+    let table = probe([
+        "forward".as_ref(),
+        model.as_os_str(),
+        "--tokens".as_ref(),
+        "3,14".as_ref(),
+    ])
+    .ok();
+    assert!(
+        table.contains("perplexity") && table.contains("block 2"),
+        "{table}"
+    );
+}
+
+#[test]
+fn forward_refuses_what_it_cannot_run() {
+    let llama = fixture("llama-tied-f32");
+    probe([
+        "forward".as_ref(),
+        llama.as_os_str(),
+        "--tokens".as_ref(),
+        "3,96".as_ref(),
+    ])
+    .fails_with(&[
+        "llama-tied-f32",
+        "token id 96 is outside the vocabulary of 96",
+    ]);
+    probe([
+        "forward".as_ref(),
+        fixture("paramgolf-tied-f32").as_os_str(),
+        "--tokens".as_ref(),
+        "1".as_ref(),
+    ])
+    .fails_with(&[
+        "paramgolf-tied-f32",
+        "forward passes for the paramgolf family",
+        "not supported",
+    ]);
+    probe([
+        "forward".as_ref(),
+        llama.as_os_str(),
+        "--text".as_ref(),
+        "hi".as_ref(),
+    ])
+    .fails_with(&["tokenizer.json", "--tokens"]);
+    probe([
+        "forward".as_ref(),
+        llama.as_os_str(),
+        "--tokens".as_ref(),
+        "1".as_ref(),
+        "--format".as_ref(),
+        "csv".as_ref(),
+    ])
+    .fails_with(&["table or json"]);
+    // The CPU wheel has no CUDA provider: strict registration fails, it does
+    // not fall back to the CPU.
+    probe([
+        "forward".as_ref(),
+        llama.as_os_str(),
+        "--tokens".as_ref(),
+        "1".as_ref(),
+        "--device".as_ref(),
+        "cuda".as_ref(),
+    ])
+    .fails_with(&["cuda"]);
+}
+
+#[test]
+fn a_missing_onnx_runtime_is_one_line_naming_the_fix() {
+    let llama = fixture("llama-tied-f32");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_probe"));
+    command
+        .args([
+            "forward".as_ref(),
+            llama.as_os_str(),
+            "--tokens".as_ref(),
+            "1".as_ref(),
+        ])
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so");
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/libonnxruntime.so") && stderr.contains("cargo xtask ort"),
+        "{stderr}"
+    );
+}
