@@ -13,7 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use polars::prelude::DataFrame;
-use probe_sdk::abi::{self, ArrowArray, ArrowSchema, F32Buffer, HostApi, StrRef, TensorInfoC};
+use probe_sdk::abi::{
+    self, ArrowArray, ArrowSchema, F32Buffer, ForwardResultC, HostApi, StrRef, TensorInfoC,
+};
+
+use crate::forward::text::TextCodec;
+use crate::forward::{Capture, EditKind, Engine, EngineOptions, Request, ResidualEdit, Trace};
 
 use crate::plugin::LoadedPlugin;
 use crate::progress::Progress;
@@ -33,6 +38,11 @@ pub struct RunContext<'a> {
     cancel: &'a AtomicBool,
     /// Companion tables the plugin emitted, in order.
     companions: Mutex<Vec<(String, DataFrame)>>,
+    /// The forward engine, built on the first forward call; one pass at a
+    /// time (ONNX Runtime parallelises inside each pass).
+    engine: Mutex<Option<Result<Engine<'a>, String>>>,
+    engine_options: EngineOptions,
+    codec: std::sync::OnceLock<Result<TextCodec, String>>,
 }
 
 thread_local! {
@@ -107,7 +117,16 @@ impl<'a> RunContext<'a> {
             progress,
             cancel,
             companions: Mutex::new(Vec::new()),
+            engine: Mutex::new(None),
+            engine_options: EngineOptions::default(),
+            codec: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Where forward passes run for this plugin call.
+    pub fn with_engine_options(mut self, options: EngineOptions) -> Self {
+        self.engine_options = options;
+        self
     }
 
     fn api(&self) -> HostApi {
@@ -126,6 +145,11 @@ impl<'a> RunContext<'a> {
             is_cancelled,
             log,
             emit_table,
+            tokenize,
+            forward,
+            forward_output,
+            release_forward,
+            lens,
         }
     }
 
@@ -366,6 +390,272 @@ unsafe extern "C" fn emit_table(
                 abi::STATUS_OK
             }
             Err(e) => fail(format!("table `{name}` is unreadable: {e}")),
+        }
+    })
+}
+
+thread_local! {
+    /// The last token ids `tokenize` returned on this thread, as JSON.
+    static TOKENS_JSON: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+impl<'a> RunContext<'a> {
+    /// Run `body` with the engine, building it on first use.
+    fn with_engine<T>(
+        &self,
+        body: impl FnOnce(&mut Engine<'a>) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut slot = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        let engine = slot.get_or_insert_with(|| {
+            Engine::open(self.checkpoint, self.engine_options).map_err(|e| e.to_string())
+        });
+        match engine {
+            Ok(engine) => body(engine),
+            Err(message) => Err(message.clone()),
+        }
+    }
+}
+
+unsafe extern "C" fn tokenize(
+    ctx: *const c_void,
+    text: StrRef,
+    chat: bool,
+    out_json: *mut StrRef,
+) -> i32 {
+    shielded(abi::STATUS_ERROR, || {
+        let run = unsafe { context(ctx) };
+        if out_json.is_null() {
+            return fail("tokenize: null output");
+        }
+        let codec = run
+            .codec
+            .get_or_init(|| TextCodec::open(&run.checkpoint.dir).map_err(|e| e.to_string()));
+        let codec = match codec {
+            Ok(codec) => codec,
+            Err(message) => return fail(message.clone()),
+        };
+        let text = unsafe { text.as_str() };
+        let ids = if chat {
+            codec.encode_chat(&text)
+        } else {
+            codec.encode(&text)
+        };
+        match ids {
+            Ok(ids) => TOKENS_JSON.with(|slot| {
+                let mut slot = slot.borrow_mut();
+                *slot = serde_json::to_string(&ids).unwrap_or_default();
+                unsafe { out_json.write(StrRef::new(slot.as_str())) };
+                abi::STATUS_OK
+            }),
+            Err(e) => fail(e.to_string()),
+        }
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardRequestJson {
+    tokens: Vec<u32>,
+    #[serde(default)]
+    blocks: Option<Vec<usize>>,
+    #[serde(default)]
+    edits: Vec<EditJson>,
+    #[serde(default)]
+    residuals: bool,
+    #[serde(default)]
+    updates: bool,
+    #[serde(default)]
+    attention: bool,
+    #[serde(default)]
+    logits: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EditJson {
+    stage: usize,
+    position: usize,
+    #[serde(default)]
+    replace: Option<Vec<f32>>,
+    #[serde(default)]
+    add: Option<Vec<f32>>,
+}
+
+/// A forward result while the plugin reads it.
+struct ForwardHandle {
+    meta_json: String,
+    trace: Trace,
+}
+
+fn parse_request(json: &str) -> Result<(ForwardRequestJson, Vec<ResidualEdit>), String> {
+    let request: ForwardRequestJson =
+        serde_json::from_str(json).map_err(|e| format!("forward request: {e}"))?;
+    let edits = request
+        .edits
+        .iter()
+        .map(|e| {
+            let kind = match (&e.replace, &e.add) {
+                (Some(v), None) => EditKind::Replace(v.clone()),
+                (None, Some(v)) => EditKind::Add(v.clone()),
+                _ => {
+                    return Err(
+                        "forward request: an edit needs exactly one of `replace` and `add`"
+                            .to_string(),
+                    )
+                }
+            };
+            Ok(ResidualEdit {
+                stage: e.stage,
+                position: e.position,
+                kind,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((request, edits))
+}
+
+unsafe extern "C" fn forward(
+    ctx: *const c_void,
+    request_json: StrRef,
+    out: *mut ForwardResultC,
+) -> i32 {
+    shielded(abi::STATUS_ERROR, || {
+        let run = unsafe { context(ctx) };
+        if out.is_null() {
+            return fail("forward: null output");
+        }
+        let json = unsafe { request_json.as_str() };
+        let (request, edits) = match parse_request(&json) {
+            Ok(parsed) => parsed,
+            Err(message) => return fail(message),
+        };
+        let result = run.with_engine(|engine| {
+            engine
+                .run(&Request {
+                    tokens: &request.tokens,
+                    blocks: request.blocks.as_deref(),
+                    edits: &edits,
+                    capture: Capture {
+                        residuals: request.residuals,
+                        updates: request.updates,
+                        attention: request.attention,
+                        logits: request.logits,
+                    },
+                })
+                .map_err(|e| e.to_string())
+        });
+        let trace = match result {
+            Ok(trace) => trace,
+            Err(message) => return fail(message),
+        };
+        let meta_json = serde_json::json!({
+            "tokens": trace.tokens,
+            "blocks": trace.blocks,
+            "hidden": trace.hidden,
+            "heads": trace.heads,
+            "vocab": trace.vocab,
+            "loss": trace.loss(),
+            "token_losses": trace.token_losses(),
+            "stages": trace.residuals.len(),
+            "updates": trace.attn_updates.len(),
+            "attention": trace.attention.len(),
+            "has_logits": trace.logits.is_some(),
+        })
+        .to_string();
+        let handle = Box::new(ForwardHandle { meta_json, trace });
+        unsafe {
+            out.write(ForwardResultC {
+                meta_json: StrRef::new(&handle.meta_json),
+                handle: Box::into_raw(handle) as *mut c_void,
+            })
+        };
+        abi::STATUS_OK
+    })
+}
+
+unsafe extern "C" fn forward_output(
+    _ctx: *const c_void,
+    result: *const ForwardResultC,
+    kind: u32,
+    index: usize,
+    out: *mut F32Buffer,
+) -> i32 {
+    shielded(abi::STATUS_ERROR, || {
+        let Some(result) = (unsafe { result.as_ref() }) else {
+            return fail("forward_output: null result");
+        };
+        if result.handle.is_null() || out.is_null() {
+            return fail("forward_output: released result or null output");
+        }
+        // SAFETY: `handle` came from Box::into_raw in `forward` and is alive
+        // until `release_forward`.
+        let handle = unsafe { &*(result.handle as *const ForwardHandle) };
+        let trace = &handle.trace;
+        let array: Option<&Vec<f32>> = match kind {
+            abi::OUTPUT_RESIDUAL => trace.residuals.get(index),
+            abi::OUTPUT_ATTN_UPDATE => trace.attn_updates.get(index),
+            abi::OUTPUT_MLP_UPDATE => trace.mlp_updates.get(index),
+            abi::OUTPUT_ATTENTION => trace.attention.get(index),
+            abi::OUTPUT_FINAL => Some(&trace.output),
+            abi::OUTPUT_LOGITS => trace.logits.as_ref(),
+            other => return fail(format!("forward_output: unknown kind {other}")),
+        };
+        let Some(array) = array else {
+            return fail(format!(
+                "forward_output: no array of kind {kind} at index {index} (was it requested?)"
+            ));
+        };
+        unsafe {
+            out.write(F32Buffer {
+                data: array.as_ptr(),
+                len: array.len(),
+                owner: std::ptr::null_mut(),
+            })
+        };
+        abi::STATUS_OK
+    })
+}
+
+unsafe extern "C" fn release_forward(_ctx: *const c_void, result: *mut ForwardResultC) {
+    shielded((), || {
+        let Some(result) = (unsafe { result.as_mut() }) else {
+            return;
+        };
+        if !result.handle.is_null() {
+            // SAFETY: from Box::into_raw in `forward`; nulled below so a second
+            // release does nothing.
+            drop(unsafe { Box::from_raw(result.handle as *mut ForwardHandle) });
+        }
+        *result = ForwardResultC::empty();
+    })
+}
+
+unsafe extern "C" fn lens(
+    ctx: *const c_void,
+    residual: *const f32,
+    len: usize,
+    t: usize,
+    out: *mut F32Buffer,
+) -> i32 {
+    shielded(abi::STATUS_ERROR, || {
+        let run = unsafe { context(ctx) };
+        if residual.is_null() || out.is_null() {
+            return fail("lens: null residual or output");
+        }
+        let values = unsafe { std::slice::from_raw_parts(residual, len) };
+        match run.with_engine(|engine| engine.lens(values, t).map_err(|e| e.to_string())) {
+            Ok(logits) => {
+                let boxed = Box::new(logits);
+                unsafe {
+                    out.write(F32Buffer {
+                        data: boxed.as_ptr(),
+                        len: boxed.len(),
+                        owner: Box::into_raw(boxed) as *mut c_void,
+                    })
+                };
+                abi::STATUS_OK
+            }
+            Err(message) => fail(message),
         }
     })
 }

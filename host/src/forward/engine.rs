@@ -352,10 +352,10 @@ impl<'c> Engine<'c> {
             }
         }
         if request.capture.logits && self.head.is_none() {
-            return Err(ForwardError::Unsupported {
-                file: file.clone(),
-                what: format!(
-                    "logits: the {} checkpoint has no output embedding",
+            return Err(ForwardError::Request {
+                file: self.checkpoint.path.clone(),
+                problem: format!(
+                    "a {} checkpoint has no output embedding, so no logits",
                     self.arch.family
                 ),
             });
@@ -508,10 +508,10 @@ impl<'c> Engine<'c> {
     pub fn lens(&mut self, residual: &[f32], t: usize) -> Result<Vec<f32>, ForwardError> {
         let hidden = self.arch.hidden;
         let Some(head) = self.head.as_mut() else {
-            return Err(ForwardError::Unsupported {
+            return Err(ForwardError::Request {
                 file: self.checkpoint.path.clone(),
-                what: format!(
-                    "the logit lens: the {} checkpoint has no output embedding",
+                problem: format!(
+                    "a {} checkpoint has no output embedding, so no the logit lens",
                     self.arch.family
                 ),
             });

@@ -413,3 +413,106 @@ fn a_missing_onnx_runtime_is_one_line_naming_the_fix() {
         "{stderr}"
     );
 }
+
+/// A real cdylib reaches the engine through the host table: residuals, the
+/// logit lens, block selection and the loss agree with the library engine.
+#[test]
+fn plugins_run_the_engine_through_the_host_table() {
+    let model = fixture("llama-tied-f32");
+    let lib = crate::util::plugin_lib("probe-testkit");
+    let dir = crate::util::tempdir();
+    let run_testkit = |params: &[&str], out: &str| {
+        let out = dir.path().join(out);
+        let mut all = vec!["mode=forward"];
+        all.extend(params);
+        crate::util::run_plugin(
+            lib.to_str().unwrap(),
+            &model,
+            &all,
+            &["--out", out.to_str().unwrap(), "--quiet"],
+        )
+        .ok();
+        crate::util::read_parquet(&out)
+    };
+    let table = run_testkit(&["tokens=3,14,15,92"], "all.parquet");
+    let checkpoint = Checkpoint::open(&model).unwrap();
+    let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+    let tokens = [3u32, 14, 15, 92];
+    let trace = run(&mut engine, &tokens, everything());
+    assert_eq!(table.height(), 4 * 4, "4 stages × 4 positions");
+    let norms: Vec<f64> = table
+        .column("residual_norm")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect();
+    let expected: Vec<f64> = trace
+        .residuals
+        .iter()
+        .flat_map(|r| norms_of(r, trace.hidden))
+        .collect();
+    for (a, b) in norms.iter().zip(&expected) {
+        assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    }
+    let loss = table.column("loss").unwrap().f64().unwrap().get(0).unwrap();
+    assert!((loss - trace.loss().unwrap()).abs() < 1e-12);
+    // The lens at the last stage is the model's own prediction.
+    let logits = trace.logits.as_ref().unwrap();
+    let tops: Vec<i64> = table
+        .column("lens_top1")
+        .unwrap()
+        .i64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect();
+    for p in 0..4 {
+        let own =
+            probe::forward::summary::top_k(&logits[p * trace.vocab..(p + 1) * trace.vocab], 1)[0].0;
+        assert_eq!(tops[12 + p], own as i64);
+    }
+    // Two blocks in another order: three stages.
+    let reordered = run_testkit(&["tokens=3,14,15,92", "blocks=2,0"], "reordered.parquet");
+    assert_eq!(reordered.height(), 3 * 4);
+    let again = engine
+        .run(&Request {
+            tokens: &tokens,
+            blocks: Some(&[2, 0]),
+            capture: Capture {
+                residuals: true,
+                ..Capture::default()
+            },
+            ..Request::default()
+        })
+        .unwrap();
+    let last: Vec<f64> = reordered
+        .column("residual_norm")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .skip(8)
+        .collect();
+    for (a, b) in last.iter().zip(norms_of(&again.output, again.hidden)) {
+        assert!((a - b).abs() < 1e-9);
+    }
+    // Engine errors reach the user as the plugin's failure, in one line.
+    crate::util::run_plugin(
+        lib.to_str().unwrap(),
+        &model,
+        &["mode=forward", "tokens=3,999"],
+        &[],
+    )
+    .fails_with(&["testkit", "token id 999 is outside the vocabulary of 96"]);
+    crate::util::run_plugin(
+        lib.to_str().unwrap(),
+        &fixture("bert-f32"),
+        &["mode=forward"],
+        &[],
+    )
+    .fails_with(&["bert-f32", "no output embedding"]);
+}
+
+fn norms_of(matrix: &[f32], hidden: usize) -> Vec<f64> {
+    norms(matrix, hidden)
+}

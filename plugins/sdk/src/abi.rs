@@ -148,7 +148,79 @@ pub struct HostApi {
         schema: *mut ArrowSchema,
         array: *mut ArrowArray,
     ) -> i32,
+    /// Token ids of `text` with the checkpoint's tokenizer (under its chat
+    /// template when `chat`), written as a JSON array to `out_json`; the
+    /// string stays valid until this thread's next host call.
+    pub tokenize: unsafe extern "C" fn(
+        ctx: *const c_void,
+        text: StrRef,
+        chat: bool,
+        out_json: *mut StrRef,
+    ) -> i32,
+    /// Run a forward pass. `request_json`: `{"tokens": [..], "blocks": [..] | null,
+    /// "edits": [{"stage", "position", "replace" | "add": [..]}], "residuals",
+    /// "updates", "attention", "logits": bool}`. On success `out` holds a
+    /// host-owned result: read it with `forward_output`, free it with
+    /// `release_forward`.
+    pub forward: unsafe extern "C" fn(
+        ctx: *const c_void,
+        request_json: StrRef,
+        out: *mut ForwardResultC,
+    ) -> i32,
+    /// One array of a forward result (`OUTPUT_*`; `index` picks the stage or
+    /// block), lent until `release_forward`: do not pass it to `release_f32`.
+    pub forward_output: unsafe extern "C" fn(
+        ctx: *const c_void,
+        result: *const ForwardResultC,
+        kind: u32,
+        index: usize,
+        out: *mut F32Buffer,
+    ) -> i32,
+    pub release_forward: unsafe extern "C" fn(ctx: *const c_void, result: *mut ForwardResultC),
+    /// The logit lens: final norm and unembedding applied to `t` residual rows
+    /// (`len = t × hidden`). The logits `[t, vocab]` come back in `out`;
+    /// give them back with `release_f32`.
+    pub lens: unsafe extern "C" fn(
+        ctx: *const c_void,
+        residual: *const f32,
+        len: usize,
+        t: usize,
+        out: *mut F32Buffer,
+    ) -> i32,
 }
+
+/// A forward pass's result, owned by the host.
+#[repr(C)]
+pub struct ForwardResultC {
+    /// JSON: `{"tokens", "blocks", "hidden", "heads", "vocab", "loss",
+    /// "token_losses", "stages", "has_logits"}`, valid until release.
+    pub meta_json: StrRef,
+    /// Host-private.
+    pub handle: *mut c_void,
+}
+
+impl ForwardResultC {
+    pub const fn empty() -> Self {
+        Self {
+            meta_json: StrRef::empty(),
+            handle: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// Arrays of a forward result, for `HostApi::forward_output`.
+/// The residual `[T, hidden]` at stage `index` (0 = embedding output).
+pub const OUTPUT_RESIDUAL: u32 = 1;
+/// What block run `index` added through attention `[T, hidden]`.
+pub const OUTPUT_ATTN_UPDATE: u32 = 2;
+/// What block run `index` added through its MLP `[T, hidden]`.
+pub const OUTPUT_MLP_UPDATE: u32 = 3;
+/// Attention probabilities of block run `index` `[heads, T, T]`.
+pub const OUTPUT_ATTENTION: u32 = 4;
+/// The residual after the last block run `[T, hidden]`.
+pub const OUTPUT_FINAL: u32 = 5;
+/// Logits from the final residual `[T, vocab]`.
+pub const OUTPUT_LOGITS: u32 = 6;
 
 /// What a plugin offers. Static, owned by the plugin.
 #[repr(C)]

@@ -26,6 +26,7 @@
 //! ```
 
 pub mod abi;
+pub mod forward;
 pub mod matrices;
 pub mod params;
 pub mod table;
@@ -42,6 +43,7 @@ use polars::prelude::*;
 use serde::Deserialize;
 
 pub mod prelude {
+    pub use crate::forward::{Edit, ForwardOutput, ForwardRequest};
     pub use crate::matrices::{Matrix, MatrixValues};
     pub use crate::params::{ParamKind, ParamSpec, Params};
     pub use crate::{export_plugin, Host, ModelInfo, Plugin, PluginError, TensorInfo};

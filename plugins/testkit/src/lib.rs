@@ -1,6 +1,8 @@
 //! A plugin for probe's own tests. With `mode=ok` it lists every 2-D tensor
 //! with its Frobenius norm (one work item per tensor, so `--shard` splits
-//! it); the other modes misbehave on purpose.
+//! it); `mode=forward` runs the model through the host's forward engine and
+//! reports the residual norm and logit-lens top-1 per stage and position;
+//! the other modes misbehave on purpose.
 
 use probe_sdk::prelude::*;
 
@@ -27,7 +29,7 @@ impl Plugin for Testkit {
         vec![
             ParamSpec::choice(
                 "mode",
-                &["ok", "error", "panic", "segfault", "abort"],
+                &["ok", "forward", "error", "panic", "segfault", "abort"],
                 "ok",
                 "how to behave",
             ),
@@ -36,6 +38,18 @@ impl Plugin for Testkit {
                 ParamKind::Float,
                 Some("1.0"),
                 "multiply every norm by this",
+            ),
+            ParamSpec::new(
+                "tokens",
+                ParamKind::Str,
+                Some("3,14,15,92"),
+                "token ids for mode=forward",
+            ),
+            ParamSpec::new(
+                "blocks",
+                ParamKind::Str,
+                Some(""),
+                "blocks to run in order for mode=forward (empty: all)",
             ),
         ]
     }
@@ -53,6 +67,7 @@ impl Plugin for Testkit {
                 std::ptr::null_mut::<u64>().write_volatile(1);
             },
             "abort" => std::process::abort(),
+            "forward" => return forward(host, params),
             _ => {}
         }
         let scale = params.float("scale")?;
@@ -78,6 +93,67 @@ impl Plugin for Testkit {
         }
         Ok(df!("tensor" => names, "layer" => layers, "role" => roles, "frobenius" => norms)?)
     }
+}
+
+fn ids(text: &str) -> Result<Vec<usize>, PluginError> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| PluginError::from(format!("`{s}` is not a number")))
+        })
+        .collect()
+}
+
+/// Residual norm and logit-lens top-1 at every stage and position.
+fn forward(host: &Host, params: &Params) -> Result<DataFrame, PluginError> {
+    let tokens: Vec<u32> = ids(params.str("tokens")?)?
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    let blocks = ids(params.str("blocks")?)?;
+    let out = host.forward(&ForwardRequest {
+        tokens,
+        blocks: (!blocks.is_empty()).then_some(blocks),
+        residuals: true,
+        logits: true,
+        ..ForwardRequest::default()
+    })?;
+    let t = out.tokens.len();
+    let (mut stages, mut positions, mut norms, mut tops, mut top_logits) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (stage, residual) in out.residuals.iter().enumerate() {
+        let logits = host.lens(residual, t)?;
+        for p in 0..t {
+            let row = &residual[p * out.hidden..(p + 1) * out.hidden];
+            let lens = &logits[p * out.vocab..(p + 1) * out.vocab];
+            let (top, logit) =
+                lens.iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+                        if l > best.1 {
+                            (i, l)
+                        } else {
+                            best
+                        }
+                    });
+            stages.push(stage as i64);
+            positions.push(p as i64);
+            norms.push(row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt());
+            tops.push(top as i64);
+            top_logits.push(logit as f64);
+        }
+    }
+    let loss = vec![out.loss.unwrap_or(f64::NAN); stages.len()];
+    Ok(df!(
+        "stage" => stages,
+        "position" => positions,
+        "residual_norm" => norms,
+        "lens_top1" => tops,
+        "lens_top1_logit" => top_logits,
+        "loss" => loss
+    )?)
 }
 
 export_plugin!(Testkit);

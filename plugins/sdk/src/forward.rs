@@ -1,0 +1,169 @@
+//! The forward engine as a plugin sees it: tokenize, run the model block by
+//! block with the residual stream handed back, intervene, and read the logit
+//! lens. The host runs ONNX Runtime; these calls only move data.
+
+use serde::{Deserialize, Serialize};
+
+use crate::abi::{self, F32Buffer, ForwardResultC, StrRef};
+use crate::{Host, PluginError};
+
+/// A change to the residual stream at one (stage, position).
+#[derive(Clone, Debug, Serialize)]
+pub struct Edit {
+    /// 0 = the embedding output, s = after the s-th block run.
+    pub stage: usize,
+    pub position: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replace: Option<Vec<f32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub add: Option<Vec<f32>>,
+}
+
+/// One forward pass to run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ForwardRequest {
+    pub tokens: Vec<u32>,
+    /// Blocks to run in this order (skip by leaving out); `None` = all.
+    pub blocks: Option<Vec<usize>>,
+    pub edits: Vec<Edit>,
+    /// Keep the residual after the embedding and after every block.
+    pub residuals: bool,
+    /// Keep each block's attention and MLP updates.
+    pub updates: bool,
+    /// Keep attention probabilities `[heads, T, T]` per block.
+    pub attention: bool,
+    /// Compute logits `[T, vocab]` (and the loss) from the final residual.
+    pub logits: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Meta {
+    tokens: Vec<u32>,
+    blocks: Vec<usize>,
+    hidden: usize,
+    heads: usize,
+    vocab: usize,
+    loss: Option<f64>,
+    token_losses: Option<Vec<f64>>,
+    stages: usize,
+    updates: usize,
+    attention: usize,
+    has_logits: bool,
+}
+
+/// What a forward pass produced, copied out of the host. Row-major.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardOutput {
+    pub tokens: Vec<u32>,
+    pub blocks: Vec<usize>,
+    pub hidden: usize,
+    pub heads: usize,
+    pub vocab: usize,
+    /// Mean next-token cross-entropy (nats), with logits.
+    pub loss: Option<f64>,
+    pub token_losses: Option<Vec<f64>>,
+    pub residuals: Vec<Vec<f32>>,
+    pub attn_updates: Vec<Vec<f32>>,
+    pub mlp_updates: Vec<Vec<f32>>,
+    pub attention: Vec<Vec<f32>>,
+    pub output: Vec<f32>,
+    pub logits: Option<Vec<f32>>,
+}
+
+impl Host<'_> {
+    fn json_string(&self, value: StrRef) -> String {
+        unsafe { value.as_str() }.into_owned()
+    }
+
+    /// Token ids of `text` with the model's tokenizer; `chat` wraps it as a
+    /// user message in the model's chat template.
+    pub fn tokenize(&self, text: &str, chat: bool) -> Result<Vec<u32>, PluginError> {
+        let mut out = StrRef::empty();
+        let status =
+            unsafe { (self.api.tokenize)(self.api.ctx, StrRef::new(text), chat, &mut out) };
+        if status != abi::STATUS_OK {
+            return Err(self.last_error());
+        }
+        serde_json::from_str(&self.json_string(out))
+            .map_err(|e| PluginError::Host(format!("token ids: {e}")))
+    }
+
+    /// Run one forward pass.
+    pub fn forward(&self, request: &ForwardRequest) -> Result<ForwardOutput, PluginError> {
+        let json = serde_json::to_string(request).map_err(|e| PluginError::Other(e.to_string()))?;
+        let mut result = ForwardResultC::empty();
+        let status = unsafe { (self.api.forward)(self.api.ctx, StrRef::new(&json), &mut result) };
+        if status != abi::STATUS_OK {
+            return Err(self.last_error());
+        }
+        // Give the result back on every path out of here.
+        struct Guard<'h>(&'h Host<'h>, ForwardResultC);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                unsafe { (self.0.api.release_forward)(self.0.api.ctx, &mut self.1) }
+            }
+        }
+        let guard = Guard(self, result);
+        let meta: Meta = serde_json::from_str(&self.json_string(guard.1.meta_json))
+            .map_err(|e| PluginError::Host(format!("forward result: {e}")))?;
+        let read = |kind: u32, index: usize| -> Result<Vec<f32>, PluginError> {
+            let mut buffer = F32Buffer::empty();
+            let status = unsafe {
+                (self.api.forward_output)(self.api.ctx, &guard.1, kind, index, &mut buffer)
+            };
+            if status != abi::STATUS_OK {
+                return Err(self.last_error());
+            }
+            if buffer.data.is_null() || buffer.len == 0 {
+                return Ok(Vec::new());
+            }
+            Ok(unsafe { std::slice::from_raw_parts(buffer.data, buffer.len) }.to_vec())
+        };
+        let many =
+            |kind: u32, n: usize| (0..n).map(|i| read(kind, i)).collect::<Result<Vec<_>, _>>();
+        Ok(ForwardOutput {
+            residuals: many(abi::OUTPUT_RESIDUAL, meta.stages)?,
+            attn_updates: many(abi::OUTPUT_ATTN_UPDATE, meta.updates)?,
+            mlp_updates: many(abi::OUTPUT_MLP_UPDATE, meta.updates)?,
+            attention: many(abi::OUTPUT_ATTENTION, meta.attention)?,
+            output: read(abi::OUTPUT_FINAL, 0)?,
+            logits: if meta.has_logits {
+                Some(read(abi::OUTPUT_LOGITS, 0)?)
+            } else {
+                None
+            },
+            tokens: meta.tokens,
+            blocks: meta.blocks,
+            hidden: meta.hidden,
+            heads: meta.heads,
+            vocab: meta.vocab,
+            loss: meta.loss,
+            token_losses: meta.token_losses,
+        })
+    }
+
+    /// Logits `[t, vocab]` of the final norm and unembedding applied to
+    /// `t` residual rows: the logit lens.
+    pub fn lens(&self, residual: &[f32], t: usize) -> Result<Vec<f32>, PluginError> {
+        let mut buffer = F32Buffer::empty();
+        let status = unsafe {
+            (self.api.lens)(
+                self.api.ctx,
+                residual.as_ptr(),
+                residual.len(),
+                t,
+                &mut buffer,
+            )
+        };
+        if status != abi::STATUS_OK {
+            return Err(self.last_error());
+        }
+        let values = if buffer.data.is_null() || buffer.len == 0 {
+            Vec::new()
+        } else {
+            unsafe { std::slice::from_raw_parts(buffer.data, buffer.len) }.to_vec()
+        };
+        unsafe { (self.api.release_f32)(self.api.ctx, &mut buffer) };
+        Ok(values)
+    }
+}
