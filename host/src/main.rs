@@ -92,6 +92,10 @@ struct ForwardArgs {
     /// Write to this file (whole or not at all) instead of stdout.
     #[arg(long, short = 'o')]
     out: Option<PathBuf>,
+    /// Benchmarks: run the pass this many more times and print only the
+    /// median seconds per pass.
+    #[arg(long, hide = true)]
+    time_passes: Option<usize>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -223,11 +227,23 @@ fn forward(args: ForwardArgs) -> Result<()> {
         logits: engine.has_head(),
         ..Capture::default()
     };
-    let trace = engine.run(&Request {
+    let request = Request {
         tokens: &tokens,
         capture,
         ..Request::default()
-    })?;
+    };
+    let trace = engine.run(&request)?;
+    if let Some(passes) = args.time_passes {
+        let mut seconds: Vec<f64> = (0..passes.max(1))
+            .map(|_| {
+                let start = std::time::Instant::now();
+                engine.run(&request).map(|_| start.elapsed().as_secs_f64())
+            })
+            .collect::<Result<_, _>>()?;
+        seconds.sort_by(f64::total_cmp);
+        println!("{}", seconds[seconds.len() / 2]);
+        return Ok(());
+    }
     let summary = Summary::new(
         checkpoint.label.clone(),
         engine.arch.family.to_string(),

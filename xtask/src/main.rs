@@ -5,6 +5,7 @@
 //! - `ort`: fetch the ONNX Runtime shared library (PyPI wheel, pinned by sha256) into `.ort/`.
 //! - `new-plugin NAME --path DIR`: scaffold a plugin crate outside the workspace.
 //! - `plugins [--release]`: build probe and the built-in plugins into `target/<profile>/plugins/`.
+//! - `bench forward`: forward-pass tokens/s on SmolLM2 against llama.cpp.
 //! - `bench inspect`: time `probe inspect` on a 1 GB checkpoint and record it in BENCHMARKS.md.
 
 mod bench;
@@ -32,11 +33,12 @@ fn run() -> Result<()> {
         ["ort"] => models::fetch_ort(&workspace_root()),
         ["bench", "inspect"] => bench::inspect(&workspace_root()),
         ["bench", "spectral"] => bench::spectral(&workspace_root()),
+        ["bench", "forward"] => bench::forward(&workspace_root()),
         ["new-plugin", name, "--path", dir] => scaffold::new_plugin(&workspace_root(), name, Path::new(dir)),
         ["plugins"] => plugins(&workspace_root(), false),
         ["plugins", "--release"] => plugins(&workspace_root(), true),
         _ => bail!(
-            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  ort                  fetch the ONNX Runtime library into .ort/\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
+            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  ort                  fetch the ONNX Runtime library into .ort/\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  bench forward        time forward passes on SmolLM2 against llama.cpp\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
         ),
     }
 }
@@ -111,7 +113,7 @@ fn diff_trees(a: &Path, b: &Path) -> Result<Vec<String>> {
 }
 
 /// The built-in plugins: every `probe-plugin-*` crate of the workspace.
-pub const BUILTIN_PLUGINS: &[&str] = &["probe-plugin-spectral"];
+pub const BUILTIN_PLUGINS: &[&str] = &["probe-plugin-spectral", "probe-plugin-vshape"];
 
 /// Build probe and the built-in plugins, and copy the plugins into
 /// `target/<profile>/plugins/`, the folder beside the executable probe searches.

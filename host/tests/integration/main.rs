@@ -8,3 +8,4 @@ mod real_models;
 mod scaffold;
 mod spectral;
 mod util;
+mod vshape;
