@@ -154,6 +154,7 @@ fn activation_ratios(
     blocks: usize,
 ) -> Result<(Vec<f64>, Vec<f64>), PluginError> {
     let max_tokens = params.int("max_tokens")?.max(1) as usize;
+    let from = params.int("from_position")?.max(0) as usize;
     let list = prompts(params)?;
     let mut attn = vec![0.0; blocks];
     let mut mlp = vec![0.0; blocks];
@@ -172,7 +173,7 @@ fn activation_ratios(
         for b in 0..out.blocks.len().min(blocks) {
             let x = &out.residuals[b];
             let (a, m) = (&out.attn_updates[b], &out.mlp_updates[b]);
-            for t in 0..out.tokens.len() {
+            for t in from.min(out.tokens.len())..out.tokens.len() {
                 let row = t * d..(t + 1) * d;
                 let xr = &x[row.clone()];
                 let ar = &a[row.clone()];
@@ -181,7 +182,7 @@ fn activation_ratios(
                 mlp[b] += frobenius(&m[row]) / frobenius(&mid).max(1e-30);
             }
         }
-        count += out.tokens.len();
+        count += out.tokens.len().saturating_sub(from);
         host.progress(done as u64 + 1, list.len() as u64, "prompts");
     }
     let n = count.max(1) as f64;
@@ -216,6 +217,12 @@ impl Plugin for VShape {
                 ParamKind::Int,
                 Some("64"),
                 "tokens kept per prompt",
+            ),
+            ParamSpec::new(
+                "from_position",
+                ParamKind::Int,
+                Some("0"),
+                "leave tokens before this position out of the activation means (1 drops the first token, often an attention sink)",
             ),
         ]
     }
