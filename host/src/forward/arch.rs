@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::schema::{Family, Role, Schema};
-use crate::store::{Checkpoint, TensorEntry};
+use crate::store::Checkpoint;
 
 use super::ForwardError;
 
@@ -201,8 +201,7 @@ impl Arch {
 
         let arch = match family {
             Family::Llama | Family::Qwen2 | Family::Qwen3 => {
-                let scaled =
-                    rope(config, rope_theta, head_dim, true).map_err(|what| unsupported(what))?;
+                let scaled = rope(config, rope_theta, head_dim, true).map_err(&unsupported)?;
                 let mut blocks = causal_blocks(Some(0));
                 // Mistral-style sliding window on every layer; Qwen2 only when asked.
                 let sliding = config_usize(config, &["sliding_window"]).filter(|_| {
@@ -238,12 +237,10 @@ impl Arch {
                 }
             }
             Family::Gemma3 => {
-                let global =
-                    rope(config, rope_theta, head_dim, true).map_err(|what| unsupported(what))?;
+                let global = rope(config, rope_theta, head_dim, true).map_err(&unsupported)?;
                 let local_theta = config_f64(config, &["rope_local_base_freq"]).unwrap_or(10000.0);
                 // The sliding layers use the local base without scaling.
-                let local =
-                    rope(config, local_theta, head_dim, false).map_err(|what| unsupported(what))?;
+                let local = rope(config, local_theta, head_dim, false).map_err(&unsupported)?;
                 let window = config_usize(config, &["sliding_window"]).unwrap_or(4096);
                 let types: Vec<String> = match config.get("layer_types").and_then(Value::as_array) {
                     Some(types) => types
@@ -590,9 +587,4 @@ fn weight_map(
         return Err(missing("the position embedding".into()));
     }
     Ok(map)
-}
-
-/// Shape of a stored tensor the graphs read.
-pub fn shape_of<'c>(checkpoint: &'c Checkpoint, name: &str) -> Option<&'c TensorEntry> {
-    checkpoint.entry(name)
 }
