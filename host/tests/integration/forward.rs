@@ -150,6 +150,27 @@ fn smollm2_agrees_with_llama_cpp() {
             "perplexity {ours} vs llama.cpp {theirs}"
         );
     }
+    // --chat: the template's special tokens are single ids, not spelled out.
+    let chat = codec.encode_chat("What is 2+2?").unwrap();
+    assert_eq!(&chat[..3], &[1, 9690, 198], "<|im_start|> system \\n");
+    let rendered = codec
+        .render_chat(
+            &std::fs::read_to_string(checkpoint.dir.join("tokenizer_config.json"))
+                .map(|t| {
+                    serde_json::from_str::<Value>(&t).unwrap()["chat_template"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .unwrap(),
+            "What is 2+2?",
+        )
+        .unwrap();
+    assert!(
+        rendered.ends_with("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"),
+        "{rendered}"
+    );
+    assert_eq!(codec.encode(&rendered).unwrap(), chat);
     let share = agree as f64 / positions as f64;
     assert!(share >= 0.98, "top-1 agreement {agree}/{positions}");
 }
