@@ -53,6 +53,22 @@ enum Command {
     /// Run the model on a text: top-K next-token predictions per position,
     /// the loss on the text, and the residual norm after every block.
     Forward(ForwardArgs),
+    /// Draw result tables as one self-contained HTML page of SVG charts.
+    Report {
+        /// Parquet files written by `probe run` (their companions are found
+        /// through the metadata).
+        #[arg(required = true)]
+        results: Vec<PathBuf>,
+        /// The HTML page to write.
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+        /// Also write each chart as a PNG into this folder.
+        #[arg(long, value_name = "DIR")]
+        png: Option<PathBuf>,
+        /// The metric of heat maps and by-layer charts (spectral: pr_rank_ratio).
+        #[arg(long)]
+        metric: Option<String>,
+    },
     /// Join the part files of a `probe run --shard` sweep into one table.
     Merge {
         #[arg(required = true)]
@@ -138,6 +154,9 @@ struct RunArgs {
     /// No progress or log lines (warnings and errors still show).
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// Also write an HTML report of the result (as `probe report` does).
+    #[arg(long, value_name = "HTML")]
+    report: Option<PathBuf>,
     /// Internal: the isolated child writes its table here.
     #[arg(long, hide = true)]
     isolated_result: Option<PathBuf>,
@@ -182,6 +201,18 @@ fn run(cli: Cli) -> Result<()> {
             plugin_dirs,
         } => plugins(command, &plugin_dirs),
         Command::Forward(args) => forward(args),
+        Command::Report {
+            results,
+            out,
+            png,
+            metric,
+        } => {
+            let tables = results
+                .iter()
+                .map(|path| Ok(report_table(path, RunOutput::read_parquet(path)?)))
+                .collect::<Result<Vec<_>>>()?;
+            write_report(&tables, &out, png.as_deref(), metric)
+        }
         Command::Merge { parts, format, out } => {
             let merged = probe::run::merge(&parts)?;
             write_output(merged, format, out.as_deref())
@@ -315,8 +346,75 @@ fn run_plugin(args: RunArgs) -> Result<()> {
             }
             Ok(())
         }
-        None => write_output(output, args.format, args.out.as_deref()),
+        None => {
+            let table = args.report.as_ref().map(|_| {
+                let name = args
+                    .out
+                    .as_deref()
+                    .and_then(|o| o.file_name())
+                    .map_or_else(|| args.plugin.clone(), |n| n.to_string_lossy().into_owned());
+                report_table(std::path::Path::new(&name), output.clone())
+            });
+            write_output(output, args.format, args.out.as_deref())?;
+            match (table, &args.report) {
+                (Some(table), Some(html)) => write_report(&[table], html, None, None),
+                _ => Ok(()),
+            }
+        }
     }
+}
+
+/// A result table as the report sees it: frame, companions and who made it.
+fn report_table(path: &std::path::Path, output: RunOutput) -> probe_reports::Table {
+    let get = |key: &str| {
+        output
+            .metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    probe_reports::Table {
+        name: path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+        plugin: get("probe.plugin"),
+        plugin_version: get("probe.plugin_version"),
+        params: get("probe.params"),
+        frame: output.frame,
+        companions: output.companions,
+    }
+}
+
+fn write_report(
+    tables: &[probe_reports::Table],
+    out: &std::path::Path,
+    png: Option<&std::path::Path>,
+    metric: Option<String>,
+) -> Result<()> {
+    let options = probe_reports::Options { metric };
+    let drawn = probe_reports::render(tables, &options)?;
+    if let Some(dir) = png {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create the folder: {e}", dir.display()))?;
+        for (t, (table, charts)) in drawn.iter().enumerate() {
+            let stem = table.name.split('.').next().unwrap_or("table").to_string();
+            for (c, chart) in charts.iter().enumerate() {
+                chart
+                    .spec
+                    .png(&dir.join(format!("{t:02}-{stem}-{c}.png")))?;
+            }
+        }
+    }
+    let html = probe_reports::page("probe report", &drawn);
+    table::write_atomically(out, |file| {
+        file.write_all(html.as_bytes())
+            .map_err(|cause| table::TableError::Io {
+                path: out.to_path_buf(),
+                cause,
+            })
+    })?;
+    Ok(())
 }
 
 /// Run the same command in a child process and read back its table. A
@@ -386,12 +484,17 @@ fn write_output(
     format: Option<Format>,
     out: Option<&std::path::Path>,
 ) -> Result<()> {
+    let format = Format::resolve(format, out);
+    if let (Format::Parquet, Some(out)) = (format, out) {
+        // Records the companions in the metadata, so `probe report` and
+        // `probe merge` find them.
+        return Ok(output.write_parquet(out)?);
+    }
     let RunOutput {
         mut frame,
         companions,
         metadata,
     } = output;
-    let format = Format::resolve(format, out);
     table::write_frame(&mut frame, format, out, &metadata)?;
     for (name, mut table) in companions {
         match out {

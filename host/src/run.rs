@@ -123,6 +123,7 @@ impl Shard {
 /// A finished run: the table, the companion tables the plugin emitted
 /// (written beside it as `STEM.NAME.EXT`), and what to record in parquet
 /// metadata.
+#[derive(Clone)]
 pub struct RunOutput {
     pub frame: DataFrame,
     pub companions: Vec<(String, DataFrame)>,

@@ -80,11 +80,26 @@ pub fn write_atomically(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut temp = tempfile::Builder::new()
-        .prefix(".probe-")
-        .suffix(".tmp")
-        .tempfile_in(&dir)
-        .map_err(io)?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".probe-").suffix(".tmp");
+    // tempfile's private 0600 would make results unreadable to the group
+    // that shares them; use what any new file gets (0644 less the umask).
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    let mut temp = builder.tempfile_in(&dir).map_err(|e| TableError::Io {
+        // Name the destination, not the temporary file's random name.
+        path: path.to_path_buf(),
+        cause: std::io::Error::new(
+            e.kind(),
+            match e.kind() {
+                std::io::ErrorKind::NotFound => "its folder does not exist".to_string(),
+                std::io::ErrorKind::PermissionDenied => {
+                    "cannot create files in its folder".to_string()
+                }
+                kind => kind.to_string(),
+            },
+        ),
+    })?;
     contents(temp.as_file_mut())?;
     temp.as_file_mut().flush().map_err(io)?;
     temp.as_file().sync_all().map_err(io)?;

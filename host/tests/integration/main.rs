@@ -5,6 +5,7 @@ mod forward;
 mod inspect;
 mod plugins;
 mod real_models;
+mod report;
 mod scaffold;
 mod spectral;
 mod util;

@@ -1,0 +1,442 @@
+//! Which charts a table gets, keyed by the plugin that produced it.
+
+use std::collections::BTreeMap;
+
+use polars::prelude::*;
+
+use crate::{ChartSpec, Options, ReportError, Table};
+
+type ChartsFn = fn(&Table, &Options) -> Result<Vec<ChartSpec>, ReportError>;
+
+/// Plugin name → its charts. A new plugin adds one line here.
+pub const REGISTRY: &[(&str, ChartsFn)] = &[
+    ("spectral", spectral),
+    ("vshape", vshape),
+    ("shuffle", shuffle),
+];
+
+/// The charts for one table: its plugin's, else a metric by layer.
+pub fn charts_for(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let by_plugin = table
+        .plugin
+        .as_deref()
+        .and_then(|p| REGISTRY.iter().find(|(name, _)| *name == p))
+        .map(|(_, f)| *f);
+    match by_plugin {
+        Some(charts) => charts(table, options),
+        None => default(table, options),
+    }
+}
+
+fn problem(table: &Table, problem: impl Into<String>) -> ReportError {
+    ReportError::Table {
+        table: table.name.clone(),
+        problem: problem.into(),
+    }
+}
+
+fn floats(table: &Table, frame: &DataFrame, name: &str) -> Result<Vec<Option<f64>>, ReportError> {
+    let column = frame
+        .column(name)
+        .map_err(|_| problem(table, format!("has no column `{name}`")))?;
+    let cast = column
+        .cast(&DataType::Float64)
+        .map_err(|_| problem(table, format!("column `{name}` is not numeric")))?;
+    Ok(cast
+        .f64()
+        .map_err(|e| problem(table, e.to_string()))?
+        .iter()
+        .collect())
+}
+
+fn ints(table: &Table, frame: &DataFrame, name: &str) -> Result<Vec<Option<i64>>, ReportError> {
+    let column = frame
+        .column(name)
+        .map_err(|_| problem(table, format!("has no column `{name}`")))?;
+    let cast = column
+        .cast(&DataType::Int64)
+        .map_err(|_| problem(table, format!("column `{name}` is not an integer")))?;
+    Ok(cast
+        .i64()
+        .map_err(|e| problem(table, e.to_string()))?
+        .iter()
+        .collect())
+}
+
+fn strings(frame: &DataFrame, name: &str) -> Option<Vec<String>> {
+    let column = frame.column(name).ok()?;
+    let cast = column.cast(&DataType::String).ok()?;
+    Some(
+        cast.str()
+            .ok()?
+            .iter()
+            .map(|s| s.unwrap_or("").to_string())
+            .collect(),
+    )
+}
+
+/// Checkpoint labels in order of appearance (one `""` without the column).
+fn checkpoints(frame: &DataFrame) -> (Vec<String>, Vec<String>) {
+    let column =
+        strings(frame, "checkpoint").unwrap_or_else(|| vec![String::new(); frame.height()]);
+    let mut order: Vec<String> = Vec::new();
+    for c in &column {
+        if !order.contains(c) {
+            order.push(c.clone());
+        }
+    }
+    (column, order)
+}
+
+/// Roles in the order a reader expects, others after.
+fn role_order(roles: impl IntoIterator<Item = String>) -> Vec<String> {
+    const ORDER: [&str; 10] = [
+        "q", "k", "v", "qkv", "o", "gate", "up", "down", "embed", "lm_head",
+    ];
+    let mut set: Vec<String> = Vec::new();
+    for r in roles {
+        if !set.contains(&r) {
+            set.push(r);
+        }
+    }
+    set.sort_by_key(|r| {
+        (
+            ORDER.iter().position(|o| o == r).unwrap_or(ORDER.len()),
+            r.clone(),
+        )
+    });
+    set
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+/// spectral: heat map layer × role of a metric (pr_rank_ratio), the mean per
+/// role, singular-value curves (companion table), and the metric over a
+/// run's checkpoints.
+fn spectral(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let metric = options
+        .metric
+        .clone()
+        .unwrap_or_else(|| "pr_rank_ratio".into());
+    let frame = &table.frame;
+    let values = floats(table, frame, &metric)?;
+    let layers = ints(table, frame, "layer")?;
+    let roles = strings(frame, "role").ok_or_else(|| problem(table, "has no column `role`"))?;
+    let (checkpoint_of, order) = checkpoints(frame);
+    let last = order.last().cloned().unwrap_or_default();
+    let mut charts = Vec::new();
+
+    // Heat map of the last checkpoint: block matrices only.
+    let mut cells: BTreeMap<(i64, String), f64> = BTreeMap::new();
+    for i in 0..frame.height() {
+        if let (Some(layer), Some(v)) = (layers[i], values[i]) {
+            if checkpoint_of[i] == last {
+                cells.insert((layer, roles[i].clone()), v);
+            }
+        }
+    }
+    let columns = role_order(cells.keys().map(|(_, r)| r.clone()));
+    let mut rows: Vec<i64> = cells.keys().map(|(l, _)| *l).collect();
+    rows.dedup();
+    if !cells.is_empty() {
+        let suffix = if order.len() > 1 {
+            format!(" ({last})")
+        } else {
+            String::new()
+        };
+        charts.push(ChartSpec::Heatmap {
+            title: format!("{metric} by layer and role{suffix}"),
+            x_label: "role".into(),
+            y_label: "layer".into(),
+            values: rows
+                .iter()
+                .map(|l| {
+                    columns
+                        .iter()
+                        .map(|r| cells.get(&(*l, r.clone())).copied())
+                        .collect()
+                })
+                .collect(),
+            columns,
+            rows: rows.iter().map(|l| l.to_string()).collect(),
+        });
+    }
+
+    // Mean per role (last checkpoint).
+    let mut per_role: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for i in 0..frame.height() {
+        if let Some(v) = values[i].filter(|v| v.is_finite()) {
+            if checkpoint_of[i] == last {
+                per_role.entry(roles[i].clone()).or_default().push(v);
+            }
+        }
+    }
+    let role_names = role_order(per_role.keys().cloned());
+    if !role_names.is_empty() {
+        charts.push(ChartSpec::Bars {
+            title: format!("mean {metric} per role"),
+            x_label: "role".into(),
+            y_label: metric.clone(),
+            stacks: vec![(
+                format!("mean {metric}"),
+                role_names.iter().map(|r| mean(&per_role[r])).collect(),
+            )],
+            categories: role_names,
+        });
+    }
+
+    // Singular-value curves: σᵢ/σ₁ of each role's matrix in the middle block.
+    if let Some((_, sv)) = table
+        .companions
+        .iter()
+        .find(|(n, _)| n == "singular_values")
+    {
+        let sv_layers = ints(table, sv, "layer")?;
+        let sv_roles = strings(sv, "role").unwrap_or_default();
+        let index = ints(table, sv, "index")?;
+        let sigma = floats(table, sv, "sigma")?;
+        let (sv_checkpoint, sv_order) = checkpoints(sv);
+        let sv_last = sv_order.last().cloned().unwrap_or_default();
+        let block_layers: Vec<i64> = sv_layers.iter().flatten().copied().collect();
+        if let (Some(lo), Some(hi)) = (block_layers.iter().min(), block_layers.iter().max()) {
+            let middle = lo + (hi - lo) / 2;
+            let mut curves: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+            for i in 0..sv.height() {
+                if sv_layers[i] == Some(middle) && sv_checkpoint[i] == sv_last {
+                    if let (Some(k), Some(s)) = (index[i], sigma[i]) {
+                        curves
+                            .entry(sv_roles[i].clone())
+                            .or_default()
+                            .push((k as f64, s));
+                    }
+                }
+            }
+            let series: Vec<(String, Vec<(f64, f64)>)> = role_order(curves.keys().cloned())
+                .into_iter()
+                .map(|role| {
+                    let mut points = curves[&role].clone();
+                    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    let top = points
+                        .iter()
+                        .map(|p| p.1)
+                        .fold(0.0, f64::max)
+                        .max(f64::MIN_POSITIVE);
+                    (
+                        role,
+                        points.into_iter().map(|(k, s)| (k, s / top)).collect(),
+                    )
+                })
+                .collect();
+            if !series.is_empty() {
+                charts.push(ChartSpec::Lines {
+                    title: format!("singular values σᵢ/σ₁, layer {middle}"),
+                    x_label: "index i".into(),
+                    y_label: "σᵢ / σ₁ (log)".into(),
+                    series,
+                    log_y: true,
+                    points_only: false,
+                });
+            }
+        }
+    }
+
+    // Over training: mean metric per role across checkpoints.
+    if order.len() > 1 {
+        let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        for (c, name) in order.iter().enumerate() {
+            let mut per: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            for i in 0..frame.height() {
+                if checkpoint_of[i] == *name {
+                    if let Some(v) = values[i].filter(|v| v.is_finite()) {
+                        per.entry(roles[i].clone()).or_default().push(v);
+                    }
+                }
+            }
+            for (role, vs) in per {
+                series.entry(role).or_default().push((c as f64, mean(&vs)));
+            }
+        }
+        charts.push(ChartSpec::Lines {
+            title: format!(
+                "mean {metric} per role over {} checkpoints ({} … {})",
+                order.len(),
+                order[0],
+                last
+            ),
+            x_label: "checkpoint (in run order)".into(),
+            y_label: metric,
+            series: role_order(series.keys().cloned())
+                .into_iter()
+                .map(|r| {
+                    let points = series[&r].clone();
+                    (r, points)
+                })
+                .collect(),
+            log_y: false,
+            points_only: false,
+        });
+    }
+    Ok(charts)
+}
+
+/// vshape: the contribution per block (attention and MLP stacked), the
+/// activation ratios when measured, and totals per checkpoint for a run.
+fn vshape(table: &Table, _options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let frame = &table.frame;
+    let layers = ints(table, frame, "layer")?;
+    let attn = floats(table, frame, "eff_attn")?;
+    let mlp = floats(table, frame, "eff_mlp")?;
+    let (checkpoint_of, order) = checkpoints(frame);
+    let last = order.last().cloned().unwrap_or_default();
+    let rows: Vec<usize> = (0..frame.height())
+        .filter(|&i| checkpoint_of[i] == last)
+        .collect();
+    let suffix = if order.len() > 1 {
+        format!(" ({last})")
+    } else {
+        String::new()
+    };
+    let mut charts = vec![ChartSpec::Bars {
+        title: format!("effective contribution per block{suffix}"),
+        x_label: "block".into(),
+        y_label: "scale · ‖W‖_F".into(),
+        categories: rows
+            .iter()
+            .map(|&i| layers[i].map_or(String::new(), |l| l.to_string()))
+            .collect(),
+        stacks: vec![
+            (
+                "attention (eff_attn)".into(),
+                rows.iter().map(|&i| attn[i].unwrap_or(0.0)).collect(),
+            ),
+            (
+                "MLP (eff_mlp)".into(),
+                rows.iter().map(|&i| mlp[i].unwrap_or(0.0)).collect(),
+            ),
+        ],
+    }];
+    if frame.column("update_ratio_attn").is_ok() {
+        let ra = floats(table, frame, "update_ratio_attn")?;
+        let rm = floats(table, frame, "update_ratio_mlp")?;
+        let points = |v: &[Option<f64>]| -> Vec<(f64, f64)> {
+            rows.iter()
+                .filter_map(|&i| Some((layers[i]? as f64, v[i]?)))
+                .collect()
+        };
+        charts.push(ChartSpec::Lines {
+            title: format!("update ratio ‖f(x)‖/‖x‖ per block, from activations{suffix}"),
+            x_label: "block".into(),
+            y_label: "mean ‖f(x)‖ / ‖x‖ (log)".into(),
+            series: vec![
+                ("attention".into(), points(&ra)),
+                ("MLP".into(), points(&rm)),
+            ],
+            log_y: true,
+            points_only: false,
+        });
+    }
+    if order.len() > 1 {
+        let total: Vec<f64> = attn
+            .iter()
+            .zip(&mlp)
+            .map(|(a, m)| a.unwrap_or(0.0) + m.unwrap_or(0.0))
+            .collect();
+        charts.push(ChartSpec::Lines {
+            title: format!("eff_total per block over {} checkpoints", order.len()),
+            x_label: "block".into(),
+            y_label: "eff_total".into(),
+            series: order
+                .iter()
+                .map(|c| {
+                    let points = (0..frame.height())
+                        .filter(|&i| checkpoint_of[i] == *c)
+                        .filter_map(|i| Some((layers[i]? as f64, total[i])))
+                        .collect();
+                    (c.clone(), points)
+                })
+                .collect(),
+            log_y: false,
+            points_only: false,
+        });
+    }
+    Ok(charts)
+}
+
+/// shuffle: recovered against true position, one series per method.
+fn shuffle(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let frame = &table.frame;
+    if frame.column("true_position").is_err() {
+        return default(table, options);
+    }
+    let recovered = floats(table, frame, "recovered_position")?;
+    let truth = floats(table, frame, "true_position")?;
+    let methods =
+        strings(frame, "method").unwrap_or_else(|| vec!["recovered".into(); frame.height()]);
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for i in 0..frame.height() {
+        if let (Some(t), Some(r)) = (truth[i], recovered[i]) {
+            series.entry(methods[i].clone()).or_default().push((t, r));
+        }
+    }
+    Ok(vec![ChartSpec::Lines {
+        title: "recovered against true block position".into(),
+        x_label: "true position".into(),
+        y_label: "recovered position".into(),
+        series: series.into_iter().collect(),
+        log_y: false,
+        points_only: true,
+    }])
+}
+
+/// Any other table: its first numeric metric by layer (mean per layer), or
+/// by row without a layer column.
+fn default(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let frame = &table.frame;
+    let skip = ["layer", "index", "position", "stage", "checkpoint"];
+    let metric = match &options.metric {
+        Some(m) => Some(m.clone()),
+        None => frame
+            .columns()
+            .iter()
+            .find(|c| c.dtype().is_primitive_numeric() && !skip.contains(&c.name().as_str()))
+            .map(|c| c.name().to_string()),
+    };
+    let Some(metric) = metric else {
+        return Ok(Vec::new());
+    };
+    let values = floats(table, frame, &metric)?;
+    let (points, x_label) = if frame.column("layer").is_ok() {
+        let layers = ints(table, frame, "layer")?;
+        let mut per: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+        for (l, v) in layers.iter().zip(&values) {
+            if let (Some(l), Some(v)) = (l, v) {
+                per.entry(*l).or_default().push(*v);
+            }
+        }
+        (
+            per.into_iter()
+                .map(|(l, v)| (l as f64, mean(&v)))
+                .collect::<Vec<_>>(),
+            "layer",
+        )
+    } else {
+        (
+            values
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| Some((i as f64, (*v)?)))
+                .collect(),
+            "row",
+        )
+    };
+    Ok(vec![ChartSpec::Lines {
+        title: format!("{metric} by {x_label}"),
+        x_label: x_label.into(),
+        y_label: metric.clone(),
+        series: vec![(metric, points)],
+        log_y: false,
+        points_only: false,
+    }])
+}
