@@ -1,6 +1,8 @@
 //! probe's one integration-test binary (as ripgrep does it): every test runs
 //! the real `probe` executable on real files.
 
+mod big;
+mod boundary;
 mod forward;
 mod inspect;
 mod plugins;

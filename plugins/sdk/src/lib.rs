@@ -30,6 +30,7 @@ pub mod forward;
 pub mod matrices;
 pub mod params;
 pub mod table;
+pub mod validate;
 
 use std::cell::RefCell;
 use std::ffi::CString;

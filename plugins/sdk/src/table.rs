@@ -25,6 +25,11 @@ pub fn export_frame(df: DataFrame) -> PolarsResult<(ArrowSchema, ArrowArray)> {
 /// `schema` and `array` must be valid Arrow C Data Interface structs whose
 /// release callbacks free what they own.
 pub unsafe fn import_frame(schema: ArrowSchema, array: ArrowArray) -> PolarsResult<DataFrame> {
+    // Refuse what would make the importer read through bad pointers; the
+    // structs are dropped (released) on the way out.
+    if let Err(problem) = crate::validate::check(&schema, &array) {
+        polars_bail!(ComputeError: "{problem}");
+    }
     let field = unsafe { ffi::import_field_from_c(&schema) }?;
     if !matches!(field.dtype, ArrowDataType::Struct(_)) {
         polars_bail!(ComputeError: "expected a struct array (one child per column), got {:?}", field.dtype);
