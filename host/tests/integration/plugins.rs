@@ -322,12 +322,12 @@ fn a_file_that_is_no_library_is_refused() {
 fn bad_parameters_are_refused_before_running() {
     let model = fixture("llama-tied-f32");
     testkit_run(&model, &["colour=red"], &[]).fails_with(&[
-        "plugin `testkit`: unknown parameter `colour` (this plugin takes: mode, scale)",
+        "plugin `testkit`: unknown parameter `colour` (this plugin takes: mode, scale, tokens, blocks)",
     ]);
     testkit_run(&model, &["scale=big"], &[])
         .fails_with(&["parameter `scale`: expected a number, got `big`"]);
     testkit_run(&model, &["mode=dance"], &[])
-        .fails_with(&["expected one of ok, error, panic, segfault, abort"]);
+        .fails_with(&["expected one of ok, forward, error, panic, segfault, abort"]);
 }
 
 #[test]
@@ -358,7 +358,7 @@ fn plugins_are_listed_and_described() {
     .ok();
     assert!(info.contains("testkit 0.1.0"));
     assert!(info.contains("mode"));
-    assert!(info.contains("ok|error|panic|segfault|abort"));
+    assert!(info.contains("ok|forward|error|panic|segfault|abort"));
     assert!(info.contains("multiply every norm by this"));
 
     // By name through PROBE_PLUGIN_PATH, too.
