@@ -310,58 +310,54 @@ impl Arch {
                     has_head: true,
                 }
             }
-            Family::Gpt2 => Arch {
-                family,
-                hidden,
-                heads,
-                kv_heads: heads,
-                head_dim,
-                vocab,
-                layout: Layout::PreNorm,
-                norm: Norm::Layer { eps: ln_eps },
-                activation: activation(Activation::GeluTanh)?,
-                gated_mlp: false,
-                attention_scale: (head_dim as f32).powf(-0.5),
-                embed_scale: None,
-                max_positions: Some(checkpoint_rows(
-                    checkpoint,
-                    &weights.embed,
-                    "pos_embed.weight",
-                )?),
-                ropes: vec![],
-                blocks: causal_blocks(None),
-                final_logit_softcap: None,
-                has_head: true,
-            },
-            Family::Bert => Arch {
-                family,
-                hidden,
-                heads,
-                kv_heads: heads,
-                head_dim,
-                vocab,
-                layout: Layout::PostNorm,
-                norm: Norm::Layer { eps: ln_eps },
-                activation: activation(Activation::GeluErf)?,
-                gated_mlp: false,
-                attention_scale: (head_dim as f32).powf(-0.5),
-                embed_scale: None,
-                max_positions: Some(checkpoint_rows(
-                    checkpoint,
-                    &weights.embed,
-                    "pos_embed.weight",
-                )?),
-                ropes: vec![],
-                blocks: vec![
-                    BlockKind {
-                        attention: Attention::Bidirectional,
-                        rope: None
-                    };
-                    layers
-                ],
-                final_logit_softcap: None,
-                has_head: false,
-            },
+            Family::Gpt2 | Family::Bert => {
+                // Learned positions and LayerNorm; BERT is a bidirectional
+                // post-norm encoder without an output head.
+                let bert = family == Family::Bert;
+                let attention = if bert {
+                    Attention::Bidirectional
+                } else {
+                    Attention::Causal
+                };
+                let default_activation = if bert {
+                    Activation::GeluErf
+                } else {
+                    Activation::GeluTanh
+                };
+                Arch {
+                    family,
+                    hidden,
+                    heads,
+                    kv_heads: heads,
+                    head_dim,
+                    vocab,
+                    layout: if bert {
+                        Layout::PostNorm
+                    } else {
+                        Layout::PreNorm
+                    },
+                    norm: Norm::Layer { eps: ln_eps },
+                    activation: activation(default_activation)?,
+                    gated_mlp: false,
+                    attention_scale: (head_dim as f32).powf(-0.5),
+                    embed_scale: None,
+                    max_positions: Some(checkpoint_rows(
+                        checkpoint,
+                        &weights.embed,
+                        "pos_embed.weight",
+                    )?),
+                    ropes: vec![],
+                    blocks: vec![
+                        BlockKind {
+                            attention,
+                            rope: None
+                        };
+                        layers
+                    ],
+                    final_logit_softcap: None,
+                    has_head: !bert,
+                }
+            }
             _ => unreachable!("families filtered above"),
         };
         Ok((arch, weights))

@@ -11,33 +11,35 @@ use std::ffi::{c_char, c_void, CStr};
 
 use polars_arrow::ffi::{ArrowArray, ArrowSchema};
 
-/// Mirror of the C Data Interface's `ArrowSchema` (same layout as polars-arrow's).
+/// Mirror of the C Data Interface's `ArrowSchema` (same layout as
+/// polars-arrow's, whose fields are private), for reading — and, in the
+/// tests' broken plugin, for breaking — the struct field by field.
 #[repr(C)]
-struct RawSchema {
-    format: *const c_char,
-    name: *const c_char,
-    metadata: *const c_char,
-    flags: i64,
-    n_children: i64,
-    children: *mut *mut RawSchema,
-    dictionary: *mut RawSchema,
-    release: Option<unsafe extern "C" fn(*mut RawSchema)>,
-    private_data: *mut c_void,
+pub struct RawSchema {
+    pub format: *const c_char,
+    pub name: *const c_char,
+    pub metadata: *const c_char,
+    pub flags: i64,
+    pub n_children: i64,
+    pub children: *mut *mut RawSchema,
+    pub dictionary: *mut RawSchema,
+    pub release: Option<unsafe extern "C" fn(*mut RawSchema)>,
+    pub private_data: *mut c_void,
 }
 
 /// Mirror of `ArrowArray`.
 #[repr(C)]
-struct RawArray {
-    length: i64,
-    null_count: i64,
-    offset: i64,
-    n_buffers: i64,
-    n_children: i64,
-    buffers: *mut *const c_void,
-    children: *mut *mut RawArray,
-    dictionary: *mut RawArray,
-    release: Option<unsafe extern "C" fn(*mut RawArray)>,
-    private_data: *mut c_void,
+pub struct RawArray {
+    pub length: i64,
+    pub null_count: i64,
+    pub offset: i64,
+    pub n_buffers: i64,
+    pub n_children: i64,
+    pub buffers: *mut *const c_void,
+    pub children: *mut *mut RawArray,
+    pub dictionary: *mut RawArray,
+    pub release: Option<unsafe extern "C" fn(*mut RawArray)>,
+    pub private_data: *mut c_void,
 }
 
 const _: () = assert!(std::mem::size_of::<RawSchema>() == std::mem::size_of::<ArrowSchema>());

@@ -2,39 +2,12 @@
 //! hand the host broken Arrow tables: each `mode` breaks one rule of the C
 //! Data Interface. The host must refuse every one with a message.
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::CStr;
 
 use polars_arrow::ffi::{ArrowArray, ArrowSchema};
 use probe_sdk::abi::{self, HostApi, PluginApi, StrRef};
 use probe_sdk::polars::prelude::*;
-
-/// Same layout as the interface's structs, to break them field by field.
-#[repr(C)]
-struct RawSchema {
-    format: *const c_char,
-    name: *const c_char,
-    metadata: *const c_char,
-    flags: i64,
-    n_children: i64,
-    children: *mut *mut RawSchema,
-    dictionary: *mut RawSchema,
-    release: Option<unsafe extern "C" fn(*mut RawSchema)>,
-    private_data: *mut c_void,
-}
-
-#[repr(C)]
-struct RawArray {
-    length: i64,
-    null_count: i64,
-    offset: i64,
-    n_buffers: i64,
-    n_children: i64,
-    buffers: *mut *const c_void,
-    children: *mut *mut RawArray,
-    dictionary: *mut RawArray,
-    release: Option<unsafe extern "C" fn(*mut RawArray)>,
-    private_data: *mut c_void,
-}
+use probe_sdk::validate::{RawArray, RawSchema};
 
 const MODES: &str = "null, no_release, not_struct, child_count, missing_buffer, null_data, bad_length, short_child, bad_format";
 
