@@ -5,6 +5,8 @@
 
 pub mod error;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host_api;
 pub mod inspect;
 pub mod limits;

@@ -4,6 +4,7 @@
 mod big;
 mod boundary;
 mod forward;
+mod fuzz_corpus;
 mod inspect;
 mod plugins;
 mod real_models;

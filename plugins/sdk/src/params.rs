@@ -131,7 +131,11 @@ pub fn parse_value(spec: &ParamSpec, text: &str) -> Result<Value, ParamError> {
                     None => (part.parse::<u32>(), part.parse::<u32>()),
                 };
                 match (lo, hi) {
-                    (Ok(lo), Ok(hi)) if lo <= hi && hi - lo < 1_000_000 => {
+                    // A cap on the expanded total, not per part: "0-999999"
+                    // repeated must not expand into gigabytes.
+                    (Ok(lo), Ok(hi))
+                        if lo <= hi && values.len() + (hi - lo) as usize <= MAX_RANGE_VALUES =>
+                    {
                         values.extend((lo..=hi).map(Value::from))
                     }
                     _ => return Err(invalid("integers and ranges like 0-5,8")),
@@ -141,6 +145,9 @@ pub fn parse_value(spec: &ParamSpec, text: &str) -> Result<Value, ParamError> {
         }
     })
 }
+
+/// The most values a `range` parameter may expand to.
+pub const MAX_RANGE_VALUES: usize = 1_000_000;
 
 /// Check `key=value` pairs against the specs; fill in defaults.
 pub fn resolve(specs: &[ParamSpec], given: &[String]) -> Result<Map<String, Value>, ParamError> {

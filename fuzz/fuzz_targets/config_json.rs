@@ -1,0 +1,6 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/data/llama-tied-f32");
+    probe::fuzzing::config_json(data, std::path::Path::new(fixture))
+});
