@@ -50,11 +50,9 @@ pub fn shard_index(bytes: &[u8]) {
 pub fn config_json(bytes: &[u8], fixture: &Path) {
     let dir = scratch().join("config");
     let _ = std::fs::create_dir_all(&dir);
-    for name in ["model.safetensors"] {
-        let target = dir.join(name);
-        if !target.exists() {
-            let _ = std::fs::copy(fixture.join(name), &target);
-        }
+    let weights = dir.join("model.safetensors");
+    if !weights.exists() {
+        let _ = std::fs::copy(fixture.join("model.safetensors"), &weights);
     }
     if std::fs::write(dir.join("config.json"), bytes).is_err() {
         return;
