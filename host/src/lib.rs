@@ -14,6 +14,7 @@ pub mod plugin;
 pub mod progress;
 pub mod run;
 pub mod schema;
+pub mod shuffle;
 pub mod source;
 pub mod store;
 pub mod table;

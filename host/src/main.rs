@@ -53,6 +53,17 @@ enum Command {
     /// Run the model on a text: top-K next-token predictions per position,
     /// the loss on the text, and the residual norm after every block.
     Forward(ForwardArgs),
+    /// Write a copy of a checkpoint with its blocks permuted (a test case for
+    /// layer-order recovery); the permutation goes into the file's metadata.
+    Shuffle {
+        model: PathBuf,
+        /// Seed of the permutation (the same seed gives the same order).
+        #[arg(long)]
+        seed: u64,
+        /// Folder for `model.safetensors` (config and tokenizer copied along).
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+    },
     /// Draw result tables as one self-contained HTML page of SVG charts.
     Report {
         /// Parquet files written by `probe run` (their companions are found
@@ -201,6 +212,16 @@ fn run(cli: Cli) -> Result<()> {
             plugin_dirs,
         } => plugins(command, &plugin_dirs),
         Command::Forward(args) => forward(args),
+        Command::Shuffle { model, seed, out } => {
+            let checkpoint = probe::store::Checkpoint::open(&model)?;
+            let stored = probe::shuffle::write_shuffled(&checkpoint, seed, &out)?;
+            eprintln!(
+                "probe: wrote {} with blocks stored in the order {:?} (true depth of each stored block)",
+                out.join("model.safetensors").display(),
+                stored
+            );
+            Ok(())
+        }
         Command::Report {
             results,
             out,

@@ -341,6 +341,19 @@ fn global_role(local: &str) -> Role {
     }
 }
 
+/// The same tensor name with its block index replaced: the segment
+/// `split_name` reads the layer from. `None` for names outside the blocks.
+pub fn with_layer(name: &str, layer: usize) -> Option<String> {
+    let mut segments: Vec<String> = name.split('.').map(str::to_string).collect();
+    let known = segments
+        .windows(2)
+        .position(|w| BLOCK_CONTAINERS.contains(&w[0].as_str()) && is_index(&w[1]))
+        .map(|p| p + 1);
+    let pos = known.or_else(|| segments.iter().position(|s| is_index(s)))?;
+    segments[pos] = layer.to_string();
+    Some(segments.join("."))
+}
+
 /// Place one tensor name.
 pub fn place(family: Family, name: &str) -> Placement {
     let (layer, local, bias) = split_name(name);

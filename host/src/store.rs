@@ -69,6 +69,36 @@ impl Dtype {
         }
     }
 
+    /// Back to the safetensors crate's dtype (for writing files).
+    pub fn to_safetensors(self) -> Option<safetensors::Dtype> {
+        use safetensors::Dtype as D;
+        Some(match self {
+            Self::F64 => D::F64,
+            Self::F32 => D::F32,
+            Self::F16 => D::F16,
+            Self::BF16 => D::BF16,
+            Self::I64 => D::I64,
+            Self::I32 => D::I32,
+            Self::I16 => D::I16,
+            Self::I8 => D::I8,
+            Self::U64 => D::U64,
+            Self::U32 => D::U32,
+            Self::U16 => D::U16,
+            Self::U8 => D::U8,
+            Self::Bool => D::BOOL,
+            Self::Other("F8_E5M2") => D::F8_E5M2,
+            Self::Other("F8_E4M3") => D::F8_E4M3,
+            Self::Other("F8_E8M0") => D::F8_E8M0,
+            Self::Other("F8_E4M3FNUZ") => D::F8_E4M3FNUZ,
+            Self::Other("F8_E5M2FNUZ") => D::F8_E5M2FNUZ,
+            Self::Other("F6_E2M3") => D::F6_E2M3,
+            Self::Other("F6_E3M2") => D::F6_E3M2,
+            Self::Other("F4") => D::F4,
+            Self::Other("C64") => D::C64,
+            Self::Other(_) => return None,
+        })
+    }
+
     /// The name safetensors uses for this dtype.
     pub fn as_str(&self) -> &'static str {
         match self {

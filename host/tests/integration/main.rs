@@ -10,6 +10,7 @@ mod plugins;
 mod real_models;
 mod report;
 mod scaffold;
+mod shuffle;
 mod spectral;
 mod util;
 mod vshape;

@@ -1,0 +1,180 @@
+//! `probe shuffle`: a copy of a checkpoint with its blocks permuted — every
+//! tensor of a block renamed together — and the permutation recorded in the
+//! safetensors metadata, so anyone can make a layer-order recovery case.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::schema::{self, Schema};
+use crate::store::Checkpoint;
+
+/// Metadata key: JSON array, entry `s` = the true depth of the block stored at index `s`.
+pub const TRUE_POSITION_KEY: &str = "probe.shuffle.true_position";
+pub const SEED_KEY: &str = "probe.shuffle.seed";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShuffleError {
+    #[error("{file}: {problem}")]
+    Refused { file: PathBuf, problem: String },
+    #[error("{file}: {cause}")]
+    Io {
+        file: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("{file}: cannot write the checkpoint: {cause}")]
+    Write { file: PathBuf, cause: String },
+}
+
+/// A permutation of `n` blocks from `seed`: entry `s` is the original block
+/// stored at index `s`. Never the identity when `n > 1` (a shuffle that
+/// changes nothing is no test case).
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..n).collect();
+    loop {
+        order.shuffle(&mut rng);
+        if n < 2 || order.iter().enumerate().any(|(i, &b)| i != b) {
+            return order;
+        }
+    }
+}
+
+/// Write `checkpoint` with its blocks permuted into `out_dir/model.safetensors`
+/// (plus its config and tokenizer files); returns the true positions.
+pub fn write_shuffled(
+    checkpoint: &Checkpoint,
+    seed: u64,
+    out_dir: &Path,
+) -> Result<Vec<usize>, ShuffleError> {
+    let refuse = |problem: String| ShuffleError::Refused {
+        file: checkpoint.path.clone(),
+        problem,
+    };
+    let schema = Schema::of(checkpoint);
+    let n = schema.num_layers;
+    if n < 2 {
+        return Err(refuse(format!("{n} blocks: nothing to shuffle")));
+    }
+    if let Some(entry) = schema
+        .placed(checkpoint)
+        .find(|(_, p)| p.role.is_bank())
+        .map(|(e, _)| e)
+    {
+        return Err(refuse(format!(
+            "`{}` stacks every block in one tensor; banked checkpoints cannot be shuffled yet",
+            entry.name
+        )));
+    }
+    let stored = permutation(n, seed);
+    let mut new_index = vec![0; n];
+    for (s, &original) in stored.iter().enumerate() {
+        new_index[original] = s;
+    }
+    let mut renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
+    for (entry, placement) in schema.placed(checkpoint) {
+        let name = match placement.layer {
+            Some(layer) if layer < n => schema::with_layer(&entry.name, new_index[layer])
+                .ok_or_else(|| refuse(format!("cannot rename `{}`", entry.name)))?,
+            _ => entry.name.clone(),
+        };
+        let dtype = entry.dtype.to_safetensors().ok_or_else(|| {
+            refuse(format!(
+                "`{}` has a dtype safetensors cannot write",
+                entry.name
+            ))
+        })?;
+        let view = checkpoint.view(entry);
+        let tensor = safetensors::tensor::TensorView::new(dtype, entry.shape.clone(), view.bytes)
+            .map_err(|e| refuse(format!("`{}`: {e}", entry.name)))?;
+        renamed.push((name, tensor));
+    }
+    let mut metadata: BTreeMap<String, String> = checkpoint.user_metadata();
+    metadata.insert(
+        TRUE_POSITION_KEY.into(),
+        serde_json::to_string(&stored).unwrap_or_default(),
+    );
+    metadata.insert(SEED_KEY.into(), seed.to_string());
+    let metadata: std::collections::HashMap<String, String> = metadata.into_iter().collect();
+
+    std::fs::create_dir_all(out_dir).map_err(|cause| ShuffleError::Io {
+        file: out_dir.to_path_buf(),
+        cause,
+    })?;
+    let out = out_dir.join("model.safetensors");
+    // Whole or not at all: into a temporary file beside it, then renamed.
+    let temp = out_dir.join(".model.safetensors.tmp");
+    safetensors::serialize_to_file(renamed, Some(metadata), &temp).map_err(|e| {
+        ShuffleError::Write {
+            file: out.clone(),
+            cause: e.to_string(),
+        }
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o644));
+    }
+    std::fs::rename(&temp, &out).map_err(|cause| ShuffleError::Io {
+        file: out.clone(),
+        cause,
+    })?;
+    if let Some(config) = &checkpoint.config {
+        let config = permute_config(config, &stored);
+        let text = serde_json::to_string_pretty(&config).unwrap_or_default();
+        std::fs::write(out_dir.join("config.json"), text).map_err(|cause| ShuffleError::Io {
+            file: out_dir.join("config.json"),
+            cause,
+        })?;
+    }
+    for side in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let from = checkpoint.dir.join(side);
+        if from.is_file() {
+            std::fs::copy(&from, out_dir.join(side)).map_err(|cause| ShuffleError::Io {
+                file: from.clone(),
+                cause,
+            })?;
+        }
+    }
+    Ok(stored)
+}
+
+/// Per-block settings in config.json travel with their blocks: Gemma 3's
+/// `layer_types` (sliding or full attention, which a block was trained with)
+/// is permuted like the weights; a `sliding_window_pattern` is written out as
+/// the explicit, permuted list.
+pub fn permute_config(config: &serde_json::Value, stored: &[usize]) -> serde_json::Value {
+    let mut config = config.clone();
+    let n = stored.len();
+    let types: Option<Vec<serde_json::Value>> =
+        match config.get("layer_types").and_then(|t| t.as_array()) {
+            Some(types) if types.len() >= n => Some(types[..n].to_vec()),
+            Some(_) => None,
+            None => config
+                .get("sliding_window_pattern")
+                .and_then(|p| p.as_u64())
+                .filter(|&p| p > 0)
+                .map(|pattern| {
+                    (0..n)
+                        .map(|i| {
+                            if (i as u64 + 1) % pattern == 0 {
+                                "full_attention".into()
+                            } else {
+                                "sliding_attention".into()
+                            }
+                        })
+                        .collect()
+                }),
+        };
+    if let (Some(types), Some(object)) = (types, config.as_object_mut()) {
+        let permuted: Vec<serde_json::Value> = stored.iter().map(|&b| types[b].clone()).collect();
+        object.insert("layer_types".into(), serde_json::Value::Array(permuted));
+    }
+    config
+}
