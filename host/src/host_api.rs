@@ -97,6 +97,7 @@ impl<'a> RunContext<'a> {
             "vocab_size": schema.vocab_size,
             "tied_embeddings": schema.tied_embeddings,
             "config": checkpoint.config,
+            "metadata": checkpoint.user_metadata(),
         })
         .to_string();
         Self {

@@ -126,7 +126,8 @@ pub struct HostApi {
     /// The plugin's reason for returning STATUS_ERROR (copied by the host).
     pub set_error: unsafe extern "C" fn(ctx: *const c_void, message: StrRef),
     /// Model facts as a JSON object: label, family, num_layers, hidden_size,
-    /// vocab_size, tied_embeddings, config (config.json or null).
+    /// vocab_size, tied_embeddings, config (config.json or null), metadata
+    /// (the files' safetensors `__metadata__`, string to string).
     pub model_json: unsafe extern "C" fn(ctx: *const c_void) -> StrRef,
     pub tensor_count: unsafe extern "C" fn(ctx: *const c_void) -> usize,
     pub tensor_info:

@@ -117,6 +117,10 @@ pub struct ModelInfo {
     pub tied_embeddings: bool,
     /// `config.json`, when the checkpoint has one.
     pub config: Option<serde_json::Value>,
+    /// The safetensors `__metadata__` of the checkpoint's files (e.g. the
+    /// permutation `probe shuffle` records); empty from older hosts.
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// One tensor as the host places it.
