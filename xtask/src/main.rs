@@ -113,7 +113,11 @@ fn diff_trees(a: &Path, b: &Path) -> Result<Vec<String>> {
 }
 
 /// The built-in plugins: every `probe-plugin-*` crate of the workspace.
-pub const BUILTIN_PLUGINS: &[&str] = &["probe-plugin-spectral", "probe-plugin-vshape"];
+pub const BUILTIN_PLUGINS: &[&str] = &[
+    "probe-plugin-spectral",
+    "probe-plugin-vshape",
+    "probe-plugin-shuffle",
+];
 
 /// Build probe and the built-in plugins, and copy the plugins into
 /// `target/<profile>/plugins/`, the folder beside the executable probe searches.

@@ -94,3 +94,87 @@ fn shuffled_blocks_run_in_their_true_order_give_the_original_model() {
         "banked checkpoints cannot be shuffled yet",
     ]);
 }
+
+/// The shuffle plugin (a real cdylib) reads the recorded permutation and
+/// scores each method; the scores are recomputed here from its own rows.
+#[test]
+fn the_shuffle_plugin_scores_its_methods_against_the_recorded_truth() {
+    let dir = tempdir();
+    let shuffled = dir.path().join("shuffled");
+    probe([
+        "shuffle".as_ref(),
+        fixture("llama-sharded-f16").as_os_str(),
+        "--seed".as_ref(),
+        "5".as_ref(),
+        "--out".as_ref(),
+        shuffled.as_os_str(),
+    ])
+    .ok();
+    let out = dir.path().join("order.parquet");
+    let lib = crate::util::plugin_lib("probe-plugin-shuffle")
+        .display()
+        .to_string();
+    crate::util::run_plugin(
+        &lib,
+        &shuffled,
+        &["methods=norm_gain,weight_stats,cosine,loss_bubble"],
+        &["--out", out.to_str().unwrap(), "--quiet"],
+    )
+    .ok();
+    let rows = crate::util::read_parquet(&out);
+    let methods = crate::util::read_parquet(&dir.path().join("order.methods.parquet"));
+    assert_eq!(rows.height(), 4 * 4, "4 methods × 4 blocks");
+    let truth = probe::shuffle::permutation(4, 5);
+    let column = |name: &str| -> Vec<i64> {
+        rows.column(name)
+            .unwrap()
+            .i64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect()
+    };
+    let (stored, recovered, true_position) = (
+        column("stored_index"),
+        column("recovered_position"),
+        column("true_position"),
+    );
+    for (m, name) in ["norm_gain", "weight_stats", "cosine", "loss_bubble"]
+        .iter()
+        .enumerate()
+    {
+        let range = m * 4..(m + 1) * 4;
+        assert_eq!(
+            rows.column("method")
+                .unwrap()
+                .get(range.start)
+                .unwrap()
+                .get_str(),
+            Some(*name)
+        );
+        let mut recovered_of = vec![0usize; 4];
+        for i in range {
+            assert_eq!(true_position[i] as usize, truth[stored[i] as usize]);
+            recovered_of[stored[i] as usize] = recovered[i] as usize;
+        }
+        let mut sorted = recovered_of.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2, 3], "{name}: a permutation");
+        let right = recovered_of
+            .iter()
+            .zip(&truth)
+            .filter(|(a, b)| a == b)
+            .count() as f64
+            / 4.0;
+        let pairs: f64 = (0..4)
+            .flat_map(|i| (i + 1..4).map(move |j| (i, j)))
+            .map(|(i, j)| {
+                let a = (recovered_of[i] as f64 - recovered_of[j] as f64).signum();
+                let b = (truth[i] as f64 - truth[j] as f64).signum();
+                a * b
+            })
+            .sum();
+        let get = |col: &str| methods.column(col).unwrap().f64().unwrap().get(m).unwrap();
+        assert_eq!(get("accuracy"), right, "{name}");
+        assert!((get("kendall_tau") - pairs / 6.0).abs() < 1e-12, "{name}");
+    }
+}

@@ -1,0 +1,364 @@
+//! `shuffle`: recover the order of a checkpoint's blocks when their names
+//! no longer say it ("Layer shuffle recovery" in RESEARCH.md).
+//!
+//! Methods so far: `norm_gain` (blocks sorted by their input-norm gain),
+//! `weight_stats` ([‖W‖_F, mean, std, max|W|] per matrix, L2, TSP),
+//! `cosine` (full-weight cosine distance, TSP), and `loss_bubble` (adjacent
+//! swaps kept when the language-model loss on the built-in prompts drops,
+//! seeded by `weight_stats`). Chains are open-path TSP (nearest neighbour from
+//! every start, 2-opt) oriented so the total weight norm grows with depth.
+
+pub mod order;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use probe_sdk::prelude::*;
+
+const PROMPTS: &str = include_str!("../../../probes/prompts.txt");
+const METHODS: [&str; 4] = ["norm_gain", "weight_stats", "cosine", "loss_bubble"];
+
+struct Shuffle;
+
+/// What the weights say about each block.
+struct Blocks {
+    n: usize,
+    /// Per block: [‖W‖_F, mean, std, max|W|] of each matrix role, in role order.
+    stats: Vec<Vec<f64>>,
+    /// Pairwise dot products and squared norms of the blocks' concatenated matrices.
+    dots: Vec<Vec<f64>>,
+    /// Mean input-norm gain per block, where the family has one.
+    gain: Vec<Option<f64>>,
+    /// Total Frobenius norm of each block's matrices (the orientation trend).
+    total_norm: Vec<f64>,
+}
+
+fn read_blocks(host: &Host, n: usize) -> Result<Blocks, PluginError> {
+    let mut by_role: BTreeMap<String, Vec<Option<Matrix>>> = BTreeMap::new();
+    for matrix in host.matrices()? {
+        if let Some(layer) = matrix.layer.filter(|&l| l < n) {
+            let slot = by_role
+                .entry(matrix.role.clone())
+                .or_insert_with(|| vec![None; n]);
+            slot[layer] = Some(matrix);
+        }
+    }
+    let mut stats = vec![Vec::new(); n];
+    let mut dots = vec![vec![0.0; n]; n];
+    let mut total_sq = vec![0.0; n];
+    for (role, matrices) in &by_role {
+        if matrices.iter().any(Option::is_none) {
+            continue; // a role not in every block says nothing about order
+        }
+        host.check_cancelled()?;
+        let values: Vec<MatrixValues> = matrices
+            .iter()
+            .map(|m| host.matrix_f32(m.as_ref().expect("checked")))
+            .collect::<Result<_, _>>()?;
+        if values.iter().any(|v| v.len() != values[0].len()) {
+            host.warn(&format!("role {role}: blocks differ in shape; left out"));
+            continue;
+        }
+        for (b, v) in values.iter().enumerate() {
+            let len = v.len().max(1) as f64;
+            let sum: f64 = v.iter().map(|&x| x as f64).sum();
+            let sq: f64 = v.iter().map(|&x| (x as f64).powi(2)).sum();
+            let mean = sum / len;
+            let max = v.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+            stats[b].extend([
+                sq.sqrt(),
+                mean,
+                (sq / len - mean * mean).max(0.0).sqrt(),
+                max,
+            ]);
+            total_sq[b] += sq;
+        }
+        for i in 0..n {
+            for j in i..n {
+                let d: f64 = values[i]
+                    .iter()
+                    .zip(values[j].iter())
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                dots[i][j] += d;
+                dots[j][i] = dots[i][j];
+            }
+        }
+    }
+    let mut gain = vec![None; n];
+    for tensor in host.tensors()? {
+        if let (Some(layer), "attn_norm") = (tensor.layer, tensor.role.as_str()) {
+            if layer < n {
+                let v = host.tensor_f32(tensor.index)?;
+                gain[layer] =
+                    Some(v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64);
+            }
+        }
+    }
+    Ok(Blocks {
+        n,
+        stats,
+        dots,
+        gain,
+        total_norm: total_sq.iter().map(|s| s.sqrt()).collect(),
+    })
+}
+
+/// Standardise each feature across blocks, then Euclidean distances.
+fn stats_distance(blocks: &Blocks) -> Vec<Vec<f64>> {
+    let n = blocks.n;
+    let width = blocks.stats.first().map_or(0, Vec::len);
+    let mut z = blocks.stats.clone();
+    for f in 0..width {
+        let mean = (0..n).map(|b| blocks.stats[b][f]).sum::<f64>() / n as f64;
+        let sd = ((0..n)
+            .map(|b| (blocks.stats[b][f] - mean).powi(2))
+            .sum::<f64>()
+            / n as f64)
+            .sqrt();
+        for row in z.iter_mut() {
+            row[f] = if sd > 0.0 { (row[f] - mean) / sd } else { 0.0 };
+        }
+    }
+    (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| {
+                    z[i].iter()
+                        .zip(&z[j])
+                        .map(|(a, b)| (a - b).powi(2))
+                        .sum::<f64>()
+                        .sqrt()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn cosine_distance(blocks: &Blocks) -> Vec<Vec<f64>> {
+    let d = &blocks.dots;
+    (0..blocks.n)
+        .map(|i| {
+            (0..blocks.n)
+                .map(|j| 1.0 - d[i][j] / (d[i][i] * d[j][j]).sqrt().max(1e-300))
+                .collect()
+        })
+        .collect()
+}
+
+/// Mean next-token loss of the built-in prompts with the blocks in `path` order.
+fn prompt_loss(host: &Host, prompts: &[Vec<u32>], path: &[usize]) -> Result<f64, PluginError> {
+    let mut total = 0.0;
+    for tokens in prompts {
+        let out = host.forward(&ForwardRequest {
+            tokens: tokens.clone(),
+            blocks: Some(path.to_vec()),
+            logits: true,
+            ..ForwardRequest::default()
+        })?;
+        total += out.loss.ok_or("no loss: the model has no output head")?;
+    }
+    Ok(total / prompts.len().max(1) as f64)
+}
+
+fn loss_bubble(host: &Host, params: &Params, seed: Vec<usize>) -> Result<Vec<usize>, PluginError> {
+    let count = params.int("prompts")?.max(1) as usize;
+    let max_tokens = params.int("max_tokens")?.max(2) as usize;
+    let texts: Vec<String> = PROMPTS
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .take(count)
+        .map(|l| l.replace("\\n", "\n"))
+        .collect();
+    let tokenized: Result<Vec<Vec<u32>>, PluginError> = texts
+        .iter()
+        .map(|text| {
+            host.tokenize(text, false).map(|mut t| {
+                t.truncate(max_tokens);
+                t
+            })
+        })
+        .collect();
+    let prompts = match tokenized {
+        Ok(prompts) => prompts,
+        Err(e) => {
+            // No tokenizer: random token sequences (a fixed seed) still tell
+            // a working block order from a broken one.
+            host.warn(&format!(
+                "loss_bubble: {e}; scoring random token sequences instead"
+            ));
+            let vocab = host.model()?.vocab_size.unwrap_or(2).max(2) as u64;
+            let mut state = 0x2545f4914f6cdd1du64;
+            (0..count)
+                .map(|_| {
+                    (0..max_tokens)
+                        .map(|_| {
+                            state ^= state << 13;
+                            state ^= state >> 7;
+                            state ^= state << 17;
+                            (state % vocab) as u32
+                        })
+                        .collect()
+                })
+                .collect()
+        }
+    };
+    let mut path = seed;
+    let mut best = prompt_loss(host, &prompts, &path)?;
+    for _pass in 0..path.len() {
+        let mut improved = false;
+        for p in 0..path.len().saturating_sub(1) {
+            host.check_cancelled()?;
+            path.swap(p, p + 1);
+            let loss = prompt_loss(host, &prompts, &path)?;
+            if loss < best {
+                best = loss;
+                improved = true;
+            } else {
+                path.swap(p, p + 1);
+            }
+        }
+        if !improved {
+            break;
+        }
+    }
+    Ok(path)
+}
+
+impl Plugin for Shuffle {
+    const NAME: &'static str = "shuffle";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const SUMMARY: &'static str =
+        "Recover the order of shuffled blocks (weight-only and forward-pass methods)";
+    const DESCRIPTION: &'static str = "One row per (method, stored block): recovered_position, confidence (share of the methods run that agree), true_position when the checkpoint records its permutation (probe shuffle). The companion table `methods` holds Kendall tau, accuracy, mean |displacement| and seconds per method.";
+
+    fn params() -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::new(
+                "methods",
+                ParamKind::List,
+                Some("norm_gain,weight_stats,cosine,loss_bubble"),
+                "methods to run: norm_gain, weight_stats, cosine, loss_bubble",
+            ),
+            ParamSpec::new(
+                "prompts",
+                ParamKind::Int,
+                Some("4"),
+                "built-in prompts scored by loss_bubble",
+            ),
+            ParamSpec::new(
+                "max_tokens",
+                ParamKind::Int,
+                Some("24"),
+                "tokens per prompt for loss_bubble",
+            ),
+        ]
+    }
+
+    fn work_items(_host: &Host, _params: &Params) -> Result<usize, PluginError> {
+        Ok(1)
+    }
+
+    fn run(host: &Host, params: &Params, items: &[usize]) -> Result<DataFrame, PluginError> {
+        if items.is_empty() {
+            return Ok(DataFrame::empty());
+        }
+        let model = host.model()?;
+        let n = model.num_layers;
+        if n < 2 {
+            return Err(format!("{n} blocks: there is no order to recover").into());
+        }
+        let truth: Option<Vec<usize>> = model
+            .metadata
+            .get("probe.shuffle.true_position")
+            .and_then(|t| serde_json::from_str(t).ok())
+            .filter(|t: &Vec<usize>| t.len() == n);
+        let methods = params.list("methods").unwrap_or_default();
+        if let Some(unknown) = methods.iter().find(|m| !METHODS.contains(&m.as_str())) {
+            return Err(format!(
+                "unknown method `{unknown}` (methods: {})",
+                METHODS.join(", ")
+            )
+            .into());
+        }
+        let started = Instant::now();
+        let blocks = read_blocks(host, n)?;
+        let read_seconds = started.elapsed().as_secs_f64();
+
+        let mut results: Vec<(String, Vec<usize>, f64)> = Vec::new();
+        for method in &methods {
+            let start = Instant::now();
+            let path = match method.as_str() {
+                "norm_gain" => {
+                    if blocks.gain.iter().any(Option::is_none) {
+                        host.warn("norm_gain: no input-norm gain in every block; skipped");
+                        continue;
+                    }
+                    let mut path: Vec<usize> = (0..n).collect();
+                    path.sort_by(|&a, &b| {
+                        blocks.gain[a]
+                            .unwrap_or(0.0)
+                            .total_cmp(&blocks.gain[b].unwrap_or(0.0))
+                    });
+                    order::orient(path, &blocks.total_norm)
+                }
+                "weight_stats" => order::orient(
+                    order::tsp_path(&stats_distance(&blocks)),
+                    &blocks.total_norm,
+                ),
+                "cosine" => order::orient(
+                    order::tsp_path(&cosine_distance(&blocks)),
+                    &blocks.total_norm,
+                ),
+                _ => {
+                    let seed = order::orient(
+                        order::tsp_path(&stats_distance(&blocks)),
+                        &blocks.total_norm,
+                    );
+                    loss_bubble(host, params, seed)?
+                }
+            };
+            let seconds = start.elapsed().as_secs_f64()
+                + if method == "loss_bubble" {
+                    0.0
+                } else {
+                    read_seconds
+                };
+            results.push((method.clone(), order::positions(&path), seconds));
+        }
+
+        let (mut method_col, mut stored_col, mut recovered_col, mut confidence_col, mut truth_col) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (method, positions, _) in &results {
+            for s in 0..n {
+                let agree = results
+                    .iter()
+                    .filter(|(_, p, _)| p[s] == positions[s])
+                    .count();
+                method_col.push(method.clone());
+                stored_col.push(s as i64);
+                recovered_col.push(positions[s] as i64);
+                confidence_col.push(agree as f64 / results.len() as f64);
+                truth_col.push(truth.as_ref().map(|t| t[s] as i64));
+            }
+        }
+        let summary = df!(
+            "method" => results.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
+            "kendall_tau" => results.iter().map(|r| truth.as_ref().map(|t| order::kendall_tau(&r.1, t))).collect::<Vec<_>>(),
+            "accuracy" => results.iter().map(|r| truth.as_ref().map(|t| order::accuracy(&r.1, t))).collect::<Vec<_>>(),
+            "mean_displacement" => results.iter().map(|r| truth.as_ref().map(|t| order::mean_displacement(&r.1, t))).collect::<Vec<_>>(),
+            "seconds" => results.iter().map(|r| r.2).collect::<Vec<_>>()
+        )?;
+        host.emit_table("methods", summary)?;
+        Ok(df!(
+            "method" => method_col,
+            "stored_index" => stored_col,
+            "recovered_position" => recovered_col,
+            "confidence" => confidence_col,
+            "true_position" => truth_col
+        )?)
+    }
+}
+
+export_plugin!(Shuffle);
