@@ -334,3 +334,39 @@ fn every_chart_is_drawn_in_headless_chromium() {
         );
     }
 }
+
+#[test]
+fn shuffle_report_plots_recovered_against_true_position_per_method() {
+    let dir = tempdir();
+    let shuffled = dir.path().join("shuffled");
+    probe([
+        "shuffle".as_ref(),
+        fixture("llama-sharded-f16").as_os_str(),
+        "--seed".as_ref(),
+        "2".as_ref(),
+        "--out".as_ref(),
+        shuffled.as_os_str(),
+    ])
+    .ok();
+    let out = result(
+        "probe-plugin-shuffle",
+        &shuffled,
+        &["methods=weight_stats,cosine"],
+        &dir.path().join("order.parquet"),
+    );
+    let figs = report(&[&out], dir.path());
+    assert_eq!(figs.len(), 1);
+    let scatter = &figs[0];
+    assert_eq!(scatter.kind, "scatter");
+    assert_eq!(scatter.marks, 2 * 4, "4 blocks × 2 methods");
+    assert_eq!(scatter.count("circle"), 8);
+    let texts = scatter.texts();
+    for label in [
+        "weight_stats",
+        "cosine",
+        "true position",
+        "recovered position",
+    ] {
+        assert!(texts.iter().any(|t| t == label), "lacks {label}: {texts:?}");
+    }
+}
