@@ -45,7 +45,7 @@ pub enum ForwardError {
         what: String,
         message: String,
     },
-    #[error("the {device} execution provider cannot be used: {message}")]
+    #[error("the {device} execution provider cannot be used: {message} (it needs the GPU build of ONNX Runtime: see the README's GPU recipe)")]
     Device {
         device: &'static str,
         message: String,
