@@ -7,6 +7,7 @@ pub mod error;
 pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod guard;
 pub mod host_api;
 pub mod inspect;
 pub mod limits;

@@ -174,6 +174,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    probe::guard::install_quiet_hook();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,11 +39,19 @@ impl TextCodec {
                     .into(),
             });
         }
-        let mut tokenizer =
-            tokenizers::Tokenizer::from_file(&file).map_err(|e| ForwardError::Tokenizer {
-                file: file.clone(),
-                problem: format!("cannot load the tokenizer: {e}"),
+        // The tokenizers crate panics on some malformed files instead of
+        // returning an error (found by fuzzing): contain it.
+        let loaded =
+            crate::guard::catch(|| tokenizers::Tokenizer::from_file(&file)).map_err(|panic| {
+                ForwardError::Tokenizer {
+                    file: file.clone(),
+                    problem: format!("cannot load the tokenizer: malformed ({panic})"),
+                }
             })?;
+        let mut tokenizer = loaded.map_err(|e| ForwardError::Tokenizer {
+            file: file.clone(),
+            problem: format!("cannot load the tokenizer: {e}"),
+        })?;
         // A probe runs one sequence as it is: padding would add positions the
         // model attends to, truncation would drop text without a word.
         tokenizer.with_padding(None);

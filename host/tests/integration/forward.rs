@@ -400,6 +400,26 @@ fn forward_refuses_what_it_cannot_run() {
         "csv".as_ref(),
     ])
     .fails_with(&["table or json"]);
+    // A tokenizer.json that makes the tokenizers crate panic (found by
+    // fuzzing) is one error line, not a crash.
+    let dir = crate::util::tempdir();
+    crate::util::copy_dir(&llama, dir.path());
+    let crash = std::fs::read_dir(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/tokenizer_json"),
+    )
+    .unwrap()
+    .next()
+    .unwrap()
+    .unwrap()
+    .path();
+    std::fs::copy(crash, dir.path().join("tokenizer.json")).unwrap();
+    probe([
+        "forward".as_ref(),
+        dir.path().as_os_str(),
+        "--text".as_ref(),
+        "hi".as_ref(),
+    ])
+    .fails_with(&["tokenizer.json", "cannot load the tokenizer: malformed"]);
     // The CPU wheel has no CUDA provider: strict registration fails, it does
     // not fall back to the CPU.
     probe([
