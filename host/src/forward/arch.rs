@@ -523,52 +523,31 @@ fn weight_map(
             return Err(missing("the output embedding (lm_head)".into()));
         }
     }
-    let required: &[&str] = match family {
-        Family::Gpt2 => &[
-            "qkv.weight",
-            "o.weight",
-            "up.weight",
-            "down.weight",
-            "attn_norm.weight",
-            "mlp_norm.weight",
-        ],
-        Family::Bert => &[
-            "q.weight",
-            "k.weight",
-            "v.weight",
-            "o.weight",
-            "up.weight",
-            "down.weight",
-            "post_attn_norm.weight",
-            "post_mlp_norm.weight",
-        ],
-        Family::Gemma3 => &[
-            "q.weight",
-            "k.weight",
-            "v.weight",
-            "o.weight",
-            "gate.weight",
-            "up.weight",
-            "down.weight",
-            "attn_norm.weight",
-            "mlp_norm.weight",
-            "post_attn_norm.weight",
-            "post_mlp_norm.weight",
-        ],
-        _ => &[
-            "q.weight",
-            "k.weight",
-            "v.weight",
-            "o.weight",
-            "gate.weight",
-            "up.weight",
-            "down.weight",
-            "attn_norm.weight",
-            "mlp_norm.weight",
-        ],
+    // What every block of the family must have, from its parts.
+    const ATTENTION: [&str; 4] = ["q.weight", "k.weight", "v.weight", "o.weight"];
+    const PRE_NORMS: [&str; 2] = ["attn_norm.weight", "mlp_norm.weight"];
+    const POST_NORMS: [&str; 2] = ["post_attn_norm.weight", "post_mlp_norm.weight"];
+    const MLP: [&str; 2] = ["up.weight", "down.weight"];
+    let mut required: Vec<&str> = match family {
+        // GPT-2 stores q, k and v fused.
+        Family::Gpt2 => vec!["qkv.weight", "o.weight"],
+        _ => ATTENTION.to_vec(),
     };
+    if matches!(
+        family,
+        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Gemma3
+    ) {
+        required.push("gate.weight");
+    }
+    required.extend(MLP);
+    if family != Family::Bert {
+        required.extend(PRE_NORMS);
+    }
+    if matches!(family, Family::Bert | Family::Gemma3) {
+        required.extend(POST_NORMS);
+    }
     for (layer, inputs) in map.blocks.iter().enumerate() {
-        for name in required {
+        for name in &required {
             if !inputs.contains_key(name) {
                 let role = name.trim_end_matches(".weight");
                 return Err(missing(format!("block {layer}'s `{role}` weight")));

@@ -81,21 +81,10 @@ fn report(results: &[&Path], dir: &Path) -> Vec<Figure> {
     figures(&std::fs::read_to_string(&html).unwrap())
 }
 
-fn result(plugin: &str, model: &Path, params: &[&str], out: &Path) -> PathBuf {
-    run_plugin(
-        &plugin_lib(plugin).display().to_string(),
-        model,
-        params,
-        &["--out", out.to_str().unwrap(), "--quiet"],
-    )
-    .ok();
-    out.to_path_buf()
-}
-
 #[test]
 fn spectral_report_has_heatmap_role_bars_and_singular_value_curves() {
     let dir = tempdir();
-    let out = result(
+    let out = crate::util::run_plugin_to(
         "probe-plugin-spectral",
         &fixture("llama-tied-f32"),
         &["singular_values=true"],
@@ -150,7 +139,7 @@ fn spectral_report_has_heatmap_role_bars_and_singular_value_curves() {
 #[test]
 fn vshape_report_has_stacked_bars_and_a_run_over_training() {
     let dir = tempdir();
-    let out = result(
+    let out = crate::util::run_plugin_to(
         "probe-plugin-vshape",
         &fixture("paramgolf-tied-f32"),
         &[],
@@ -180,7 +169,7 @@ fn vshape_report_has_stacked_bars_and_a_run_over_training() {
     let run = dir.path().join("run");
     copy_dir(&fixture("llama-tied-f32"), &run.join("step-100"));
     copy_dir(&fixture("llama-tied-f32"), &run.join("step-200"));
-    let out = result(
+    let out = crate::util::run_plugin_to(
         "probe-plugin-spectral",
         &run,
         &[],
@@ -266,13 +255,13 @@ fn every_chart_is_drawn_in_headless_chromium() {
         return;
     };
     let dir = tempdir();
-    let s = result(
+    let s = crate::util::run_plugin_to(
         "probe-plugin-spectral",
         &fixture("gemma3-tied-f32"),
         &["singular_values=true"],
         &dir.path().join("s.parquet"),
     );
-    let v = result(
+    let v = crate::util::run_plugin_to(
         "probe-plugin-vshape",
         &fixture("paramgolf-banked-bf16"),
         &[],
@@ -348,7 +337,7 @@ fn shuffle_report_plots_recovered_against_true_position_per_method() {
         shuffled.as_os_str(),
     ])
     .ok();
-    let out = result(
+    let out = crate::util::run_plugin_to(
         "probe-plugin-shuffle",
         &shuffled,
         &["methods=weight_stats,cosine"],

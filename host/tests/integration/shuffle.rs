@@ -111,16 +111,12 @@ fn the_shuffle_plugin_scores_its_methods_against_the_recorded_truth() {
     ])
     .ok();
     let out = dir.path().join("order.parquet");
-    let lib = crate::util::plugin_lib("probe-plugin-shuffle")
-        .display()
-        .to_string();
-    crate::util::run_plugin(
-        &lib,
+    crate::util::run_plugin_to(
+        "probe-plugin-shuffle",
         &shuffled,
         &["methods=norm_gain,weight_stats,cosine,loss_bubble"],
-        &["--out", out.to_str().unwrap(), "--quiet"],
-    )
-    .ok();
+        &out,
+    );
     let rows = crate::util::read_parquet(&out);
     let methods = crate::util::read_parquet(&dir.path().join("order.methods.parquet"));
     assert_eq!(rows.height(), 4 * 4, "4 methods × 4 blocks");

@@ -85,6 +85,19 @@ pub fn run_plugin(plugin: &str, model: &Path, params: &[&str], extra: &[&str]) -
     probe(&args)
 }
 
+/// Run a built-in plugin (by crate name) quietly into `out`; return `out`.
+pub fn run_plugin_to(crate_name: &str, model: &Path, params: &[&str], out: &Path) -> PathBuf {
+    let lib = plugin_lib(crate_name).display().to_string();
+    run_plugin(
+        &lib,
+        model,
+        params,
+        &["--out", out.to_str().unwrap(), "--quiet"],
+    )
+    .ok();
+    out.to_path_buf()
+}
+
 /// The committed fixture of that name.
 pub fn fixture(name: &str) -> PathBuf {
     let path = probe_fixtures::data_dir().join(name);

@@ -6,11 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::real_models::real_model;
-use crate::util::{fixture, plugin_lib, read_parquet, run_plugin, tempdir};
-
-fn vshape() -> String {
-    plugin_lib("probe-plugin-vshape").display().to_string()
-}
+use crate::util::{fixture, read_parquet, run_plugin_to, tempdir};
 
 /// Write F32 tensors as one safetensors file.
 fn write_checkpoint(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
@@ -90,13 +86,7 @@ fn parameter_golf_contributions_match_the_hand_computed_table() {
     let model = dir.path().join("golf.safetensors");
     write_checkpoint(&model, &t);
     let out = dir.path().join("vshape.parquet");
-    run_plugin(
-        &vshape(),
-        &model,
-        &[],
-        &["--out", out.to_str().unwrap(), "--quiet"],
-    )
-    .ok();
+    run_plugin_to("probe-plugin-vshape", &model, &[], &out);
     let table = read_parquet(&out);
 
     let eff_attn = [0.5 * 2.0, 1.0 * 4.0, 0.25 * 1.0];
@@ -156,13 +146,12 @@ fn parameter_golf_contributions_match_the_hand_computed_table() {
 fn gemma3_output_norm_gains_scale_the_contribution_and_untied_rows_are_compared() {
     let dir = tempdir();
     let out = dir.path().join("g.parquet");
-    run_plugin(
-        &vshape(),
+    run_plugin_to(
+        "probe-plugin-vshape",
         &fixture("gemma3-tied-f32"),
         &[],
-        &["--out", out.to_str().unwrap(), "--quiet"],
-    )
-    .ok();
+        &out,
+    );
     let table = read_parquet(&out);
     let scale: Vec<f64> = table
         .column("attn_scale")
@@ -177,13 +166,12 @@ fn gemma3_output_norm_gains_scale_the_contribution_and_untied_rows_are_compared(
         "{scale:?}"
     );
     let out = dir.path().join("l.parquet");
-    run_plugin(
-        &vshape(),
+    run_plugin_to(
+        "probe-plugin-vshape",
         &fixture("llama-untied-bf16"),
         &[],
-        &["--out", out.to_str().unwrap(), "--quiet"],
-    )
-    .ok();
+        &out,
+    );
     let summary = read_parquet(&dir.path().join("l.summary.parquet"));
     assert_eq!(
         summary
@@ -211,13 +199,12 @@ fn smollm2_has_both_profiles_and_a_run_gives_one_table() {
     };
     let dir = tempdir();
     let out = dir.path().join("v.parquet");
-    run_plugin(
-        &vshape(),
+    run_plugin_to(
+        "probe-plugin-vshape",
         &model,
         &["activations=true", "max_tokens=16"],
-        &["--out", out.to_str().unwrap(), "--quiet"],
-    )
-    .ok();
+        &out,
+    );
     let table = read_parquet(&out);
     assert_eq!(table.height(), 30);
     for name in ["eff_total", "update_ratio_attn", "update_ratio_mlp"] {
@@ -248,13 +235,7 @@ fn smollm2_has_both_profiles_and_a_run_gives_one_table() {
         crate::util::copy_dir(&fixture("paramgolf-tied-f32"), &run.join(step));
     }
     let out = dir.path().join("run.parquet");
-    run_plugin(
-        &vshape(),
-        &run,
-        &[],
-        &["--out", out.to_str().unwrap(), "--quiet"],
-    )
-    .ok();
+    run_plugin_to("probe-plugin-vshape", &run, &[], &out);
     let table = read_parquet(&out);
     let checkpoints: Vec<String> = (0..table.height())
         .map(|r| {

@@ -256,10 +256,6 @@ impl Plugin for Shuffle {
         ]
     }
 
-    fn work_items(_host: &Host, _params: &Params) -> Result<usize, PluginError> {
-        Ok(1)
-    }
-
     fn run(host: &Host, params: &Params, items: &[usize]) -> Result<DataFrame, PluginError> {
         if items.is_empty() {
             return Ok(DataFrame::empty());

@@ -227,10 +227,6 @@ impl Plugin for VShape {
         ]
     }
 
-    fn work_items(_host: &Host, _params: &Params) -> Result<usize, PluginError> {
-        Ok(1)
-    }
-
     fn run(host: &Host, params: &Params, items: &[usize]) -> Result<DataFrame, PluginError> {
         if items.is_empty() {
             return Ok(DataFrame::empty());
