@@ -469,6 +469,10 @@ struct ForwardRequestJson {
     attention: bool,
     #[serde(default)]
     logits: bool,
+    #[serde(default)]
+    loss: bool,
+    #[serde(default)]
+    start: Option<Vec<f32>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -536,27 +540,33 @@ unsafe extern "C" fn forward(
                     tokens: &request.tokens,
                     blocks: request.blocks.as_deref(),
                     edits: &edits,
+                    start: request.start.as_deref(),
                     capture: Capture {
                         residuals: request.residuals,
                         updates: request.updates,
                         attention: request.attention,
-                        logits: request.logits,
+                        logits: request.logits || request.loss,
                     },
                 })
                 .map_err(|e| e.to_string())
         });
-        let trace = match result {
+        let mut trace = match result {
             Ok(trace) => trace,
             Err(message) => return fail(message),
         };
+        let (loss, token_losses) = (trace.loss(), trace.token_losses());
+        if !request.logits {
+            // `loss` alone: the logits ([T, vocab], tens of MB) stay here.
+            trace.logits = None;
+        }
         let meta_json = serde_json::json!({
             "tokens": trace.tokens,
             "blocks": trace.blocks,
             "hidden": trace.hidden,
             "heads": trace.heads,
             "vocab": trace.vocab,
-            "loss": trace.loss(),
-            "token_losses": trace.token_losses(),
+            "loss": loss,
+            "token_losses": token_losses,
             "stages": trace.residuals.len(),
             "updates": trace.attn_updates.len(),
             "attention": trace.attention.len(),

@@ -82,6 +82,9 @@ pub struct Request<'a> {
     /// a block out skips it; listing one twice runs it twice.
     pub blocks: Option<&'a [usize]>,
     pub edits: &'a [ResidualEdit],
+    /// Start from this residual `[T, hidden]` instead of the embedding's
+    /// output (a caller that caches a prefix runs only what follows it).
+    pub start: Option<&'a [f32]>,
     pub capture: Capture,
 }
 
@@ -366,7 +369,18 @@ impl<'c> Engine<'c> {
         let positions: Vec<i64> = (0..t as i64).collect();
         let type_ids = vec![0i64; t];
         let fail = ort_error(self.checkpoint, "running the embedding");
-        let mut residual = {
+        let mut residual = if let Some(start) = request.start {
+            if start.len() != t * hidden {
+                return Err(ForwardError::Request {
+                    file: self.checkpoint.path.clone(),
+                    problem: format!(
+                        "a start residual of {} values is not {t} × {hidden}",
+                        start.len()
+                    ),
+                });
+            }
+            start.to_vec()
+        } else {
             let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
             inputs.push((
                 io::IDS.into(),

@@ -34,6 +34,12 @@ pub struct ForwardRequest {
     pub attention: bool,
     /// Compute logits `[T, vocab]` (and the loss) from the final residual.
     pub logits: bool,
+    /// Compute the loss without handing the logits back (they are large).
+    pub loss: bool,
+    /// Start from this residual `[T, hidden]` instead of the embedding's
+    /// output: cache a prefix of blocks and run only what follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,7 @@
 //! seeded by `weight_stats`). Chains are open-path TSP (nearest neighbour from
 //! every start, 2-opt) oriented so the total weight norm grows with depth.
 
+pub mod flow;
 pub mod order;
 
 use std::collections::BTreeMap;
@@ -16,7 +17,16 @@ use std::time::Instant;
 use probe_sdk::prelude::*;
 
 const PROMPTS: &str = include_str!("../../../probes/prompts.txt");
-const METHODS: [&str; 4] = ["norm_gain", "weight_stats", "cosine", "loss_bubble"];
+const METHODS: [&str; 6] = [
+    "norm_gain",
+    "weight_stats",
+    "cosine",
+    "flow",
+    "loss_bubble",
+    "flow_insert",
+];
+/// What `methods` runs unless told: the pipeline that recovers the order.
+const DEFAULT_METHODS: &str = "flow_insert";
 
 struct Shuffle;
 
@@ -146,86 +156,6 @@ fn cosine_distance(blocks: &Blocks) -> Vec<Vec<f64>> {
         .collect()
 }
 
-/// Mean next-token loss of the built-in prompts with the blocks in `path` order.
-fn prompt_loss(host: &Host, prompts: &[Vec<u32>], path: &[usize]) -> Result<f64, PluginError> {
-    let mut total = 0.0;
-    for tokens in prompts {
-        let out = host.forward(&ForwardRequest {
-            tokens: tokens.clone(),
-            blocks: Some(path.to_vec()),
-            logits: true,
-            ..ForwardRequest::default()
-        })?;
-        total += out.loss.ok_or("no loss: the model has no output head")?;
-    }
-    Ok(total / prompts.len().max(1) as f64)
-}
-
-fn loss_bubble(host: &Host, params: &Params, seed: Vec<usize>) -> Result<Vec<usize>, PluginError> {
-    let count = params.int("prompts")?.max(1) as usize;
-    let max_tokens = params.int("max_tokens")?.max(2) as usize;
-    let texts: Vec<String> = PROMPTS
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .take(count)
-        .map(|l| l.replace("\\n", "\n"))
-        .collect();
-    let tokenized: Result<Vec<Vec<u32>>, PluginError> = texts
-        .iter()
-        .map(|text| {
-            host.tokenize(text, false).map(|mut t| {
-                t.truncate(max_tokens);
-                t
-            })
-        })
-        .collect();
-    let prompts = match tokenized {
-        Ok(prompts) => prompts,
-        Err(e) => {
-            // No tokenizer: random token sequences (a fixed seed) still tell
-            // a working block order from a broken one.
-            host.warn(&format!(
-                "loss_bubble: {e}; scoring random token sequences instead"
-            ));
-            let vocab = host.model()?.vocab_size.unwrap_or(2).max(2) as u64;
-            let mut state = 0x2545f4914f6cdd1du64;
-            (0..count)
-                .map(|_| {
-                    (0..max_tokens)
-                        .map(|_| {
-                            state ^= state << 13;
-                            state ^= state >> 7;
-                            state ^= state << 17;
-                            (state % vocab) as u32
-                        })
-                        .collect()
-                })
-                .collect()
-        }
-    };
-    let mut path = seed;
-    let mut best = prompt_loss(host, &prompts, &path)?;
-    for _pass in 0..path.len() {
-        let mut improved = false;
-        for p in 0..path.len().saturating_sub(1) {
-            host.check_cancelled()?;
-            path.swap(p, p + 1);
-            let loss = prompt_loss(host, &prompts, &path)?;
-            if loss < best {
-                best = loss;
-                improved = true;
-            } else {
-                path.swap(p, p + 1);
-            }
-        }
-        if !improved {
-            break;
-        }
-    }
-    Ok(path)
-}
-
 impl Plugin for Shuffle {
     const NAME: &'static str = "shuffle";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
@@ -238,20 +168,26 @@ impl Plugin for Shuffle {
             ParamSpec::new(
                 "methods",
                 ParamKind::List,
-                Some("norm_gain,weight_stats,cosine,loss_bubble"),
-                "methods to run: norm_gain, weight_stats, cosine, loss_bubble",
+                Some(DEFAULT_METHODS),
+                "methods to run (`all` for every one): norm_gain, weight_stats, cosine, flow, loss_bubble, flow_insert",
             ),
             ParamSpec::new(
-                "prompts",
+                "flow_tokens",
+                ParamKind::Int,
+                Some("128"),
+                "probe-text tokens each block is run on while `flow` builds the chain",
+            ),
+            ParamSpec::new(
+                "loss_tokens",
+                ParamKind::Int,
+                Some("256"),
+                "probe-text tokens whose next-token loss scores an order (loss_bubble, flow_insert)",
+            ),
+            ParamSpec::new(
+                "window",
                 ParamKind::Int,
                 Some("4"),
-                "built-in prompts scored by loss_bubble",
-            ),
-            ParamSpec::new(
-                "max_tokens",
-                ParamKind::Int,
-                Some("24"),
-                "tokens per prompt for loss_bubble",
+                "flow_insert: how many places a block may move in one step",
             ),
         ]
     }
@@ -270,7 +206,10 @@ impl Plugin for Shuffle {
             .get("probe.shuffle.true_position")
             .and_then(|t| serde_json::from_str(t).ok())
             .filter(|t: &Vec<usize>| t.len() == n);
-        let methods = params.list("methods").unwrap_or_default();
+        let mut methods = params.list("methods").unwrap_or_default();
+        if methods.iter().any(|m| m == "all") {
+            methods = METHODS.iter().map(|m| m.to_string()).collect();
+        }
         if let Some(unknown) = methods.iter().find(|m| !METHODS.contains(&m.as_str())) {
             return Err(format!(
                 "unknown method `{unknown}` (methods: {})",
@@ -278,15 +217,36 @@ impl Plugin for Shuffle {
             )
             .into());
         }
+        let flow_tokens = params.int("flow_tokens")?.max(2) as usize;
+        let loss_tokens = params.int("loss_tokens")?.max(2) as usize;
+        let window = params.int("window")?.max(1) as usize;
+        let text_cell: std::cell::OnceCell<flow::ProbeText> = std::cell::OnceCell::new();
+        let probe_text = || -> Result<&flow::ProbeText, PluginError> {
+            if let Some(text) = text_cell.get() {
+                return Ok(text);
+            }
+            let text = flow::ProbeText::new(host, PROMPTS, flow_tokens.max(loss_tokens))?;
+            Ok(text_cell.get_or_init(|| text))
+        };
+        // The weight-only methods share one read of every matrix.
+        let needs_weights = methods
+            .iter()
+            .any(|m| ["norm_gain", "weight_stats", "cosine"].contains(&m.as_str()));
         let started = Instant::now();
-        let blocks = read_blocks(host, n)?;
+        let blocks = if needs_weights {
+            Some(read_blocks(host, n)?)
+        } else {
+            None
+        };
         let read_seconds = started.elapsed().as_secs_f64();
 
         let mut results: Vec<(String, Vec<usize>, f64)> = Vec::new();
         for method in &methods {
             let start = Instant::now();
+            let weights = || blocks.as_ref().ok_or("the weights were not read");
             let path = match method.as_str() {
                 "norm_gain" => {
+                    let blocks = weights()?;
                     if blocks.gain.iter().any(Option::is_none) {
                         host.warn("norm_gain: no input-norm gain in every block; skipped");
                         continue;
@@ -299,28 +259,32 @@ impl Plugin for Shuffle {
                     });
                     order::orient(path, &blocks.total_norm)
                 }
-                "weight_stats" => order::orient(
-                    order::tsp_path(&stats_distance(&blocks)),
-                    &blocks.total_norm,
-                ),
-                "cosine" => order::orient(
-                    order::tsp_path(&cosine_distance(&blocks)),
-                    &blocks.total_norm,
-                ),
-                _ => {
-                    let seed = order::orient(
-                        order::tsp_path(&stats_distance(&blocks)),
+                "weight_stats" => {
+                    let blocks = weights()?;
+                    order::orient(
+                        order::tsp_path(&stats_distance(blocks)),
                         &blocks.total_norm,
-                    );
-                    loss_bubble(host, params, seed)?
+                    )
                 }
+                "cosine" => {
+                    let blocks = weights()?;
+                    order::orient(
+                        order::tsp_path(&cosine_distance(blocks)),
+                        &blocks.total_norm,
+                    )
+                }
+                "flow" => flow::flow(host, probe_text()?.head(flow_tokens), n)?.0,
+                "loss_bubble" | "flow_insert" => {
+                    let text = probe_text()?;
+                    let (seed, _) = flow::flow(host, text.head(flow_tokens), n)?;
+                    let window = if method == "loss_bubble" { 1 } else { window };
+                    flow::insert(host, text.head(loss_tokens), seed, window)?.0
+                }
+                other => return Err(format!("unknown method `{other}`").into()),
             };
-            let seconds = start.elapsed().as_secs_f64()
-                + if method == "loss_bubble" {
-                    0.0
-                } else {
-                    read_seconds
-                };
+            let weight_only = ["norm_gain", "weight_stats", "cosine"].contains(&method.as_str());
+            let seconds =
+                start.elapsed().as_secs_f64() + if weight_only { read_seconds } else { 0.0 };
             results.push((method.clone(), order::positions(&path), seconds));
         }
 
