@@ -271,6 +271,29 @@ fn interventions_reorder_skip_and_edit_the_residual() {
         .unwrap();
     assert_ne!(doubled.output, base.output);
 
+    // Starting from the residual after block 1 and running block 2 alone
+    // is the rest of the base run: a caller may cache a prefix.
+    let resumed = engine
+        .run(&Request {
+            tokens: &tokens,
+            blocks: Some(&[2]),
+            start: Some(&base.residuals[2]),
+            capture: Capture {
+                logits: true,
+                ..Capture::default()
+            },
+            ..Request::default()
+        })
+        .unwrap();
+    assert_eq!(resumed.output, base.output);
+    assert_eq!(resumed.loss(), base.loss());
+    let wrong_shape = engine.run(&Request {
+        tokens: &tokens,
+        start: Some(&base.residuals[2][..d]),
+        ..Request::default()
+    });
+    assert!(wrong_shape.is_err(), "a start residual of the wrong size");
+
     // Replacing the residual at position 3 after block 0 leaves the earlier
     // positions alone (causal) and changes position 3 onwards.
     let edit = [ResidualEdit {

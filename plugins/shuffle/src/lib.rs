@@ -9,7 +9,9 @@
 //! every start, 2-opt) oriented so the total weight norm grows with depth.
 
 pub mod flow;
+use flow::Probe;
 pub mod order;
+pub mod weights;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -17,18 +19,38 @@ use std::time::Instant;
 use probe_sdk::prelude::*;
 
 const PROMPTS: &str = include_str!("../../../probes/prompts.txt");
-const METHODS: [&str; 6] = [
+const METHODS: [&str; 11] = [
     "norm_gain",
     "weight_stats",
     "cosine",
+    "svd_spectrum",
+    "fiedler",
+    "ensemble_rank",
     "flow",
+    "flow_random",
     "loss_bubble",
     "flow_insert",
+    "flow_repair",
 ];
 /// What `methods` runs unless told: the pipeline that recovers the order.
-const DEFAULT_METHODS: &str = "flow_insert";
+/// The methods that read weights only (they share one read of every matrix).
+const WEIGHT_ONLY: [&str; 6] = [
+    "norm_gain",
+    "weight_stats",
+    "cosine",
+    "svd_spectrum",
+    "fiedler",
+    "ensemble_rank",
+];
+const DEFAULT_METHODS: &str = "flow_repair";
 
 struct Shuffle;
+
+/// Whether the engine can compute a next-token loss for this model: an
+/// encoder checkpoint (BERT) carries no language-model head.
+fn has_output_head(model: &ModelInfo) -> bool {
+    model.family != "bert"
+}
 
 /// What the weights say about each block.
 struct Blocks {
@@ -41,9 +63,12 @@ struct Blocks {
     gain: Vec<Option<f64>>,
     /// Total Frobenius norm of each block's matrices (the orientation trend).
     total_norm: Vec<f64>,
+    /// Per block: the top singular values of each of `SPECTRUM_ROLES` it has,
+    /// when asked for.
+    spectra: Vec<Vec<f64>>,
 }
 
-fn read_blocks(host: &Host, n: usize) -> Result<Blocks, PluginError> {
+fn read_blocks(host: &Host, n: usize, spectra: bool) -> Result<Blocks, PluginError> {
     let mut by_role: BTreeMap<String, Vec<Option<Matrix>>> = BTreeMap::new();
     for matrix in host.matrices()? {
         if let Some(layer) = matrix.layer.filter(|&l| l < n) {
@@ -56,6 +81,7 @@ fn read_blocks(host: &Host, n: usize) -> Result<Blocks, PluginError> {
     let mut stats = vec![Vec::new(); n];
     let mut dots = vec![vec![0.0; n]; n];
     let mut total_sq = vec![0.0; n];
+    let mut spectrum = vec![Vec::new(); n];
     for (role, matrices) in &by_role {
         if matrices.iter().any(Option::is_none) {
             continue; // a role not in every block says nothing about order
@@ -82,6 +108,14 @@ fn read_blocks(host: &Host, n: usize) -> Result<Blocks, PluginError> {
                 max,
             ]);
             total_sq[b] += sq;
+        }
+        if spectra && weights::SPECTRUM_ROLES.contains(&role.as_str()) {
+            for (b, (v, m)) in values.iter().zip(matrices).enumerate() {
+                let m = m.as_ref().expect("checked");
+                let sigma = weights::top_singular_values(v, m.stored_rows, m.stored_cols)
+                    .map_err(|e| format!("{}: {e}", m.name))?;
+                spectrum[b].extend(sigma);
+            }
         }
         for i in 0..n {
             for j in i..n {
@@ -111,38 +145,8 @@ fn read_blocks(host: &Host, n: usize) -> Result<Blocks, PluginError> {
         dots,
         gain,
         total_norm: total_sq.iter().map(|s| s.sqrt()).collect(),
+        spectra: spectrum,
     })
-}
-
-/// Standardise each feature across blocks, then Euclidean distances.
-fn stats_distance(blocks: &Blocks) -> Vec<Vec<f64>> {
-    let n = blocks.n;
-    let width = blocks.stats.first().map_or(0, Vec::len);
-    let mut z = blocks.stats.clone();
-    for f in 0..width {
-        let mean = (0..n).map(|b| blocks.stats[b][f]).sum::<f64>() / n as f64;
-        let sd = ((0..n)
-            .map(|b| (blocks.stats[b][f] - mean).powi(2))
-            .sum::<f64>()
-            / n as f64)
-            .sqrt();
-        for row in z.iter_mut() {
-            row[f] = if sd > 0.0 { (row[f] - mean) / sd } else { 0.0 };
-        }
-    }
-    (0..n)
-        .map(|i| {
-            (0..n)
-                .map(|j| {
-                    z[i].iter()
-                        .zip(&z[j])
-                        .map(|(a, b)| (a - b).powi(2))
-                        .sum::<f64>()
-                        .sqrt()
-                })
-                .collect()
-        })
-        .collect()
 }
 
 fn cosine_distance(blocks: &Blocks) -> Vec<Vec<f64>> {
@@ -154,6 +158,38 @@ fn cosine_distance(blocks: &Blocks) -> Vec<Vec<f64>> {
                 .collect()
         })
         .collect()
+}
+
+fn norm_gain_order(blocks: &Blocks) -> Option<Vec<usize>> {
+    let gain: Vec<f64> = blocks.gain.iter().copied().collect::<Option<_>>()?;
+    let mut path: Vec<usize> = (0..blocks.n).collect();
+    path.sort_by(|&a, &b| gain[a].total_cmp(&gain[b]));
+    Some(order::orient(path, &blocks.total_norm))
+}
+
+fn weight_stats_order(blocks: &Blocks) -> Vec<usize> {
+    let distance = weights::standardized_distance(&blocks.stats);
+    order::orient(order::tsp_path(&distance), &blocks.total_norm)
+}
+
+fn cosine_order(blocks: &Blocks) -> Vec<usize> {
+    order::orient(
+        order::tsp_path(&cosine_distance(blocks)),
+        &blocks.total_norm,
+    )
+}
+
+fn svd_spectrum_order(blocks: &Blocks) -> Vec<usize> {
+    let distance = weights::standardized_distance(&blocks.spectra);
+    order::orient(order::tsp_path(&distance), &blocks.total_norm)
+}
+
+fn fiedler_order(blocks: &Blocks) -> Result<Vec<usize>, PluginError> {
+    let distance = weights::standardized_distance(&blocks.stats);
+    Ok(order::orient(
+        weights::fiedler_order(&distance)?,
+        &blocks.total_norm,
+    ))
 }
 
 impl Plugin for Shuffle {
@@ -169,12 +205,12 @@ impl Plugin for Shuffle {
                 "methods",
                 ParamKind::List,
                 Some(DEFAULT_METHODS),
-                "methods to run (`all` for every one): norm_gain, weight_stats, cosine, flow, loss_bubble, flow_insert",
+                "methods to run (`all` for every one): norm_gain, weight_stats, cosine, svd_spectrum, fiedler, ensemble_rank, flow, flow_random, loss_bubble, flow_insert, flow_repair",
             ),
             ParamSpec::new(
                 "flow_tokens",
                 ParamKind::Int,
-                Some("128"),
+                Some("64"),
                 "probe-text tokens each block is run on while `flow` builds the chain",
             ),
             ParamSpec::new(
@@ -229,12 +265,13 @@ impl Plugin for Shuffle {
             Ok(text_cell.get_or_init(|| text))
         };
         // The weight-only methods share one read of every matrix.
-        let needs_weights = methods
+        let needs_weights = methods.iter().any(|m| WEIGHT_ONLY.contains(&m.as_str()));
+        let needs_spectra = methods
             .iter()
-            .any(|m| ["norm_gain", "weight_stats", "cosine"].contains(&m.as_str()));
+            .any(|m| m == "svd_spectrum" || m == "ensemble_rank");
         let started = Instant::now();
         let blocks = if needs_weights {
-            Some(read_blocks(host, n)?)
+            Some(read_blocks(host, n, needs_spectra)?)
         } else {
             None
         };
@@ -245,44 +282,57 @@ impl Plugin for Shuffle {
             let start = Instant::now();
             let weights = || blocks.as_ref().ok_or("the weights were not read");
             let path = match method.as_str() {
-                "norm_gain" => {
-                    let blocks = weights()?;
-                    if blocks.gain.iter().any(Option::is_none) {
+                "norm_gain" => match norm_gain_order(weights()?) {
+                    Some(path) => path,
+                    None => {
                         host.warn("norm_gain: no input-norm gain in every block; skipped");
                         continue;
                     }
-                    let mut path: Vec<usize> = (0..n).collect();
-                    path.sort_by(|&a, &b| {
-                        blocks.gain[a]
-                            .unwrap_or(0.0)
-                            .total_cmp(&blocks.gain[b].unwrap_or(0.0))
-                    });
-                    order::orient(path, &blocks.total_norm)
-                }
-                "weight_stats" => {
+                },
+                "weight_stats" => weight_stats_order(weights()?),
+                "cosine" => cosine_order(weights()?),
+                "svd_spectrum" => svd_spectrum_order(weights()?),
+                "fiedler" => fiedler_order(weights()?)?,
+                "ensemble_rank" => {
                     let blocks = weights()?;
-                    order::orient(
-                        order::tsp_path(&stats_distance(blocks)),
-                        &blocks.total_norm,
-                    )
+                    let mut orders = vec![
+                        weight_stats_order(blocks),
+                        cosine_order(blocks),
+                        svd_spectrum_order(blocks),
+                        fiedler_order(blocks)?,
+                    ];
+                    orders.extend(norm_gain_order(blocks));
+                    weights::ensemble_order(&orders)
                 }
-                "cosine" => {
-                    let blocks = weights()?;
-                    order::orient(
-                        order::tsp_path(&cosine_distance(blocks)),
-                        &blocks.total_norm,
-                    )
+                "flow" => flow::flow(host, probe_text()?.head(flow_tokens), n, Probe::Text)?.0,
+                "flow_random" => {
+                    flow::flow(host, probe_text()?.head(flow_tokens), n, Probe::Gaussian)?.0
                 }
-                "flow" => flow::flow(host, probe_text()?.head(flow_tokens), n)?.0,
+                "flow_repair" => {
+                    let text = probe_text()?;
+                    let (seed, steps) = flow::flow(host, text.head(flow_tokens), n, Probe::Text)?;
+                    if has_output_head(&model) {
+                        flow::repair(host, text.head(loss_tokens), seed, &steps, 3, 2.0)?.0
+                    } else {
+                        seed // no loss to check moves by
+                    }
+                }
+                "loss_bubble" | "flow_insert" if !has_output_head(&model) => {
+                    host.warn(&format!(
+                        "{method}: a {} checkpoint has no language-model head to score orders by; skipped",
+                        model.family
+                    ));
+                    continue;
+                }
                 "loss_bubble" | "flow_insert" => {
                     let text = probe_text()?;
-                    let (seed, _) = flow::flow(host, text.head(flow_tokens), n)?;
+                    let (seed, _) = flow::flow(host, text.head(flow_tokens), n, Probe::Text)?;
                     let window = if method == "loss_bubble" { 1 } else { window };
                     flow::insert(host, text.head(loss_tokens), seed, window)?.0
                 }
                 other => return Err(format!("unknown method `{other}`").into()),
             };
-            let weight_only = ["norm_gain", "weight_stats", "cosine"].contains(&method.as_str());
+            let weight_only = WEIGHT_ONLY.contains(&method.as_str());
             let seconds =
                 start.elapsed().as_secs_f64() + if weight_only { read_seconds } else { 0.0 };
             results.push((method.clone(), order::positions(&path), seconds));
