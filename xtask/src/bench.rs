@@ -59,6 +59,8 @@ pub fn build_release(root: &Path) -> Result<PathBuf> {
             "probe",
             "--package",
             "probe-plugin-spectral",
+            "--package",
+            "probe-plugin-shuffle",
         ])
         .current_dir(root)
         .status()?;
@@ -261,6 +263,101 @@ pub fn forward(root: &Path) -> Result<()> {
     if peak > 1.5 * f32_bytes {
         eprintln!("warning: peak memory is above 1.5× the checkpoint's f32 size");
     }
+    record(root, &line)
+}
+
+/// `cargo xtask bench shuffle`: every method of the shuffle plugin on
+/// SmolLM2 shuffled with seed 3 — Kendall τ, accuracy, mean |displacement|
+/// and seconds — against the published 100 % pipeline (adjacent swaps by
+/// loss, seeded by activation flow: our `loss_bubble`) timed in the same run;
+/// then the default pipeline on `seeds` seeds, counting exact recoveries.
+pub fn shuffle(root: &Path, seeds: u64) -> Result<()> {
+    let probe = build_release(root)?;
+    let plugin = root.join("target/release/libprobe_plugin_shuffle.so");
+    let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
+    if !model.join(".complete").exists() {
+        bail!("{} is missing: run `cargo xtask models`", model.display());
+    }
+    let dir = root.join("target/bench/shuffle");
+    std::fs::create_dir_all(&dir)?;
+    // One run of the plugin on a freshly shuffled copy; its methods table.
+    let run = |seed: u64, methods: &str| -> Result<Vec<(String, [f64; 4])>> {
+        let shuffled = dir.join(format!("smollm2-seed-{seed}"));
+        let status = Command::new(&probe)
+            .args(["shuffle", "--seed", &seed.to_string(), "--out"])
+            .arg(&shuffled)
+            .arg(&model)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("probe shuffle --seed {seed} failed");
+        }
+        let out = dir.join("order.csv");
+        let status = Command::new(&probe)
+            .args(["run", "--quiet", "--plugin"])
+            .arg(&plugin)
+            .arg(&shuffled)
+            .args(["--param", &format!("methods={methods}"), "--out"])
+            .arg(&out)
+            .status()?;
+        if !status.success() {
+            bail!("the shuffle plugin failed on seed {seed}");
+        }
+        let table = std::fs::read_to_string(dir.join("order.methods.csv"))?;
+        let rows = table
+            .lines()
+            .skip(1)
+            .map(|line| {
+                let cells: Vec<&str> = line.split(',').collect();
+                let number = |i: usize| {
+                    cells
+                        .get(i)
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(f64::NAN)
+                };
+                (
+                    cells[0].to_string(),
+                    [number(1), number(2), number(3), number(4)],
+                )
+            })
+            .collect();
+        std::fs::remove_dir_all(&shuffled)?;
+        Ok(rows)
+    };
+    let table = run(3, "all")?;
+    let reference = table
+        .iter()
+        .find(|(m, _)| m == "loss_bubble")
+        .map(|(_, v)| v[3])
+        .context("the methods table has no loss_bubble row")?;
+    for (method, [tau, accuracy, displacement, seconds]) in &table {
+        let line = format!(
+            "| {} | {} | shuffle, SmolLM2-135M (30 blocks, seed 3), `{method}` | τ {tau:.3}, accuracy {:.1} %, mean \\|d\\| {displacement:.2}, {seconds:.2} s | published pipeline (`loss_bubble`: adjacent swaps by loss, seeded by flow) {reference:.2} s | {:.2}× |",
+            today(),
+            machine(),
+            accuracy * 100.0,
+            reference / seconds,
+        );
+        println!("{line}");
+        record(root, &line)?;
+    }
+    let mut exact = 0;
+    let mut times = Vec::new();
+    for seed in 1..=seeds {
+        let rows = run(seed, "flow_repair")?;
+        let [_, accuracy, _, seconds] = rows.first().context("no methods row")?.1;
+        exact += usize::from(accuracy == 1.0);
+        times.push(seconds);
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    let line = format!(
+        "| {} | {} | shuffle, SmolLM2-135M, default pipeline (`flow_repair`) on seeds 1–{seeds} | exact on {exact} of {seeds}, median {median:.2} s | published pipeline (`loss_bubble`, seed 3) {reference:.2} s | {:.2}× |",
+        today(),
+        machine(),
+        reference / median,
+    );
+    println!("{line}");
     record(root, &line)
 }
 

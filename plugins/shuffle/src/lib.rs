@@ -1,12 +1,12 @@
 //! `shuffle`: recover the order of a checkpoint's blocks when their names
 //! no longer say it ("Layer shuffle recovery" in RESEARCH.md).
 //!
-//! Methods so far: `norm_gain` (blocks sorted by their input-norm gain),
-//! `weight_stats` ([‖W‖_F, mean, std, max|W|] per matrix, L2, TSP),
-//! `cosine` (full-weight cosine distance, TSP), and `loss_bubble` (adjacent
-//! swaps kept when the language-model loss on the built-in prompts drops,
-//! seeded by `weight_stats`). Chains are open-path TSP (nearest neighbour from
-//! every start, 2-opt) oriented so the total weight norm grows with depth.
+//! Weight-only methods (RESEARCH.md's table): `norm_gain`, `weight_stats`,
+//! `cosine`, `svd_spectrum`, `fiedler`, `ensemble_rank`; chains are open-path
+//! TSP (nearest neighbour from every start, 2-opt) oriented so the total
+//! weight norm grows with depth. Forward-pass methods (`flow.rs`): `flow`,
+//! `flow_random`, `loss_bubble`, `flow_insert` and the default `flow_repair`.
+//! README.md says which signal carries the order and why.
 
 pub mod flow;
 use flow::Probe;
