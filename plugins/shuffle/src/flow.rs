@@ -25,6 +25,8 @@ pub struct ProbeText {
 
 impl ProbeText {
     pub fn new(host: &Host, prompts: &str, max_tokens: usize) -> Result<Self, PluginError> {
+        // Models with learned positions (GPT-2, BERT) read no further.
+        let max_tokens = max_tokens.min(learned_positions(&host.model()?).unwrap_or(usize::MAX));
         let text: Vec<String> = prompts
             .lines()
             .map(str::trim)
@@ -58,6 +60,16 @@ impl ProbeText {
     pub fn head(&self, n: usize) -> &[u32] {
         &self.tokens[..n.min(self.tokens.len())]
     }
+}
+
+/// How many positions a model with learned position embeddings has.
+fn learned_positions(model: &ModelInfo) -> Option<usize> {
+    let config = model.config.as_ref()?;
+    ["n_positions", "max_position_embeddings"]
+        .iter()
+        .filter(|_| matches!(model.family.as_str(), "gpt2" | "bert"))
+        .find_map(|key| config.get(*key)?.as_u64())
+        .map(|n| n as usize)
 }
 
 /// Seeded xorshift ids: the same probe on every run.
@@ -202,6 +214,12 @@ pub fn flow(
 /// The least relative loss drop for which `repair` keeps a move.
 pub const MIN_GAIN: f64 = 1e-3;
 
+/// `repair` trusts the loss only when the chain's loss is below this share
+/// of a uniform guess's (ln V): a model that does not predict the text (an
+/// untrained one) gives every order about the same loss, and following its
+/// noise would only undo what `flow` found. SmolLM2 sits at 0.28.
+pub const INFORMATIVE_LOSS: f64 = 0.8;
+
 /// Loss-checked repair of a `flow` chain. At every depth, each runner-up
 /// that `flow` ranked among the `top` and within `ratio` of the winner is
 /// tried in that place (moved there from wherever it is now); a move is kept
@@ -220,6 +238,14 @@ pub fn repair(
     let mut cache = vec![embedding(host, tokens)?];
     let (after, loss) = run_from(host, tokens, &cache[0], &path, true)?;
     let mut best = loss.ok_or("repair: the model has no output head, so no loss")?;
+    let vocab = host.model()?.vocab_size.unwrap_or(2).max(2) as f64;
+    if best > INFORMATIVE_LOSS * vocab.ln() {
+        host.warn(&format!(
+            "repair: the model predicts the probe text no better than chance (loss {best:.2} nats, uniform {:.2}); its loss cannot judge an order, so flow's chain stands",
+            vocab.ln()
+        ));
+        return Ok((path, best, 0));
+    }
     cache.extend(after);
     let mut tried = 0;
     for (depth, step) in steps.iter().enumerate() {
