@@ -151,6 +151,7 @@ impl<'a> RunContext<'a> {
             forward_output,
             release_forward,
             lens,
+            write_reordered,
         }
     }
 
@@ -667,6 +668,34 @@ unsafe extern "C" fn lens(
                 abi::STATUS_OK
             }
             Err(message) => fail(message),
+        }
+    })
+}
+
+unsafe extern "C" fn write_reordered(ctx: *const c_void, request_json: StrRef) -> i32 {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct WriteRequest {
+        dir: std::path::PathBuf,
+        new_index: Vec<usize>,
+        #[serde(default)]
+        metadata: std::collections::BTreeMap<String, String>,
+    }
+    shielded(abi::STATUS_ERROR, || {
+        let run = unsafe { context(ctx) };
+        let json = unsafe { request_json.as_str() };
+        let request: WriteRequest = match serde_json::from_str(&json) {
+            Ok(request) => request,
+            Err(e) => return fail(format!("write_reordered: bad request: {e}")),
+        };
+        match crate::shuffle::write_reordered(
+            run.checkpoint,
+            &request.new_index,
+            request.metadata,
+            &request.dir,
+        ) {
+            Ok(()) => abi::STATUS_OK,
+            Err(e) => fail(e.to_string()),
         }
     })
 }

@@ -49,14 +49,63 @@ pub fn write_shuffled(
     seed: u64,
     out_dir: &Path,
 ) -> Result<Vec<usize>, ShuffleError> {
+    let n = Schema::of(checkpoint).num_layers;
+    if n < 2 {
+        return Err(ShuffleError::Refused {
+            file: checkpoint.path.clone(),
+            problem: format!("{n} blocks: nothing to shuffle"),
+        });
+    }
+    let stored = permutation(n, seed);
+    let mut new_index = vec![0; n];
+    for (s, &original) in stored.iter().enumerate() {
+        new_index[original] = s;
+    }
+    let mut metadata = checkpoint.user_metadata();
+    // A shuffle of a shuffle records the truth relative to the original.
+    let truth: Vec<usize> = match metadata
+        .get(TRUE_POSITION_KEY)
+        .and_then(|t| serde_json::from_str::<Vec<usize>>(t).ok())
+        .filter(|t| t.len() == n)
+    {
+        Some(earlier) => stored.iter().map(|&b| earlier[b]).collect(),
+        None => stored.clone(),
+    };
+    metadata.insert(
+        TRUE_POSITION_KEY.into(),
+        serde_json::to_string(&truth).unwrap_or_default(),
+    );
+    metadata.insert(SEED_KEY.into(), seed.to_string());
+    write_reordered(checkpoint, &new_index, metadata, out_dir)?;
+    Ok(truth)
+}
+
+/// Write `checkpoint` into `out_dir` with every tensor of block `b` renamed
+/// to block `new_index[b]` (a permutation of the blocks), the per-block
+/// config entries moved with them, the tokenizer files copied and
+/// `metadata` as the safetensors `__metadata__`. The weights are the
+/// mapping's bytes, unconverted.
+pub fn write_reordered(
+    checkpoint: &Checkpoint,
+    new_index: &[usize],
+    metadata: BTreeMap<String, String>,
+    out_dir: &Path,
+) -> Result<(), ShuffleError> {
     let refuse = |problem: String| ShuffleError::Refused {
         file: checkpoint.path.clone(),
         problem,
     };
     let schema = Schema::of(checkpoint);
     let n = schema.num_layers;
-    if n < 2 {
-        return Err(refuse(format!("{n} blocks: nothing to shuffle")));
+    let mut seen = vec![false; n];
+    if new_index.len() != n
+        || new_index
+            .iter()
+            .any(|&i| i >= n || std::mem::replace(&mut seen[i], true))
+    {
+        return Err(refuse(format!(
+            "{new_index:?} is no permutation of the {n} blocks"
+        )));
     }
     if let Some(entry) = schema
         .placed(checkpoint)
@@ -68,10 +117,10 @@ pub fn write_shuffled(
             entry.name
         )));
     }
-    let stored = permutation(n, seed);
-    let mut new_index = vec![0; n];
-    for (s, &original) in stored.iter().enumerate() {
-        new_index[original] = s;
+    // stored[j]: the block of `checkpoint` that becomes block j.
+    let mut stored = vec![0; n];
+    for (b, &j) in new_index.iter().enumerate() {
+        stored[j] = b;
     }
     let mut renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
     for (entry, placement) in schema.placed(checkpoint) {
@@ -91,12 +140,6 @@ pub fn write_shuffled(
             .map_err(|e| refuse(format!("`{}`: {e}", entry.name)))?;
         renamed.push((name, tensor));
     }
-    let mut metadata: BTreeMap<String, String> = checkpoint.user_metadata();
-    metadata.insert(
-        TRUE_POSITION_KEY.into(),
-        serde_json::to_string(&stored).unwrap_or_default(),
-    );
-    metadata.insert(SEED_KEY.into(), seed.to_string());
     let metadata: std::collections::HashMap<String, String> = metadata.into_iter().collect();
 
     std::fs::create_dir_all(out_dir).map_err(|cause| ShuffleError::Io {
@@ -142,7 +185,7 @@ pub fn write_shuffled(
             })?;
         }
     }
-    Ok(stored)
+    Ok(())
 }
 
 /// Per-block settings in config.json travel with their blocks: Gemma 3's

@@ -219,6 +219,56 @@ fn the_default_pipeline_restores_trended_fixtures_of_every_family() {
     }
 }
 
+/// `write=DIR` writes the checkpoint in the recovered order: every tensor
+/// is byte for byte the original's of the same name, the per-block config
+/// entries are back, and no shuffle is recorded any more.
+#[test]
+fn the_repaired_checkpoint_is_the_original() {
+    let dir = tempdir();
+    let original = dir.path().join("original");
+    let spec = probe_fixtures::Spec {
+        layers: 6,
+        depth_trend: 1.5,
+        ..probe_fixtures::by_name("gemma3-tied-f32").unwrap()
+    };
+    probe_fixtures::write(&spec, &original).unwrap();
+    let shuffled = dir.path().join("shuffled");
+    probe([
+        "shuffle".as_ref(),
+        original.as_os_str(),
+        "--seed".as_ref(),
+        "4".as_ref(),
+        "--out".as_ref(),
+        shuffled.as_os_str(),
+    ])
+    .ok();
+    let repaired = dir.path().join("repaired");
+    let write = format!("write={}", repaired.display());
+    crate::util::run_plugin_to(
+        "probe-plugin-shuffle",
+        &shuffled,
+        &[&write],
+        &dir.path().join("order.parquet"),
+    );
+    let (a, b) = (
+        Checkpoint::open(&original).unwrap(),
+        Checkpoint::open(&repaired).unwrap(),
+    );
+    assert_eq!(a.tensors().len(), b.tensors().len());
+    for entry in a.tensors() {
+        let other = b
+            .tensors()
+            .iter()
+            .find(|e| e.name == entry.name)
+            .unwrap_or_else(|| panic!("{} is missing", entry.name));
+        assert!(a.view(entry).bytes == b.view(other).bytes, "{}", entry.name);
+    }
+    let metadata = b.user_metadata();
+    assert!(!metadata.contains_key(probe::shuffle::TRUE_POSITION_KEY));
+    assert_eq!(metadata["probe.shuffle.repaired_by"], "flow_repair");
+    assert_eq!(a.config, b.config, "gemma3's layer_types are back in order");
+}
+
 /// Shuffle a real model with `seed`, run the plugin's default pipeline and
 /// return (recovered position, true position) per stored block.
 fn recover(model: &Path, seed: u64) -> (Vec<i64>, Vec<i64>) {

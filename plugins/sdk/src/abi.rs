@@ -188,6 +188,12 @@ pub struct HostApi {
         t: usize,
         out: *mut F32Buffer,
     ) -> i32,
+    /// Write the checkpoint with its blocks renamed into a new folder.
+    /// `request_json`: `{"dir": str, "new_index": [..], "metadata": {str: str}}`;
+    /// every tensor of block `b` becomes block `new_index[b]`; the per-block
+    /// config moves along, the tokenizer files are copied, `metadata` becomes
+    /// the safetensors `__metadata__`. Whole or not at all.
+    pub write_reordered: unsafe extern "C" fn(ctx: *const c_void, request_json: StrRef) -> i32,
 }
 
 /// A forward pass's result, owned by the host.

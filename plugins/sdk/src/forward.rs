@@ -150,6 +150,23 @@ impl Host<'_> {
 
     /// Logits `[t, vocab]` of the final norm and unembedding applied to
     /// `t` residual rows: the logit lens.
+    /// Write the checkpoint into `dir` with every tensor of block `b`
+    /// renamed to block `new_index[b]` (see `HostApi::write_reordered`).
+    pub fn write_reordered(
+        &self,
+        dir: &std::path::Path,
+        new_index: &[usize],
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), PluginError> {
+        let json = serde_json::json!({ "dir": dir, "new_index": new_index, "metadata": metadata })
+            .to_string();
+        let status = unsafe { (self.api.write_reordered)(self.api.ctx, StrRef::new(&json)) };
+        if status != abi::STATUS_OK {
+            return Err(self.last_error());
+        }
+        Ok(())
+    }
+
     pub fn lens(&self, residual: &[f32], t: usize) -> Result<Vec<f32>, PluginError> {
         let mut buffer = F32Buffer::empty();
         let status = unsafe {

@@ -220,6 +220,12 @@ impl Plugin for Shuffle {
                 "probe-text tokens whose next-token loss scores an order (loss_bubble, flow_insert)",
             ),
             ParamSpec::new(
+                "write",
+                ParamKind::Str,
+                Some(""),
+                "write the checkpoint with its blocks put in the order of the first method run into this folder",
+            ),
+            ParamSpec::new(
                 "window",
                 ParamKind::Int,
                 Some("4"),
@@ -361,6 +367,32 @@ impl Plugin for Shuffle {
             "seconds" => results.iter().map(|r| r.2).collect::<Vec<_>>()
         )?;
         host.emit_table("methods", summary)?;
+        let write = params.str("write")?;
+        if let (false, Some((method, positions, _))) = (write.is_empty(), results.first()) {
+            // The truth travels only while the written copy still holds a
+            // shuffle: relative to the repaired order, block b's true
+            // position is truth[b].
+            let mut metadata = model.metadata.clone();
+            metadata.remove("probe.shuffle.true_position");
+            metadata.remove("probe.shuffle.seed");
+            if let Some(truth) = &truth {
+                let mut relative = vec![0; n];
+                for (b, &p) in positions.iter().enumerate() {
+                    relative[p] = truth[b];
+                }
+                if relative.iter().enumerate().any(|(i, &t)| i != t) {
+                    metadata.insert(
+                        "probe.shuffle.true_position".into(),
+                        serde_json::to_string(&relative).unwrap_or_default(),
+                    );
+                }
+            }
+            metadata.insert("probe.shuffle.repaired_by".into(), method.clone());
+            host.write_reordered(std::path::Path::new(write), positions, &metadata)?;
+            host.info(&format!(
+                "wrote {write} with the blocks in `{method}`'s order"
+            ));
+        }
         Ok(df!(
             "method" => method_col,
             "stored_index" => stored_col,
