@@ -152,6 +152,7 @@ impl<'a> RunContext<'a> {
             release_forward,
             lens,
             write_reordered,
+            forward_from,
         }
     }
 
@@ -527,62 +528,93 @@ unsafe extern "C" fn forward(
 ) -> i32 {
     shielded(abi::STATUS_ERROR, || {
         let run = unsafe { context(ctx) };
-        if out.is_null() {
-            return fail("forward: null output");
+        let json = unsafe { request_json.as_str() };
+        run_forward(run, &json, None, out)
+    })
+}
+
+unsafe extern "C" fn forward_from(
+    ctx: *const c_void,
+    request_json: StrRef,
+    start: *const f32,
+    start_len: usize,
+    out: *mut ForwardResultC,
+) -> i32 {
+    shielded(abi::STATUS_ERROR, || {
+        let run = unsafe { context(ctx) };
+        if start.is_null() {
+            return fail("forward_from: null start residual");
         }
         let json = unsafe { request_json.as_str() };
-        let (request, edits) = match parse_request(&json) {
-            Ok(parsed) => parsed,
-            Err(message) => return fail(message),
-        };
-        let result = run.with_engine(|engine| {
-            engine
-                .run(&Request {
-                    tokens: &request.tokens,
-                    blocks: request.blocks.as_deref(),
-                    edits: &edits,
-                    start: request.start.as_deref(),
-                    capture: Capture {
-                        residuals: request.residuals,
-                        updates: request.updates,
-                        attention: request.attention,
-                        logits: request.logits || request.loss,
-                    },
-                })
-                .map_err(|e| e.to_string())
-        });
-        let mut trace = match result {
-            Ok(trace) => trace,
-            Err(message) => return fail(message),
-        };
-        let (loss, token_losses) = (trace.loss(), trace.token_losses());
-        if !request.logits {
-            // `loss` alone: the logits ([T, vocab], tens of MB) stay here.
-            trace.logits = None;
-        }
-        let meta_json = serde_json::json!({
-            "tokens": trace.tokens,
-            "blocks": trace.blocks,
-            "hidden": trace.hidden,
-            "heads": trace.heads,
-            "vocab": trace.vocab,
-            "loss": loss,
-            "token_losses": token_losses,
-            "stages": trace.residuals.len(),
-            "updates": trace.attn_updates.len(),
-            "attention": trace.attention.len(),
-            "has_logits": trace.logits.is_some(),
-        })
-        .to_string();
-        let handle = Box::new(ForwardHandle { meta_json, trace });
-        unsafe {
-            out.write(ForwardResultC {
-                meta_json: StrRef::new(&handle.meta_json),
-                handle: Box::into_raw(handle) as *mut c_void,
-            })
-        };
-        abi::STATUS_OK
+        let start = unsafe { std::slice::from_raw_parts(start, start_len) };
+        run_forward(run, &json, Some(start), out)
     })
+}
+
+/// `forward` and `forward_from`: `start` (raw floats) overrides the JSON's.
+fn run_forward(
+    run: &RunContext<'_>,
+    json: &str,
+    start: Option<&[f32]>,
+    out: *mut ForwardResultC,
+) -> i32 {
+    if out.is_null() {
+        return fail("forward: null output");
+    }
+    let (request, edits) = match parse_request(json) {
+        Ok(parsed) => parsed,
+        Err(message) => return fail(message),
+    };
+    if start.is_some() && request.start.is_some() {
+        return fail("forward_from: the start residual is given twice (raw and in the JSON)");
+    }
+    let result = run.with_engine(|engine| {
+        engine
+            .run(&Request {
+                tokens: &request.tokens,
+                blocks: request.blocks.as_deref(),
+                edits: &edits,
+                start: start.or(request.start.as_deref()),
+                capture: Capture {
+                    residuals: request.residuals,
+                    updates: request.updates,
+                    attention: request.attention,
+                    logits: request.logits || request.loss,
+                },
+            })
+            .map_err(|e| e.to_string())
+    });
+    let mut trace = match result {
+        Ok(trace) => trace,
+        Err(message) => return fail(message),
+    };
+    let (loss, token_losses) = (trace.loss(), trace.token_losses());
+    if !request.logits {
+        // `loss` alone: the logits ([T, vocab], tens of MB) stay here.
+        trace.logits = None;
+    }
+    let meta_json = serde_json::json!({
+        "tokens": trace.tokens,
+        "blocks": trace.blocks,
+        "hidden": trace.hidden,
+        "heads": trace.heads,
+        "vocab": trace.vocab,
+        "loss": loss,
+        "token_losses": token_losses,
+        "stages": trace.residuals.len(),
+        "updates": trace.attn_updates.len(),
+        "attention": trace.attention.len(),
+        "has_logits": trace.logits.is_some(),
+    })
+    .to_string();
+    let handle = Box::new(ForwardHandle { meta_json, trace });
+    unsafe {
+        out.write(ForwardResultC {
+            meta_json: StrRef::new(&handle.meta_json),
+            handle: Box::into_raw(handle) as *mut c_void,
+        })
+    };
+    abi::STATUS_OK
 }
 
 unsafe extern "C" fn forward_output(

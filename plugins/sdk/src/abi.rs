@@ -194,6 +194,16 @@ pub struct HostApi {
     /// config moves along, the tokenizer files are copied, `metadata` becomes
     /// the safetensors `__metadata__`. Whole or not at all.
     pub write_reordered: unsafe extern "C" fn(ctx: *const c_void, request_json: StrRef) -> i32,
+    /// `forward` from a given residual `[T, hidden]` passed as raw floats
+    /// (`start`, `start_len`), not in the JSON: a plugin that walks blocks
+    /// one at a time passes the stream without printing and parsing it.
+    pub forward_from: unsafe extern "C" fn(
+        ctx: *const c_void,
+        request_json: StrRef,
+        start: *const f32,
+        start_len: usize,
+        out: *mut ForwardResultC,
+    ) -> i32,
 }
 
 /// A forward pass's result, owned by the host.

@@ -42,6 +42,19 @@ pub struct ForwardRequest {
     pub start: Option<Vec<f32>>,
 }
 
+/// What crosses as JSON: a [`ForwardRequest`] less its start residual.
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    tokens: &'a [u32],
+    blocks: Option<&'a [usize]>,
+    edits: &'a [Edit],
+    residuals: bool,
+    updates: bool,
+    attention: bool,
+    logits: bool,
+    loss: bool,
+}
+
 #[derive(Debug, Deserialize)]
 struct Meta {
     tokens: Vec<u32>,
@@ -96,9 +109,32 @@ impl Host<'_> {
 
     /// Run one forward pass.
     pub fn forward(&self, request: &ForwardRequest) -> Result<ForwardOutput, PluginError> {
-        let json = serde_json::to_string(request).map_err(|e| PluginError::Other(e.to_string()))?;
+        // The start residual goes across as raw floats, the rest as JSON.
+        let start = request.start.as_deref();
+        let json = serde_json::to_string(&WireRequest {
+            tokens: &request.tokens,
+            blocks: request.blocks.as_deref(),
+            edits: &request.edits,
+            residuals: request.residuals,
+            updates: request.updates,
+            attention: request.attention,
+            logits: request.logits,
+            loss: request.loss,
+        })
+        .map_err(|e| PluginError::Other(e.to_string()))?;
         let mut result = ForwardResultC::empty();
-        let status = unsafe { (self.api.forward)(self.api.ctx, StrRef::new(&json), &mut result) };
+        let status = match start {
+            Some(start) => unsafe {
+                (self.api.forward_from)(
+                    self.api.ctx,
+                    StrRef::new(&json),
+                    start.as_ptr(),
+                    start.len(),
+                    &mut result,
+                )
+            },
+            None => unsafe { (self.api.forward)(self.api.ctx, StrRef::new(&json), &mut result) },
+        };
         if status != abi::STATUS_OK {
             return Err(self.last_error());
         }
