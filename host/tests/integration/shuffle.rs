@@ -139,14 +139,7 @@ fn the_shuffle_plugin_scores_its_methods_against_the_recorded_truth() {
     let methods = crate::util::read_parquet(&dir.path().join("order.methods.parquet"));
     assert_eq!(rows.height(), METHODS.len() * 4, "methods × 4 blocks");
     let truth = probe::shuffle::permutation(4, 5);
-    let column = |name: &str| -> Vec<i64> {
-        rows.column(name)
-            .unwrap()
-            .i64()
-            .unwrap()
-            .into_no_null_iter()
-            .collect()
-    };
+    let column = |name: &str| i64_column(&rows, name);
     let (stored, recovered, true_position) = (
         column("stored_index"),
         column("recovered_position"),
@@ -269,6 +262,16 @@ fn the_repaired_checkpoint_is_the_original() {
     assert_eq!(a.config, b.config, "gemma3's layer_types are back in order");
 }
 
+fn i64_column(table: &polars::prelude::DataFrame, name: &str) -> Vec<i64> {
+    table
+        .column(name)
+        .unwrap()
+        .i64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect()
+}
+
 /// Shuffle a real model with `seed`, run the plugin's default pipeline and
 /// return (recovered position, true position) per stored block.
 fn recover(model: &Path, seed: u64) -> (Vec<i64>, Vec<i64>) {
@@ -286,14 +289,7 @@ fn recover(model: &Path, seed: u64) -> (Vec<i64>, Vec<i64>) {
     let out = dir.path().join("order.parquet");
     crate::util::run_plugin_to("probe-plugin-shuffle", &shuffled, &[], &out);
     let rows = crate::util::read_parquet(&out);
-    let column = |name: &str| -> Vec<i64> {
-        rows.column(name)
-            .unwrap()
-            .i64()
-            .unwrap()
-            .into_no_null_iter()
-            .collect()
-    };
+    let column = |name: &str| i64_column(&rows, name);
     (column("recovered_position"), column("true_position"))
 }
 

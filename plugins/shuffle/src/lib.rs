@@ -19,20 +19,6 @@ use std::time::Instant;
 use probe_sdk::prelude::*;
 
 const PROMPTS: &str = include_str!("../../../probes/prompts.txt");
-const METHODS: [&str; 11] = [
-    "norm_gain",
-    "weight_stats",
-    "cosine",
-    "svd_spectrum",
-    "fiedler",
-    "ensemble_rank",
-    "flow",
-    "flow_random",
-    "loss_bubble",
-    "flow_insert",
-    "flow_repair",
-];
-/// What `methods` runs unless told: the pipeline that recovers the order.
 /// The methods that read weights only (they share one read of every matrix).
 const WEIGHT_ONLY: [&str; 6] = [
     "norm_gain",
@@ -42,9 +28,22 @@ const WEIGHT_ONLY: [&str; 6] = [
     "fiedler",
     "ensemble_rank",
 ];
+/// The methods that run forward passes through the host's engine.
+const FORWARD: [&str; 5] = [
+    "flow",
+    "flow_random",
+    "loss_bubble",
+    "flow_insert",
+    "flow_repair",
+];
+/// What `methods` runs unless told: the pipeline that recovers the order.
 const DEFAULT_METHODS: &str = "flow_repair";
 
 struct Shuffle;
+
+fn all_methods() -> impl Iterator<Item = &'static str> {
+    WEIGHT_ONLY.iter().chain(FORWARD.iter()).copied()
+}
 
 /// Whether the engine can compute a next-token loss for this model: an
 /// encoder checkpoint (BERT) carries no language-model head.
@@ -250,12 +249,15 @@ impl Plugin for Shuffle {
             .filter(|t: &Vec<usize>| t.len() == n);
         let mut methods = params.list("methods").unwrap_or_default();
         if methods.iter().any(|m| m == "all") {
-            methods = METHODS.iter().map(|m| m.to_string()).collect();
+            methods = all_methods().map(String::from).collect();
         }
-        if let Some(unknown) = methods.iter().find(|m| !METHODS.contains(&m.as_str())) {
+        if let Some(unknown) = methods
+            .iter()
+            .find(|m| !all_methods().any(|known| known == m.as_str()))
+        {
             return Err(format!(
                 "unknown method `{unknown}` (methods: {})",
-                METHODS.join(", ")
+                all_methods().collect::<Vec<_>>().join(", ")
             )
             .into());
         }
