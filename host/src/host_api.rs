@@ -588,7 +588,10 @@ fn run_forward(
         Ok(trace) => trace,
         Err(message) => return fail(message),
     };
-    let (loss, token_losses) = (trace.loss(), trace.token_losses());
+    let token_losses = trace.token_losses();
+    let loss = token_losses
+        .as_deref()
+        .and_then(crate::forward::engine::mean_loss);
     if !request.logits {
         // `loss` alone: the logits ([T, vocab], tens of MB) stay here.
         trace.logits = None;

@@ -91,7 +91,7 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
             .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
             .map_or("?".into(), |n| n.trim().to_string());
         println!(
-            "{target}: {runs} executions in {seconds} s, exit {}",
+            "{target}: {runs} executions in {seconds} s ({})",
             output.status
         );
         if !output.status.success() {

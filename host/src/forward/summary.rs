@@ -99,7 +99,7 @@ impl Summary {
     ) -> Summary {
         let text = |id: u32| codec.map(|c| c.token_text(id)).unwrap_or_default();
         let losses = trace.token_losses();
-        let loss = trace.loss();
+        let loss = losses.as_deref().and_then(super::engine::mean_loss);
         let positions = (0..trace.len())
             .map(|p| {
                 let top = trace
