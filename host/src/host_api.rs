@@ -588,10 +588,7 @@ fn run_forward(
         Ok(trace) => trace,
         Err(message) => return fail(message),
     };
-    let token_losses = trace.token_losses();
-    let loss = token_losses
-        .as_deref()
-        .and_then(crate::forward::engine::mean_loss);
+    let (token_losses, loss) = trace.losses();
     if !request.logits {
         // `loss` alone: the logits ([T, vocab], tens of MB) stay here.
         trace.logits = None;

@@ -124,13 +124,19 @@ impl Trace {
 
     /// Mean next-token cross-entropy; `None` without logits or with one token.
     pub fn loss(&self) -> Option<f64> {
-        mean_loss(&self.token_losses()?)
+        self.losses().1
     }
-}
 
-/// The mean of per-token losses; `None` when there are none.
-pub fn mean_loss(losses: &[f64]) -> Option<f64> {
-    (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64)
+    /// [`Trace::token_losses`] and their mean from one pass over the logits
+    /// (the pass is the expensive part: callers that need both ask here).
+    pub fn losses(&self) -> (Option<Vec<f64>>, Option<f64>) {
+        let per_token = self.token_losses();
+        let mean = per_token
+            .as_deref()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.iter().sum::<f64>() / l.len() as f64);
+        (per_token, mean)
+    }
 }
 
 /// Cross-entropy of `tokens[t + 1]` under `logits[t]`. The exponentials are

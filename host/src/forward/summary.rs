@@ -98,8 +98,7 @@ impl Summary {
         k: usize,
     ) -> Summary {
         let text = |id: u32| codec.map(|c| c.token_text(id)).unwrap_or_default();
-        let losses = trace.token_losses();
-        let loss = losses.as_deref().and_then(super::engine::mean_loss);
+        let (losses, loss) = trace.losses();
         let positions = (0..trace.len())
             .map(|p| {
                 let top = trace
