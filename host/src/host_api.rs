@@ -475,6 +475,8 @@ struct ForwardRequestJson {
     loss: bool,
     #[serde(default)]
     start: Option<Vec<f32>>,
+    #[serde(default)]
+    loss_vocab: Option<Vec<u32>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -568,6 +570,11 @@ fn run_forward(
     if start.is_some() && request.start.is_some() {
         return fail("forward_from: the start residual is given twice (raw and in the JSON)");
     }
+    if request.loss_vocab.is_some() && (request.logits || !request.loss) {
+        return fail(
+            "forward request: `loss_vocab` restricts the loss; ask for `loss` and not `logits`",
+        );
+    }
     let result = run.with_engine(|engine| {
         engine
             .run(&Request {
@@ -581,6 +588,7 @@ fn run_forward(
                     attention: request.attention,
                     logits: request.logits || request.loss,
                 },
+                loss_vocab: request.loss_vocab.as_deref(),
             })
             .map_err(|e| e.to_string())
     });

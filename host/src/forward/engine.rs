@@ -86,6 +86,12 @@ pub struct Request<'a> {
     /// output (a caller that caches a prefix runs only what follows it).
     pub start: Option<&'a [f32]>,
     pub capture: Capture,
+    /// With `capture.logits`: compute them over these token ids (and the
+    /// text's own tokens) only, not the whole vocabulary. The loss is then a
+    /// softmax restricted to that set — lower than the model's loss, but a
+    /// fraction of the head's cost, for callers that compare many runs of one
+    /// text (the ids a model finds likely carry nearly all the mass).
+    pub loss_vocab: Option<&'a [u32]>,
 }
 
 /// What a forward pass produced. Matrices are row-major.
@@ -104,7 +110,11 @@ pub struct Trace {
     pub attention: Vec<Vec<f32>>,
     /// The residual after the last block run.
     pub output: Vec<f32>,
+    /// `[T, vocab]`, or `[T, vocab_ids.len()]` over a restricted vocabulary.
     pub logits: Option<Vec<f32>>,
+    /// The token ids the logits' columns stand for (ascending) when the run
+    /// asked for a restricted vocabulary; `None` for the whole vocabulary.
+    pub vocab_ids: Option<Vec<u32>>,
 }
 
 impl Trace {
@@ -119,7 +129,18 @@ impl Trace {
     /// Cross-entropy of each next token (`T - 1` values), in nats.
     pub fn token_losses(&self) -> Option<Vec<f64>> {
         let logits = self.logits.as_ref()?;
-        Some(token_losses(logits, self.vocab, &self.tokens))
+        match &self.vocab_ids {
+            None => Some(token_losses(logits, self.vocab, &self.tokens)),
+            Some(ids) => {
+                // Every next token is in `ids` by construction (see `Engine::run`).
+                let columns: Vec<u32> = self
+                    .tokens
+                    .iter()
+                    .map(|id| ids.binary_search(id).map_or(0, |c| c as u32))
+                    .collect();
+                Some(token_losses(logits, ids.len(), &columns))
+            }
+        }
     }
 
     /// Mean next-token cross-entropy; `None` without logits or with one token.
@@ -174,7 +195,17 @@ pub struct Engine<'c> {
     /// Index into `graphs` for each block.
     graph_of: Vec<usize>,
     head: Option<Session>,
+    /// The unembedding rows (and biases) of the last restricted vocabulary
+    /// asked for: a caller comparing runs asks for the same set every time.
+    head_rows: Option<HeadRows>,
     pub device: Device,
+}
+
+/// Rows of the head's weight (and bias) for a set of token ids.
+struct HeadRows {
+    ids: Vec<u32>,
+    /// (graph input, shape, values) per head weight that has a vocabulary axis.
+    inputs: Vec<(&'static str, Vec<usize>, Vec<f32>)>,
 }
 
 fn ort_error<'a>(file: &'a Checkpoint, what: &str) -> impl Fn(ort::Error) -> ForwardError + 'a {
@@ -283,6 +314,7 @@ impl<'c> Engine<'c> {
             graphs,
             graph_of,
             head,
+            head_rows: None,
             device: options.device,
         })
     }
@@ -328,6 +360,17 @@ impl<'c> Engine<'c> {
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.arch.vocab) {
             return Err(bad(format!(
                 "token id {id} is outside the vocabulary of {}",
+                self.arch.vocab
+            )));
+        }
+        if let Some(&id) = request
+            .loss_vocab
+            .unwrap_or_default()
+            .iter()
+            .find(|&&id| id as usize >= self.arch.vocab)
+        {
+            return Err(bad(format!(
+                "loss vocabulary id {id} is outside the vocabulary of {}",
                 self.arch.vocab
             )));
         }
@@ -527,7 +570,16 @@ impl<'c> Engine<'c> {
             }
         }
         if request.capture.logits {
-            trace.logits = Some(self.lens(&residual, t)?);
+            match request.loss_vocab {
+                None => trace.logits = Some(self.lens(&residual, t)?),
+                Some(wanted) => {
+                    let mut ids: Vec<u32> = wanted.iter().chain(tokens).copied().collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    trace.logits = Some(self.head_over(&residual, t, &ids)?);
+                    trace.vocab_ids = Some(ids);
+                }
+            }
         }
         trace.output = residual;
         Ok(trace)
@@ -536,6 +588,52 @@ impl<'c> Engine<'c> {
     /// The head (final norm + unembedding) applied to a residual `[T, hidden]`:
     /// the logit lens. Returns logits `[T, vocab]`.
     pub fn lens(&mut self, residual: &[f32], t: usize) -> Result<Vec<f32>, ForwardError> {
+        self.head_over_rows(residual, t, false)
+    }
+
+    /// The head over the token ids `ids` (ascending, unique, in range) only:
+    /// logits `[T, ids.len()]`, column `j` for `ids[j]`.
+    fn head_over(
+        &mut self,
+        residual: &[f32],
+        t: usize,
+        ids: &[u32],
+    ) -> Result<Vec<f32>, ForwardError> {
+        if self.head_rows.as_ref().is_none_or(|rows| rows.ids != ids) {
+            let inputs = self
+                .map
+                .head
+                .iter()
+                .filter(|(input, _)| input.starts_with("lm_head."))
+                .map(|(input, name)| {
+                    let (shape, data) = &self.values[name];
+                    let row = shape[1..].iter().product::<usize>();
+                    let mut rows = Vec::with_capacity(ids.len() * row);
+                    for &id in ids {
+                        let id = id as usize;
+                        rows.extend_from_slice(&data[id * row..(id + 1) * row]);
+                    }
+                    let mut shape = shape.clone();
+                    shape[0] = ids.len();
+                    (*input, shape, rows)
+                })
+                .collect();
+            self.head_rows = Some(HeadRows {
+                ids: ids.to_vec(),
+                inputs,
+            });
+        }
+        self.head_over_rows(residual, t, true)
+    }
+
+    /// Run the head on `residual`, with the whole unembedding or, when
+    /// `restricted`, with the rows in `self.head_rows`.
+    fn head_over_rows(
+        &mut self,
+        residual: &[f32],
+        t: usize,
+        restricted: bool,
+    ) -> Result<Vec<f32>, ForwardError> {
         let hidden = self.arch.hidden;
         let Some(head) = self.head.as_mut() else {
             return Err(ForwardError::Request {
@@ -563,7 +661,32 @@ impl<'c> Engine<'c> {
                 .map_err(&fail)?
                 .into(),
         ));
-        Self::weight_inputs(&self.values, &self.map.head, &mut inputs).map_err(&fail)?;
+        match self.head_rows.as_ref().filter(|_| restricted) {
+            None => {
+                Self::weight_inputs(&self.values, &self.map.head, &mut inputs).map_err(&fail)?
+            }
+            Some(rows) => {
+                for (input, name) in &self.map.head {
+                    match rows.inputs.iter().find(|(i, _, _)| i == input) {
+                        Some((_, shape, data)) => inputs.push((
+                            Cow::Borrowed(*input),
+                            TensorRef::from_array_view((shape.clone(), &data[..]))
+                                .map_err(&fail)?
+                                .into(),
+                        )),
+                        None => {
+                            let (shape, data) = &self.values[name];
+                            inputs.push((
+                                Cow::Borrowed(*input),
+                                TensorRef::from_array_view((shape.clone(), &data[..]))
+                                    .map_err(&fail)?
+                                    .into(),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         let outputs = head.run(inputs).map_err(&fail)?;
         let logits = outputs[io::LOGITS]
             .try_extract_tensor::<f32>()

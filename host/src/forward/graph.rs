@@ -480,7 +480,15 @@ pub fn head(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
         TensorElementType::Float32,
         &[-1, arch.hidden as i64],
     );
-    declare_weights(&mut b, weights);
+    // The vocabulary axis is left open so that a run can feed the rows of a
+    // few token ids only (`Request::loss_vocab`).
+    for (name, shape) in weights {
+        let mut dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        if name.starts_with("lm_head.") {
+            dims[0] = -1;
+        }
+        b.input(name, TensorElementType::Float32, &dims);
+    }
     let has = |n: &str| weights.contains_key(n);
     let mut x = io::RESIDUAL.to_string();
     if has("final_norm.weight") {

@@ -316,6 +316,75 @@ fn interventions_reorder_skip_and_edit_the_residual() {
     assert!(loss.is_finite() && loss != base.loss().unwrap());
 }
 
+/// `loss_vocab`: the softmax over a few ids, checked against the full
+/// logits in f64, equal to the model's loss over the whole vocabulary, and
+/// below it otherwise; tied and untied heads, with Gemma 3's (1 + w) final norm.
+#[test]
+fn a_restricted_vocabulary_loss_is_the_softmax_over_those_ids() {
+    for name in ["llama-tied-f32", "gemma3-tied-f32", "qwen2-untied-f16"] {
+        let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
+        let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+        let tokens = [3u32, 14, 15, 92, 65, 35];
+        let logits_only = Capture {
+            logits: true,
+            ..Capture::default()
+        };
+        let base = run(&mut engine, &tokens, logits_only);
+        let over = |engine: &mut Engine, ids: &[u32]| {
+            engine
+                .run(&Request {
+                    tokens: &tokens,
+                    capture: logits_only,
+                    loss_vocab: Some(ids),
+                    ..Request::default()
+                })
+                .unwrap()
+        };
+        let every: Vec<u32> = (0..base.vocab as u32).collect();
+        let whole = over(&mut engine, &every).loss().unwrap();
+        assert!(
+            (whole - base.loss().unwrap()).abs() < 1e-5,
+            "{name}: {whole}"
+        );
+
+        let few = [7u32, 0, 51, 7];
+        let restricted = over(&mut engine, &few);
+        let mut ids: Vec<u32> = few.iter().chain(&tokens).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(restricted.vocab_ids.as_deref(), Some(&ids[..]));
+        let full = base.logits.as_ref().unwrap();
+        let expected: f64 = (0..tokens.len() - 1)
+            .map(|t| {
+                let row = &full[t * base.vocab..(t + 1) * base.vocab];
+                let lse = ids
+                    .iter()
+                    .map(|&i| (row[i as usize] as f64).exp())
+                    .sum::<f64>()
+                    .ln();
+                lse - row[tokens[t + 1] as usize] as f64
+            })
+            .sum::<f64>()
+            / (tokens.len() - 1) as f64;
+        let got = restricted.loss().unwrap();
+        assert!((got - expected).abs() < 1e-5, "{name}: {got} vs {expected}");
+        assert!(
+            got < base.loss().unwrap() - 1e-3,
+            "{name}: fewer ids, less mass"
+        );
+
+        let outside = engine.run(&Request {
+            tokens: &tokens,
+            capture: logits_only,
+            loss_vocab: Some(&[base.vocab as u32]),
+            ..Request::default()
+        });
+        let message = outside.unwrap_err().to_string();
+        let wanted = format!("loss vocabulary id {} is outside", base.vocab);
+        assert!(message.contains(&wanted), "{message}");
+    }
+}
+
 #[test]
 fn gemma3_sliding_layers_see_only_their_window() {
     let checkpoint = Checkpoint::open(&fixture("gemma3-tied-f32")).unwrap();

@@ -40,6 +40,12 @@ pub struct ForwardRequest {
     /// output: cache a prefix of blocks and run only what follows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub start: Option<Vec<f32>>,
+    /// With `loss` (and not `logits`): the softmax runs over these token ids
+    /// and the text's own tokens only. That loss is below the model's, but it
+    /// costs a fraction of the head's product: a screen for comparing many
+    /// runs of one text, to be confirmed with the full loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_vocab: Option<Vec<u32>>,
 }
 
 /// What crosses as JSON: a [`ForwardRequest`] less its start residual.
@@ -53,6 +59,8 @@ struct WireRequest<'a> {
     attention: bool,
     logits: bool,
     loss: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss_vocab: Option<&'a [u32]>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +128,7 @@ impl Host<'_> {
             attention: request.attention,
             logits: request.logits,
             loss: request.loss,
+            loss_vocab: request.loss_vocab.as_deref(),
         })
         .map_err(|e| PluginError::Other(e.to_string()))?;
         let mut result = ForwardResultC::empty();
