@@ -661,31 +661,24 @@ impl<'c> Engine<'c> {
                 .map_err(&fail)?
                 .into(),
         ));
-        match self.head_rows.as_ref().filter(|_| restricted) {
-            None => {
-                Self::weight_inputs(&self.values, &self.map.head, &mut inputs).map_err(&fail)?
-            }
-            Some(rows) => {
-                for (input, name) in &self.map.head {
-                    match rows.inputs.iter().find(|(i, _, _)| i == input) {
-                        Some((_, shape, data)) => inputs.push((
-                            Cow::Borrowed(*input),
-                            TensorRef::from_array_view((shape.clone(), &data[..]))
-                                .map_err(&fail)?
-                                .into(),
-                        )),
-                        None => {
-                            let (shape, data) = &self.values[name];
-                            inputs.push((
-                                Cow::Borrowed(*input),
-                                TensorRef::from_array_view((shape.clone(), &data[..]))
-                                    .map_err(&fail)?
-                                    .into(),
-                            ));
-                        }
-                    }
+        // Head weights with a vocabulary axis come from `head_rows` when the
+        // run is restricted; everything else (the final norm) as stored.
+        let rows = self.head_rows.as_ref().filter(|_| restricted);
+        for (input, name) in &self.map.head {
+            let (shape, data) = match rows.and_then(|r| r.inputs.iter().find(|(i, ..)| i == input))
+            {
+                Some((_, shape, data)) => (shape, &data[..]),
+                None => {
+                    let (shape, data) = &self.values[name];
+                    (shape, &data[..])
                 }
-            }
+            };
+            inputs.push((
+                Cow::Borrowed(*input),
+                TensorRef::from_array_view((shape.clone(), data))
+                    .map_err(&fail)?
+                    .into(),
+            ));
         }
         let outputs = head.run(inputs).map_err(&fail)?;
         let logits = outputs[io::LOGITS]

@@ -138,15 +138,24 @@ fn loss_at(host: &Host, tokens: &[u32], last: &[f32], loss: Loss<'_>) -> Result<
         .ok_or("the engine returned no loss")?)
 }
 
-/// The token ids a chain whose last block left `last` ranks among its `k`
-/// likeliest at any position of the text, ascending.
-fn likely_tokens(
+/// The model's loss of a chain whose last block left `last`, and the token
+/// ids it ranks among its `k` likeliest at any position of the text
+/// (ascending): both from one run of the head.
+fn judge(
     host: &Host,
     tokens: &[u32],
     last: &[f32],
     k: usize,
-) -> Result<Vec<u32>, PluginError> {
-    let logits = host.lens(last, tokens.len())?;
+) -> Result<(f64, Vec<u32>), PluginError> {
+    let out = host.forward(&ForwardRequest {
+        tokens: tokens.to_vec(),
+        blocks: Some(Vec::new()),
+        start: Some(last.to_vec()),
+        logits: true,
+        ..ForwardRequest::default()
+    })?;
+    let loss = out.loss.ok_or("the engine returned no loss")?;
+    let logits = out.logits.ok_or("the engine returned no logits")?;
     let vocab = logits.len() / tokens.len().max(1);
     let mut ids = Vec::with_capacity(tokens.len() * k);
     let mut order: Vec<u32> = Vec::with_capacity(vocab);
@@ -163,7 +172,12 @@ fn likely_tokens(
     }
     ids.sort_unstable();
     ids.dedup();
-    Ok(ids)
+    Ok((loss, ids))
+}
+
+/// The residual a chain's last block left (`cache` or a run's residuals).
+fn last(residuals: &[Vec<f32>]) -> &[f32] {
+    residuals.last().map_or(&[], Vec::as_slice)
 }
 
 /// Median over positions ≥ 1 of ‖after − before‖ / ‖before‖ per position.
@@ -290,9 +304,12 @@ pub fn repair(
     top: usize,
     ratio: f64,
 ) -> Result<(Vec<usize>, f64, usize), PluginError> {
+    // Callers check for a head first (`has_output_head`): without one, the
+    // engine refuses the logits below in one line.
     let mut cache = vec![embedding(host, tokens)?];
-    let (after, loss) = run_from(host, tokens, &cache[0], &path, Loss::Full)?;
-    let mut best = loss.ok_or("repair: the model has no output head, so no loss")?;
+    let (after, _) = run_from(host, tokens, &cache[0], &path, Loss::None)?;
+    cache.extend(after);
+    let (mut best, mut likely) = judge(host, tokens, last(&cache), SCREEN_TOP_K)?;
     let vocab = host.model()?.vocab_size.unwrap_or(2).max(2) as f64;
     if best > INFORMATIVE_LOSS * vocab.ln() {
         host.warn(&format!(
@@ -301,13 +318,10 @@ pub fn repair(
         ));
         return Ok((path, best, 0));
     }
-    cache.extend(after);
     // Moves are screened by the loss over the tokens the current chain finds
     // likely (a twentieth of the head's product on SmolLM2), and only a move
     // that passes is judged by the full loss.
-    let last = |cache: &[Vec<f32>]| cache.last().cloned().unwrap_or_default();
-    let mut likely = likely_tokens(host, tokens, &last(&cache), SCREEN_TOP_K)?;
-    let mut screen_best = loss_at(host, tokens, &last(&cache), Loss::Over(&likely))?;
+    let mut screen_best = loss_at(host, tokens, last(&cache), Loss::Over(&likely))?;
     let mut tried = 0;
     for (depth, step) in steps.iter().enumerate() {
         host.progress(
@@ -345,7 +359,7 @@ pub fn repair(
             if screened >= screen_best * (1.0 - MIN_GAIN / 2.0) {
                 continue;
             }
-            let loss = loss_at(host, tokens, &last(&after), Loss::Full)?;
+            let (loss, likely_after) = judge(host, tokens, last(&after), SCREEN_TOP_K)?;
             // A move must buy a visible share of the loss: on a trained model
             // the right moves gain percents (2-9 % on SmolLM2) and the wrong
             // ones cost as much, while an untrained model's loss moves by noise.
@@ -354,8 +368,8 @@ pub fn repair(
                 path = candidate;
                 cache.truncate(first + 1);
                 cache.extend(after);
-                likely = likely_tokens(host, tokens, &last(&cache), SCREEN_TOP_K)?;
-                screen_best = loss_at(host, tokens, &last(&cache), Loss::Over(&likely))?;
+                likely = likely_after;
+                screen_best = loss_at(host, tokens, last(&cache), Loss::Over(&likely))?;
             }
         }
     }
