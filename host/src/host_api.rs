@@ -586,21 +586,19 @@ fn run_forward(
                     residuals: request.residuals,
                     updates: request.updates,
                     attention: request.attention,
-                    logits: request.logits || request.loss,
+                    logits: request.logits,
+                    loss: request.loss || request.logits,
                 },
                 loss_vocab: request.loss_vocab.as_deref(),
             })
             .map_err(|e| e.to_string())
     });
-    let mut trace = match result {
+    let trace = match result {
         Ok(trace) => trace,
         Err(message) => return fail(message),
     };
+    // `loss` alone: the engine dropped the logits ([T, vocab], tens of MB).
     let (token_losses, loss) = trace.losses();
-    if !request.logits {
-        // `loss` alone: the logits ([T, vocab], tens of MB) stay here.
-        trace.logits = None;
-    }
     let meta_json = serde_json::json!({
         "tokens": trace.tokens,
         "blocks": trace.blocks,

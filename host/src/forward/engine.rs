@@ -54,6 +54,9 @@ pub struct Capture {
     pub attention: bool,
     /// Logits `[T, vocab]` from the final residual.
     pub logits: bool,
+    /// The next-token losses (from logits computed and, unless `logits`,
+    /// dropped here: a batch of loss-only runs need not hold them all).
+    pub loss: bool,
 }
 
 /// A change to the residual stream.
@@ -115,6 +118,8 @@ pub struct Trace {
     /// The token ids the logits' columns stand for (ascending) when the run
     /// asked for a restricted vocabulary; `None` for the whole vocabulary.
     pub vocab_ids: Option<Vec<u32>>,
+    /// Next-token losses computed by the engine (`Capture::loss`).
+    pub per_token_loss: Option<Vec<f64>>,
 }
 
 impl Trace {
@@ -128,6 +133,9 @@ impl Trace {
 
     /// Cross-entropy of each next token (`T - 1` values), in nats.
     pub fn token_losses(&self) -> Option<Vec<f64>> {
+        if let Some(losses) = &self.per_token_loss {
+            return Some(losses.clone());
+        }
         let logits = self.logits.as_ref()?;
         match &self.vocab_ids {
             None => Some(token_losses(logits, self.vocab, &self.tokens)),
@@ -178,6 +186,25 @@ pub fn token_losses(logits: &[f32], vocab: usize, tokens: &[u32]) -> Vec<f64> {
         .collect()
 }
 
+/// The most tokens one stacked block run carries. Attention over a stack
+/// costs as if every query saw the whole stack (the mask only hides the other
+/// sequences), so the stack is capped where that stays a small share of a
+/// block's matrix products (≈ 15 % at SmolLM2's width) while the weights are
+/// still read once for many sequences.
+pub const STACK_TOKENS: usize = 512;
+
+/// The most logits one stacked head run produces (64 MB of f32).
+const STACK_LOGITS: usize = 16 << 20;
+
+/// A request of a batch while it runs.
+struct Pending {
+    /// The residual after the blocks run so far.
+    residual: Vec<f32>,
+    /// How many of `trace.blocks` have run.
+    done: usize,
+    trace: Trace,
+}
+
 /// A block session and the blocks that run on it.
 struct BlockGraph {
     session: Session,
@@ -199,6 +226,8 @@ pub struct Engine<'c> {
     /// asked for: a caller comparing runs asks for the same set every time.
     head_rows: Option<HeadRows>,
     pub device: Device,
+    /// Block session runs so far (a stacked run counts once).
+    block_runs: usize,
 }
 
 /// Rows of the head's weight (and bias) for a set of token ids.
@@ -316,7 +345,13 @@ impl<'c> Engine<'c> {
             head,
             head_rows: None,
             device: options.device,
+            block_runs: 0,
         })
+    }
+
+    /// Block session runs so far: a batch that stacks sequences makes fewer.
+    pub fn block_runs(&self) -> usize {
+        self.block_runs
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -347,11 +382,89 @@ impl<'c> Engine<'c> {
 
     /// Run one forward pass.
     pub fn run(&mut self, request: &Request<'_>) -> Result<Trace, ForwardError> {
+        let mut traces = self.run_batch(std::slice::from_ref(request))?;
+        Ok(traces.remove(0))
+    }
+
+    /// Run several forward passes; the traces come back in request order,
+    /// each what [`Engine::run`] gives for its request (to the rounding of a
+    /// larger matrix product). Sequences that run the same block at the same
+    /// distance from their end are stacked along the token axis into one
+    /// session run (a block-diagonal mask keeps them apart, positions restart
+    /// per sequence), so they share one read of the block's weights: a block
+    /// run on few tokens costs about as much as on a few hundred, because
+    /// reading the weights, not multiplying them, is what takes the time.
+    /// Aligning by blocks left, not blocks done, is what lets chains that
+    /// differ early and share their suffix (candidate orders) run together.
+    pub fn run_batch(&mut self, requests: &[Request<'_>]) -> Result<Vec<Trace>, ForwardError> {
+        let hidden = self.arch.hidden;
+        let mut pending = Vec::with_capacity(requests.len());
+        for request in requests {
+            let blocks = self.check(request)?;
+            let mut residual = self.start_residual(request)?;
+            apply_edits(&mut residual, hidden, request.edits, 0);
+            let mut trace = Trace {
+                tokens: request.tokens.to_vec(),
+                blocks,
+                hidden,
+                heads: self.arch.heads,
+                vocab: self.arch.vocab,
+                ..Default::default()
+            };
+            if request.capture.residuals {
+                trace.residuals.push(residual.clone());
+            }
+            pending.push(Pending {
+                residual,
+                done: 0,
+                trace,
+            });
+        }
+        let longest = requests.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
+        let tables: Vec<(Vec<f32>, Vec<f32>)> = self
+            .arch
+            .ropes
+            .iter()
+            .map(|r| rope_table(&r.inv_freq, longest))
+            .collect();
+        let mut masks: HashMap<(Attention, usize), Vec<f32>> = HashMap::new();
+        loop {
+            let left = |p: &Pending| p.trace.blocks.len() - p.done;
+            let most = pending.iter().map(left).max().unwrap_or(0);
+            if most == 0 {
+                break;
+            }
+            // The requests this round, by the block each runs next and their
+            // length (a stack holds sequences of one length).
+            let mut by_block: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+            for (i, p) in pending.iter().enumerate() {
+                if left(p) == most {
+                    let key = (p.trace.blocks[p.done], requests[i].tokens.len());
+                    by_block.entry(key).or_default().push(i);
+                }
+            }
+            for ((block, t), members) in by_block {
+                for stack in members.chunks((STACK_TOKENS / t).max(1)) {
+                    self.run_block(block, t, stack, requests, &mut pending, &tables, &mut masks)?;
+                }
+            }
+        }
+        self.run_heads(requests, &mut pending)?;
+        Ok(pending
+            .into_iter()
+            .map(|mut p| {
+                p.trace.output = p.residual;
+                p.trace
+            })
+            .collect())
+    }
+
+    /// Validate a request; the blocks it runs.
+    fn check(&self, request: &Request<'_>) -> Result<Vec<usize>, ForwardError> {
         let tokens = request.tokens;
         let t = tokens.len();
-        let file = self.checkpoint.path.clone();
         let bad = |problem: String| ForwardError::Request {
-            file: file.clone(),
+            file: self.checkpoint.path.clone(),
             problem,
         };
         if t == 0 {
@@ -381,8 +494,10 @@ impl<'c> Engine<'c> {
                 )));
             }
         }
-        let all: Vec<usize> = (0..self.num_blocks()).collect();
-        let blocks = request.blocks.unwrap_or(&all);
+        let blocks: Vec<usize> = match request.blocks {
+            Some(blocks) => blocks.to_vec(),
+            None => (0..self.num_blocks()).collect(),
+        };
         if let Some(&b) = blocks.iter().find(|&&b| b >= self.num_blocks()) {
             return Err(bad(format!(
                 "block {b} does not exist (the model has {})",
@@ -413,176 +528,240 @@ impl<'c> Engine<'c> {
                 )));
             }
         }
-        if request.capture.logits && self.head.is_none() {
-            return Err(ForwardError::Request {
-                file: self.checkpoint.path.clone(),
-                problem: format!(
-                    "a {} checkpoint has no output embedding, so no logits",
-                    self.arch.family
-                ),
-            });
+        if let Some(start) = request.start {
+            if start.len() != t * hidden {
+                return Err(bad(format!(
+                    "a start residual of {} values is not {t} × {hidden}",
+                    start.len()
+                )));
+            }
         }
+        if (request.capture.logits || request.capture.loss) && self.head.is_none() {
+            return Err(bad(format!(
+                "a {} checkpoint has no output embedding, so no logits",
+                self.arch.family
+            )));
+        }
+        Ok(blocks)
+    }
 
-        // --- embedding ---
+    /// The residual a request starts from: its `start`, or the embedding of
+    /// its tokens.
+    fn start_residual(&mut self, request: &Request<'_>) -> Result<Vec<f32>, ForwardError> {
+        if let Some(start) = request.start {
+            return Ok(start.to_vec());
+        }
+        let tokens = request.tokens;
+        let t = tokens.len();
         let ids: Vec<i64> = tokens.iter().map(|&id| id as i64).collect();
         let positions: Vec<i64> = (0..t as i64).collect();
         let type_ids = vec![0i64; t];
         let fail = ort_error(self.checkpoint, "running the embedding");
-        let mut residual = if let Some(start) = request.start {
-            if start.len() != t * hidden {
-                return Err(ForwardError::Request {
-                    file: self.checkpoint.path.clone(),
-                    problem: format!(
-                        "a start residual of {} values is not {t} × {hidden}",
-                        start.len()
-                    ),
-                });
-            }
-            start.to_vec()
-        } else {
-            let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
+        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
+        inputs.push((
+            io::IDS.into(),
+            TensorRef::from_array_view(([t], &ids[..]))
+                .map_err(&fail)?
+                .into(),
+        ));
+        if self.map.embed.contains_key("pos_embed.weight") {
             inputs.push((
-                io::IDS.into(),
-                TensorRef::from_array_view(([t], &ids[..]))
+                io::POSITIONS.into(),
+                TensorRef::from_array_view(([t], &positions[..]))
                     .map_err(&fail)?
                     .into(),
             ));
-            if self.map.embed.contains_key("pos_embed.weight") {
-                inputs.push((
-                    io::POSITIONS.into(),
-                    TensorRef::from_array_view(([t], &positions[..]))
-                        .map_err(&fail)?
-                        .into(),
-                ));
-            }
-            if self.map.embed.contains_key("type_embed.weight") {
-                inputs.push((
-                    io::TYPE_IDS.into(),
-                    TensorRef::from_array_view(([t], &type_ids[..]))
-                        .map_err(&fail)?
-                        .into(),
-                ));
-            }
-            Self::weight_inputs(&self.values, &self.map.embed, &mut inputs).map_err(&fail)?;
-            let outputs = self.embed.run(inputs).map_err(&fail)?;
-            outputs[io::OUT]
-                .try_extract_tensor::<f32>()
-                .map_err(&fail)?
-                .1
-                .to_vec()
-        };
-
-        // Per-pattern RoPE tables and masks, made once per run.
-        let tables: Vec<(Vec<f32>, Vec<f32>)> = self
-            .arch
-            .ropes
-            .iter()
-            .map(|r| rope_table(&r.inv_freq, t))
-            .collect();
-        let mut masks: HashMap<Attention, Vec<f32>> = HashMap::new();
-        for kind in &self.arch.blocks {
-            masks
-                .entry(kind.attention)
-                .or_insert_with(|| attention_mask(kind.attention, t));
         }
-
-        let mut trace = Trace {
-            tokens: tokens.to_vec(),
-            blocks: blocks.to_vec(),
-            hidden,
-            heads: self.arch.heads,
-            vocab: self.arch.vocab,
-            ..Default::default()
-        };
-        apply_edits(&mut residual, hidden, request.edits, 0);
-        if request.capture.residuals {
-            trace.residuals.push(residual.clone());
+        if self.map.embed.contains_key("type_embed.weight") {
+            inputs.push((
+                io::TYPE_IDS.into(),
+                TensorRef::from_array_view(([t], &type_ids[..]))
+                    .map_err(&fail)?
+                    .into(),
+            ));
         }
+        Self::weight_inputs(&self.values, &self.map.embed, &mut inputs).map_err(&fail)?;
+        let outputs = self.embed.run(inputs).map_err(&fail)?;
+        Ok(outputs[io::OUT]
+            .try_extract_tensor::<f32>()
+            .map_err(&fail)?
+            .1
+            .to_vec())
+    }
+
+    /// Run `block` once on the residuals of the requests in `stack` (all of
+    /// `t` tokens), stacked along the token axis, and advance each of them by
+    /// that block.
+    #[allow(clippy::too_many_arguments)]
+    fn run_block(
+        &mut self,
+        block: usize,
+        t: usize,
+        stack: &[usize],
+        requests: &[Request<'_>],
+        pending: &mut [Pending],
+        tables: &[(Vec<f32>, Vec<f32>)],
+        masks: &mut HashMap<(Attention, usize), Vec<f32>>,
+    ) -> Result<(), ForwardError> {
+        let hidden = self.arch.hidden;
+        let fail = ort_error(self.checkpoint, &format!("running block {block}"));
+        let kind = self.arch.blocks[block];
+        let n = t * stack.len();
+        let stacked: Cow<'_, [f32]> = match stack {
+            [one] => Cow::Borrowed(&pending[*one].residual),
+            _ => Cow::Owned(
+                stack
+                    .iter()
+                    .flat_map(|&i| pending[i].residual.iter().copied())
+                    .collect(),
+            ),
+        };
+        let mask = masks
+            .entry((kind.attention, t))
+            .or_insert_with(|| attention_mask(kind.attention, t));
+        let wants = |f: fn(&Capture) -> bool| stack.iter().any(|&i| f(&requests[i].capture));
+        let (updates, attention) = (wants(|c| c.updates), wants(|c| c.attention));
         let mut selector = OutputSelector::no_default().with(io::OUT);
-        if request.capture.updates {
+        if updates {
             selector = selector.with(io::ATTN_UPDATE).with(io::MLP_UPDATE);
         }
-        if request.capture.attention {
+        if attention {
             selector = selector.with(io::ATTN_PROBS);
         }
-        let run_options = RunOptions::new()
-            .map_err(ort_error(self.checkpoint, "preparing a run"))?
-            .with_outputs(selector);
+        let run_options = RunOptions::new().map_err(&fail)?.with_outputs(selector);
 
-        for (step, &block) in blocks.iter().enumerate() {
-            let fail = ort_error(self.checkpoint, &format!("running block {block}"));
-            let kind = self.arch.blocks[block];
-            let mask = &masks[&kind.attention];
-            let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
+        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
+        inputs.push((
+            io::RESIDUAL.into(),
+            TensorRef::from_array_view(([n, hidden], &stacked[..]))
+                .map_err(&fail)?
+                .into(),
+        ));
+        if let Some(rope) = kind.rope {
+            // The first t rows: positions restart in every sequence.
+            let (cos, sin) = &tables[rope];
+            let dh = self.arch.head_dim;
             inputs.push((
-                io::RESIDUAL.into(),
-                TensorRef::from_array_view(([t, hidden], &residual[..]))
+                io::COS.into(),
+                TensorRef::from_array_view(([t, dh], &cos[..t * dh]))
                     .map_err(&fail)?
                     .into(),
             ));
-            if let Some(rope) = kind.rope {
-                let (cos, sin) = &tables[rope];
-                let dh = self.arch.head_dim;
-                inputs.push((
-                    io::COS.into(),
-                    TensorRef::from_array_view(([t, dh], &cos[..]))
-                        .map_err(&fail)?
-                        .into(),
-                ));
-                inputs.push((
-                    io::SIN.into(),
-                    TensorRef::from_array_view(([t, dh], &sin[..]))
-                        .map_err(&fail)?
-                        .into(),
-                ));
-            }
             inputs.push((
-                io::MASK.into(),
-                TensorRef::from_array_view(([t, t], &mask[..]))
+                io::SIN.into(),
+                TensorRef::from_array_view(([t, dh], &sin[..t * dh]))
                     .map_err(&fail)?
                     .into(),
             ));
-            Self::weight_inputs(&self.values, &self.map.blocks[block], &mut inputs)
-                .map_err(&fail)?;
-            let session = &mut self.graphs[self.graph_of[block]].session;
-            let outputs = session
-                .run_with_options(inputs, &run_options)
-                .map_err(&fail)?;
-            let take = |name: &str| -> Result<Vec<f32>, ForwardError> {
-                Ok(outputs[name]
-                    .try_extract_tensor::<f32>()
-                    .map_err(&fail)?
-                    .1
-                    .to_vec())
-            };
-            residual = take(io::OUT)?;
-            if request.capture.updates {
-                trace.attn_updates.push(take(io::ATTN_UPDATE)?);
-                trace.mlp_updates.push(take(io::MLP_UPDATE)?);
+        }
+        inputs.push((
+            io::MASK.into(),
+            TensorRef::from_array_view(([t, t], &mask[..]))
+                .map_err(&fail)?
+                .into(),
+        ));
+        Self::weight_inputs(&self.values, &self.map.blocks[block], &mut inputs).map_err(&fail)?;
+        let session = &mut self.graphs[self.graph_of[block]].session;
+        let outputs = session
+            .run_with_options(inputs, &run_options)
+            .map_err(&fail)?;
+        self.block_runs += 1;
+        let array = |name: &str| -> Result<&[f32], ForwardError> {
+            Ok(outputs[name].try_extract_tensor::<f32>().map_err(&fail)?.1)
+        };
+        let out = array(io::OUT)?;
+        let (attn_update, mlp_update) = if updates {
+            (array(io::ATTN_UPDATE)?, array(io::MLP_UPDATE)?)
+        } else {
+            (&[][..], &[][..])
+        };
+        let probs = if attention {
+            array(io::ATTN_PROBS)?
+        } else {
+            &[][..]
+        };
+        let map = self.arch.heads * t * t;
+        for (s, &i) in stack.iter().enumerate() {
+            let rows = s * t * hidden..(s + 1) * t * hidden;
+            let capture = requests[i].capture;
+            let p = &mut pending[i];
+            p.residual.clear();
+            p.residual.extend_from_slice(&out[rows.clone()]);
+            if capture.updates {
+                p.trace
+                    .attn_updates
+                    .push(attn_update[rows.clone()].to_vec());
+                p.trace.mlp_updates.push(mlp_update[rows].to_vec());
             }
-            if request.capture.attention {
-                trace.attention.push(take(io::ATTN_PROBS)?);
+            if capture.attention {
+                p.trace
+                    .attention
+                    .push(probs[s * map..(s + 1) * map].to_vec());
             }
-            drop(outputs);
-            apply_edits(&mut residual, hidden, request.edits, step + 1);
-            if request.capture.residuals {
-                trace.residuals.push(residual.clone());
+            p.done += 1;
+            apply_edits(&mut p.residual, hidden, requests[i].edits, p.done);
+            if capture.residuals {
+                p.trace.residuals.push(p.residual.clone());
             }
         }
-        if request.capture.logits {
-            match request.loss_vocab {
-                None => trace.logits = Some(self.lens(&residual, t)?),
-                Some(wanted) => {
-                    let mut ids: Vec<u32> = wanted.iter().chain(tokens).copied().collect();
-                    ids.sort_unstable();
-                    ids.dedup();
-                    trace.logits = Some(self.head_over(&residual, t, &ids)?);
-                    trace.vocab_ids = Some(ids);
+        Ok(())
+    }
+
+    /// The head on every request that asked for logits or a loss, with the
+    /// requests that share a vocabulary stacked into one run.
+    fn run_heads(
+        &mut self,
+        requests: &[Request<'_>],
+        pending: &mut [Pending],
+    ) -> Result<(), ForwardError> {
+        let hidden = self.arch.hidden;
+        // Requests by the columns their logits have: the whole vocabulary, or
+        // the restricted ids together with the text's own tokens.
+        let mut by_vocab: BTreeMap<Option<Vec<u32>>, Vec<usize>> = BTreeMap::new();
+        for (i, request) in requests.iter().enumerate() {
+            if !(request.capture.logits || request.capture.loss) {
+                continue;
+            }
+            let ids = request.loss_vocab.map(|wanted| {
+                let mut ids: Vec<u32> = wanted.iter().chain(request.tokens).copied().collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            });
+            by_vocab.entry(ids).or_default().push(i);
+        }
+        for (ids, members) in by_vocab {
+            let columns = ids.as_ref().map_or(self.arch.vocab, Vec::len).max(1);
+            let cap = (STACK_LOGITS / columns).max(1);
+            for stack in stacks(&members, |i| requests[i].tokens.len(), cap) {
+                let lengths: Vec<usize> = stack.iter().map(|&i| requests[i].tokens.len()).collect();
+                let n: usize = lengths.iter().sum();
+                let stacked: Vec<f32> = stack
+                    .iter()
+                    .flat_map(|&i| pending[i].residual.iter().copied())
+                    .collect();
+                let logits = match &ids {
+                    None => self.lens(&stacked, n)?,
+                    Some(ids) => self.head_over(&stacked, n, ids)?,
+                };
+                let mut offset = 0;
+                for (&i, &t) in stack.iter().zip(&lengths) {
+                    let own = logits[offset * columns..(offset + t) * columns].to_vec();
+                    let trace = &mut pending[i].trace;
+                    trace.vocab_ids = ids.clone();
+                    trace.logits = Some(own);
+                    if requests[i].capture.loss {
+                        trace.per_token_loss = trace.token_losses();
+                        if !requests[i].capture.logits {
+                            trace.logits = None;
+                        }
+                    }
+                    offset += t;
                 }
+                debug_assert_eq!(offset * hidden, stacked.len());
             }
         }
-        trace.output = residual;
-        Ok(trace)
+        Ok(())
     }
 
     /// The head (final norm + unembedding) applied to a residual `[T, hidden]`:
@@ -734,6 +913,27 @@ pub fn attention_mask(attention: Attention, t: usize) -> Vec<f32> {
         }
     }
     mask
+}
+
+/// Greedy runs of consecutive `members` whose lengths add up to at most
+/// `cap` (a member longer than `cap` runs alone).
+fn stacks(members: &[usize], length: impl Fn(usize) -> usize, cap: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut total = 0;
+    for &i in members {
+        let t = length(i);
+        match out.last_mut() {
+            Some(last) if total + t <= cap => {
+                last.push(i);
+                total += t;
+            }
+            _ => {
+                out.push(vec![i]);
+                total = t;
+            }
+        }
+    }
+    out
 }
 
 /// Every tensor must have the shape the architecture implies: a mismatch

@@ -232,7 +232,7 @@ impl Builder {
         }
     }
 
-    /// Rotary embedding on `[heads, T, head_dim]` with `cos`/`sin` `[T, head_dim]`.
+    /// Rotary embedding on `[B, heads, T, head_dim]` with `cos`/`sin` `[T, head_dim]`.
     fn rope(&mut self, x: &str, head_dim: usize) -> Result<String> {
         let half = (head_dim / 2) as i64;
         let split = self.const_i64(&[half, half])?;
@@ -310,7 +310,8 @@ pub fn embedding(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
 }
 
 /// One transformer block: residual in, residual out, plus each sublayer's
-/// update and the attention probabilities.
+/// update and the attention probabilities `[B, heads, T, T]`. The residual
+/// `[B·T, hidden]` holds B sequences of T tokens (T from the `[T, T]` mask).
 pub fn block(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
     let mut b = Builder::new()?;
     let (h, kv, dh) = (
@@ -366,6 +367,14 @@ pub fn block(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
             b.linear(&attn_in, "v.weight", opt("v.bias"), false)?,
         )
     };
+    // The residual holds B sequences of T tokens stacked along its first
+    // axis ([B·T, hidden]; T is the mask's side). Projections and the MLP see
+    // one [B·T, ·] matrix; attention runs per sequence.
+    let t = b.op(
+        "Shape",
+        &[io::MASK],
+        vec![Attribute::new("start", 0i64)?, Attribute::new("end", 1i64)?],
+    )?;
     let per_head_q = b.const_i64(&[0, h, dh])?;
     let per_head_kv = b.const_i64(&[0, kv, dh])?;
     let mut q = b.op("Reshape", &[&q, &per_head_q], vec![])?;
@@ -383,25 +392,40 @@ pub fn block(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
     if has("k_norm.weight") {
         k = b.norm(qk_norm, &k, "k_norm.weight", None)?;
     }
-    let heads_first = || Attribute::new("perm", vec![1i64, 0, 2]).map(|a| vec![a]);
-    let mut q = b.op("Transpose", &[&q], heads_first()?)?;
-    let mut k = b.op("Transpose", &[&k], heads_first()?)?;
-    let v = b.op("Transpose", &[&v], heads_first()?)?;
+    // [B·T, heads, dh] → [B, heads, T, dh].
+    let by_sequence = |b: &mut Builder, x: &str, heads: i64| -> Result<String> {
+        let minus_one = b.const_i64(&[-1])?;
+        let per_head = b.const_i64(&[heads, dh])?;
+        let shape = b.op(
+            "Concat",
+            &[&minus_one, &t, &per_head],
+            vec![Attribute::new("axis", 0i64)?],
+        )?;
+        let x = b.op("Reshape", &[x, &shape], vec![])?;
+        b.op(
+            "Transpose",
+            &[&x],
+            vec![Attribute::new("perm", vec![0i64, 2, 1, 3])?],
+        )
+    };
+    let mut q = by_sequence(&mut b, &q, h)?;
+    let mut k = by_sequence(&mut b, &k, kv)?;
+    let v = by_sequence(&mut b, &v, kv)?;
     if rotary {
         q = b.rope(&q, arch.head_dim)?;
         k = b.rope(&k, arch.head_dim)?;
     }
     // Grouped-query attention without copying keys: the query heads that share
     // a key/value head are stacked along the sequence axis.
-    let grouped = b.const_i64(&[kv, -1, dh])?;
+    let grouped = b.const_i64(&[0, kv, -1, dh])?;
     let q = b.op("Reshape", &[&q, &grouped], vec![])?;
     let k_t = b.op(
         "Transpose",
         &[&k],
-        vec![Attribute::new("perm", vec![0i64, 2, 1])?],
+        vec![Attribute::new("perm", vec![0i64, 1, 3, 2])?],
     )?;
     let scores = b.op("MatMul", &[&q, &k_t], vec![])?;
-    let per_head_scores = b.const_i64(&[h, -1, 0])?;
+    let per_head_scores = b.const_i64(&[0, h, -1, 0])?;
     let scores = b.op("Reshape", &[&scores, &per_head_scores], vec![])?;
     let scale = b.const_f32(arch.attention_scale)?;
     let scores = b.op("Mul", &[&scores, &scale], vec![])?;
@@ -412,16 +436,16 @@ pub fn block(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
         vec![Attribute::new("axis", -1i64)?],
         Some(io::ATTN_PROBS),
     )?;
-    let grouped_probs = b.const_i64(&[kv, -1, 0])?;
+    let grouped_probs = b.const_i64(&[0, kv, -1, 0])?;
     let probs_g = b.op("Reshape", &[&probs, &grouped_probs], vec![])?;
     let context = b.op("MatMul", &[&probs_g, &v], vec![])?;
     let context = b.op("Reshape", &[&context, &per_head_scores], vec![])?;
     let context = b.op(
         "Transpose",
         &[&context],
-        vec![Attribute::new("perm", vec![1i64, 0, 2])?],
+        vec![Attribute::new("perm", vec![0i64, 2, 1, 3])?],
     )?;
-    let flat = b.const_i64(&[0, -1])?;
+    let flat = b.const_i64(&[-1, h * dh])?;
     let context = b.op("Reshape", &[&context, &flat], vec![])?;
     let transposed = has("qkv.weight"); // GPT-2 stores every projection as Conv1D
     let mut attn = b.linear(&context, "o.weight", opt("o.bias"), transposed)?;
@@ -467,7 +491,7 @@ pub fn block(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
         (io::OUT, 2),
         (io::ATTN_UPDATE, 2),
         (io::MLP_UPDATE, 2),
-        (io::ATTN_PROBS, 3),
+        (io::ATTN_PROBS, 4),
     ])
 }
 

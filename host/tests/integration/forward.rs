@@ -26,6 +26,7 @@ fn everything() -> Capture {
         updates: true,
         attention: true,
         logits: true,
+        loss: true,
     }
 }
 
@@ -382,6 +383,140 @@ fn a_restricted_vocabulary_loss_is_the_softmax_over_those_ids() {
         let message = outside.unwrap_err().to_string();
         let wanted = format!("loss vocabulary id {} is outside", base.vocab);
         assert!(message.contains(&wanted), "{message}");
+    }
+}
+
+/// Every array of two traces, value by value.
+fn assert_same_trace(name: &str, batch: &Trace, alone: &Trace) {
+    let close = |what: &str, a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len(), "{name}: {what} length");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+                "{name}: {what}[{i}] {x} in the batch, {y} alone"
+            );
+        }
+    };
+    assert_eq!(batch.blocks, alone.blocks, "{name}: blocks");
+    close("output", &batch.output, &alone.output);
+    let lists = [
+        ("residuals", &batch.residuals, &alone.residuals),
+        ("attn_updates", &batch.attn_updates, &alone.attn_updates),
+        ("mlp_updates", &batch.mlp_updates, &alone.mlp_updates),
+        ("attention", &batch.attention, &alone.attention),
+    ];
+    for (what, a, b) in lists {
+        assert_eq!(a.len(), b.len(), "{name}: {what} count");
+        for (x, y) in a.iter().zip(b.iter()) {
+            close(what, x, y);
+        }
+    }
+    match (&batch.logits, &alone.logits) {
+        (Some(a), Some(b)) => close("logits", a, b),
+        (a, b) => assert_eq!(a.is_some(), b.is_some(), "{name}: logits"),
+    }
+    assert_eq!(batch.vocab_ids, alone.vocab_ids, "{name}: vocab ids");
+    match (batch.loss(), alone.loss()) {
+        (Some(a), Some(b)) => assert!((a - b).abs() < 1e-5, "{name}: loss {a} vs {b}"),
+        (a, b) => assert_eq!(a.is_some(), b.is_some(), "{name}: loss"),
+    }
+}
+
+#[test]
+fn a_batch_gives_what_each_request_gives_alone_in_fewer_block_runs() {
+    let families = [
+        "llama-tied-f32",
+        "llama-untied-bf16",
+        "qwen2-untied-f16",
+        "qwen3-tied-bf16",
+        "gemma3-tied-f32",
+        "gpt2-tied-f32",
+        "bert-f32",
+    ];
+    for name in families {
+        let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
+        let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+        let n = engine.num_blocks();
+        let head = name != "bert-f32";
+        let hidden = engine.arch.hidden;
+        let short: Vec<u32> = vec![5, 9, 2, 7, 30];
+        let long: Vec<u32> = (1..=9).collect();
+        let reversed: Vec<usize> = (0..n).rev().collect();
+        let tail: Vec<usize> = (1..n).collect();
+        let start = run(&mut engine, &long, Capture::default()).output;
+        let edits = [ResidualEdit {
+            stage: 1,
+            position: 2,
+            kind: EditKind::Add(vec![0.5; hidden]),
+        }];
+        let few = [3u32, 8, 8, 40];
+        let loss = Capture {
+            loss: head,
+            ..Capture::default()
+        };
+        let all = Capture {
+            logits: head,
+            loss: head,
+            ..everything()
+        };
+        let requests = [
+            Request {
+                tokens: &long,
+                capture: Capture { loss: false, ..all },
+                ..Request::default()
+            },
+            Request {
+                tokens: &short,
+                blocks: Some(&reversed),
+                capture: Capture {
+                    logits: false,
+                    ..all
+                },
+                edits: &edits,
+                ..Request::default()
+            },
+            // A chain that starts later and shares the last blocks of the
+            // first: it runs beside it once both have as many blocks left.
+            Request {
+                tokens: &long,
+                blocks: Some(&tail),
+                start: Some(&start),
+                capture: Capture {
+                    residuals: true,
+                    ..loss
+                },
+                loss_vocab: head.then_some(&few[..]),
+                ..Request::default()
+            },
+            Request {
+                tokens: &short,
+                blocks: Some(&[]),
+                capture: loss,
+                ..Request::default()
+            },
+            Request {
+                tokens: &long,
+                capture: loss,
+                ..Request::default()
+            },
+        ];
+        let before = engine.block_runs();
+        let alone: Vec<Trace> = requests.iter().map(|r| engine.run(r).unwrap()).collect();
+        let runs_alone = engine.block_runs() - before;
+        let batch = engine.run_batch(&requests).unwrap();
+        let runs_batch = engine.block_runs() - before - runs_alone;
+        assert_eq!(batch.len(), requests.len());
+        for (i, (b, a)) in batch.iter().zip(&alone).enumerate() {
+            assert_same_trace(&format!("{name} request {i}"), b, a);
+        }
+        // Loss-only requests keep no logits.
+        assert!(batch[4].logits.is_none() && alone[4].logits.is_none());
+        assert_eq!(batch[4].loss().is_some(), head, "{name}");
+        assert_eq!(runs_alone, 4 * n - 1, "{name}");
+        assert!(
+            runs_batch < runs_alone - n,
+            "{name}: {runs_batch} stacked runs for {runs_alone} alone"
+        );
     }
 }
 
