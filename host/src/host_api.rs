@@ -153,6 +153,7 @@ impl<'a> RunContext<'a> {
             lens,
             write_reordered,
             forward_from,
+            forward_batch,
         }
     }
 
@@ -496,9 +497,17 @@ struct ForwardHandle {
     trace: Trace,
 }
 
-fn parse_request(json: &str) -> Result<(ForwardRequestJson, Vec<ResidualEdit>), String> {
+/// A forward request as parsed from JSON, with its edits.
+type ParsedRequest = (ForwardRequestJson, Vec<ResidualEdit>);
+
+fn parse_request(json: &str) -> Result<ParsedRequest, String> {
+    let value = serde_json::from_str(json).map_err(|e| format!("forward request: {e}"))?;
+    parse_request_value(value)
+}
+
+fn parse_request_value(value: serde_json::Value) -> Result<ParsedRequest, String> {
     let request: ForwardRequestJson =
-        serde_json::from_str(json).map_err(|e| format!("forward request: {e}"))?;
+        serde_json::from_value(value).map_err(|e| format!("forward request: {e}"))?;
     let edits = request
         .edits
         .iter()
@@ -531,7 +540,11 @@ unsafe extern "C" fn forward(
     shielded(abi::STATUS_ERROR, || {
         let run = unsafe { context(ctx) };
         let json = unsafe { request_json.as_str() };
-        run_forward(run, &json, None, out)
+        let request = match parse_request(&json) {
+            Ok(parsed) => parsed,
+            Err(message) => return fail(message),
+        };
+        run_forwards(run, vec![(request, None)], out)
     })
 }
 
@@ -549,77 +562,134 @@ unsafe extern "C" fn forward_from(
         }
         let json = unsafe { request_json.as_str() };
         let start = unsafe { std::slice::from_raw_parts(start, start_len) };
-        run_forward(run, &json, Some(start), out)
+        let request = match parse_request(&json) {
+            Ok(parsed) => parsed,
+            Err(message) => return fail(message),
+        };
+        run_forwards(run, vec![(request, Some(start))], out)
     })
 }
 
-/// `forward` and `forward_from`: `start` (raw floats) overrides the JSON's.
-fn run_forward(
+unsafe extern "C" fn forward_batch(
+    ctx: *const c_void,
+    requests_json: StrRef,
+    starts: *const *const f32,
+    start_lens: *const usize,
+    n: usize,
+    out: *mut ForwardResultC,
+) -> i32 {
+    shielded(abi::STATUS_ERROR, || {
+        let run = unsafe { context(ctx) };
+        if n > 0 && (starts.is_null() || start_lens.is_null()) {
+            return fail("forward_batch: null start arrays");
+        }
+        let json = unsafe { requests_json.as_str() };
+        let values: Vec<serde_json::Value> = match serde_json::from_str(&json) {
+            Ok(values) => values,
+            Err(e) => return fail(format!("forward batch: not a JSON array of requests: {e}")),
+        };
+        if values.len() != n {
+            return fail(format!(
+                "forward batch: {} requests in the JSON, {n} announced",
+                values.len()
+            ));
+        }
+        let mut requests = Vec::with_capacity(n);
+        for (i, value) in values.into_iter().enumerate() {
+            let request = match parse_request_value(value) {
+                Ok(parsed) => parsed,
+                Err(message) => return fail(format!("request {i}: {message}")),
+            };
+            // SAFETY: the plugin passes n pointers and n lengths; a non-null
+            // pointer covers its length for the call.
+            let (ptr, len) = unsafe { (*starts.add(i), *start_lens.add(i)) };
+            let start = (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, len) });
+            requests.push((request, start));
+        }
+        run_forwards(run, requests, out)
+    })
+}
+
+/// The forward requests of one call, run as one batch; `out` receives one
+/// result per request, or nothing on failure. A raw `start` overrides the
+/// JSON's (which must then be absent).
+fn run_forwards(
     run: &RunContext<'_>,
-    json: &str,
-    start: Option<&[f32]>,
+    requests: Vec<(ParsedRequest, Option<&[f32]>)>,
     out: *mut ForwardResultC,
 ) -> i32 {
     if out.is_null() {
         return fail("forward: null output");
     }
-    let (request, edits) = match parse_request(json) {
-        Ok(parsed) => parsed,
-        Err(message) => return fail(message),
-    };
-    if start.is_some() && request.start.is_some() {
-        return fail("forward_from: the start residual is given twice (raw and in the JSON)");
+    for (i, ((request, _), start)) in requests.iter().enumerate() {
+        let which = if requests.len() == 1 {
+            String::new()
+        } else {
+            format!("request {i}: ")
+        };
+        if start.is_some() && request.start.is_some() {
+            return fail(format!(
+                "{which}forward_from: the start residual is given twice (raw and in the JSON)"
+            ));
+        }
+        if request.loss_vocab.is_some() && (request.logits || !request.loss) {
+            return fail(format!(
+                "{which}forward request: `loss_vocab` restricts the loss; ask for `loss` and not `logits`"
+            ));
+        }
     }
-    if request.loss_vocab.is_some() && (request.logits || !request.loss) {
-        return fail(
-            "forward request: `loss_vocab` restricts the loss; ask for `loss` and not `logits`",
-        );
-    }
+    let engine_requests: Vec<Request<'_>> = requests
+        .iter()
+        .map(|((request, edits), start)| Request {
+            tokens: &request.tokens,
+            blocks: request.blocks.as_deref(),
+            edits,
+            start: start.or(request.start.as_deref()),
+            capture: Capture {
+                residuals: request.residuals,
+                updates: request.updates,
+                attention: request.attention,
+                logits: request.logits,
+                loss: request.loss || request.logits,
+            },
+            loss_vocab: request.loss_vocab.as_deref(),
+        })
+        .collect();
     let result = run.with_engine(|engine| {
         engine
-            .run(&Request {
-                tokens: &request.tokens,
-                blocks: request.blocks.as_deref(),
-                edits: &edits,
-                start: start.or(request.start.as_deref()),
-                capture: Capture {
-                    residuals: request.residuals,
-                    updates: request.updates,
-                    attention: request.attention,
-                    logits: request.logits,
-                    loss: request.loss || request.logits,
-                },
-                loss_vocab: request.loss_vocab.as_deref(),
-            })
+            .run_batch(&engine_requests)
             .map_err(|e| e.to_string())
     });
-    let trace = match result {
-        Ok(trace) => trace,
+    let traces = match result {
+        Ok(traces) => traces,
         Err(message) => return fail(message),
     };
-    // `loss` alone: the engine dropped the logits ([T, vocab], tens of MB).
-    let (token_losses, loss) = trace.losses();
-    let meta_json = serde_json::json!({
-        "tokens": trace.tokens,
-        "blocks": trace.blocks,
-        "hidden": trace.hidden,
-        "heads": trace.heads,
-        "vocab": trace.vocab,
-        "loss": loss,
-        "token_losses": token_losses,
-        "stages": trace.residuals.len(),
-        "updates": trace.attn_updates.len(),
-        "attention": trace.attention.len(),
-        "has_logits": trace.logits.is_some(),
-    })
-    .to_string();
-    let handle = Box::new(ForwardHandle { meta_json, trace });
-    unsafe {
-        out.write(ForwardResultC {
-            meta_json: StrRef::new(&handle.meta_json),
-            handle: Box::into_raw(handle) as *mut c_void,
+    for (i, trace) in traces.into_iter().enumerate() {
+        // `loss` alone: the engine dropped the logits ([T, vocab], tens of MB).
+        let (token_losses, loss) = trace.losses();
+        let meta_json = serde_json::json!({
+            "tokens": trace.tokens,
+            "blocks": trace.blocks,
+            "hidden": trace.hidden,
+            "heads": trace.heads,
+            "vocab": trace.vocab,
+            "loss": loss,
+            "token_losses": token_losses,
+            "stages": trace.residuals.len(),
+            "updates": trace.attn_updates.len(),
+            "attention": trace.attention.len(),
+            "has_logits": trace.logits.is_some(),
         })
-    };
+        .to_string();
+        let handle = Box::new(ForwardHandle { meta_json, trace });
+        // SAFETY: the caller passes room for one result per request.
+        unsafe {
+            out.add(i).write(ForwardResultC {
+                meta_json: StrRef::new(&handle.meta_json),
+                handle: Box::into_raw(handle) as *mut c_void,
+            })
+        };
+    }
     abi::STATUS_OK
 }
 

@@ -725,6 +725,11 @@ fn plugins_run_the_engine_through_the_host_table() {
     }
     let loss = table.column("loss").unwrap().f64().unwrap().get(0).unwrap();
     assert!((loss - trace.loss().unwrap()).abs() < 1e-12);
+    // Five copies in one `forward_batch` call, every other one from a raw
+    // start residual, give what the single run gives.
+    let batched = run_testkit(&["tokens=3,14,15,92", "batch=5"], "batch.parquet");
+    let diff = batched.column("batch_max_diff").unwrap().f64().unwrap();
+    assert!(diff.get(0).unwrap() < 1e-5, "{diff:?}");
     // The lens at the last stage is the model's own prediction.
     let logits = trace.logits.as_ref().unwrap();
     let tops: Vec<i64> = table

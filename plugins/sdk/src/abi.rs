@@ -204,6 +204,21 @@ pub struct HostApi {
         start_len: usize,
         out: *mut ForwardResultC,
     ) -> i32,
+    /// Several forward passes in one call: the host stacks sequences that run
+    /// the same block (with as many blocks left) into one session run, so
+    /// they share one read of its weights. `requests_json` is a JSON array of
+    /// `forward` requests; `starts[i]` (`start_lens[i]` floats) is request
+    /// `i`'s start residual, or null. On success `out[0..n]` holds one
+    /// result per request, each read with `forward_output` and freed with
+    /// `release_forward`; on failure nothing was written.
+    pub forward_batch: unsafe extern "C" fn(
+        ctx: *const c_void,
+        requests_json: StrRef,
+        starts: *const *const f32,
+        start_lens: *const usize,
+        n: usize,
+        out: *mut ForwardResultC,
+    ) -> i32,
 }
 
 /// A forward pass's result, owned by the host.

@@ -117,50 +117,86 @@ impl Host<'_> {
 
     /// Run one forward pass.
     pub fn forward(&self, request: &ForwardRequest) -> Result<ForwardOutput, PluginError> {
-        // The start residual goes across as raw floats, the rest as JSON.
-        let start = request.start.as_deref();
-        let json = serde_json::to_string(&WireRequest {
-            tokens: &request.tokens,
-            blocks: request.blocks.as_deref(),
-            edits: &request.edits,
-            residuals: request.residuals,
-            updates: request.updates,
-            attention: request.attention,
-            logits: request.logits,
-            loss: request.loss,
-            loss_vocab: request.loss_vocab.as_deref(),
-        })
-        .map_err(|e| PluginError::Other(e.to_string()))?;
-        let mut result = ForwardResultC::empty();
-        let status = match start {
-            Some(start) => unsafe {
-                (self.api.forward_from)(
-                    self.api.ctx,
-                    StrRef::new(&json),
-                    start.as_ptr(),
-                    start.len(),
-                    &mut result,
-                )
-            },
-            None => unsafe { (self.api.forward)(self.api.ctx, StrRef::new(&json), &mut result) },
+        let mut outputs = self.forward_batch(std::slice::from_ref(request))?;
+        outputs
+            .pop()
+            .ok_or_else(|| PluginError::Host("forward: no result".into()))
+    }
+
+    /// Run several forward passes in one call. The host stacks sequences of
+    /// one length that run the same block with as many blocks left into one
+    /// session run, so they share one read of its weights: many short
+    /// candidate chains that share their last blocks cost a fraction of
+    /// running them one by one. Outputs come in request order.
+    pub fn forward_batch(
+        &self,
+        requests: &[ForwardRequest],
+    ) -> Result<Vec<ForwardOutput>, PluginError> {
+        // Start residuals go across as raw floats, the rest as JSON.
+        let wire: Vec<WireRequest<'_>> = requests
+            .iter()
+            .map(|r| WireRequest {
+                tokens: &r.tokens,
+                blocks: r.blocks.as_deref(),
+                edits: &r.edits,
+                residuals: r.residuals,
+                updates: r.updates,
+                attention: r.attention,
+                logits: r.logits,
+                loss: r.loss,
+                loss_vocab: r.loss_vocab.as_deref(),
+            })
+            .collect();
+        let json = serde_json::to_string(&wire).map_err(|e| PluginError::Other(e.to_string()))?;
+        let starts: Vec<*const f32> = requests
+            .iter()
+            .map(|r| r.start.as_deref().map_or(std::ptr::null(), <[f32]>::as_ptr))
+            .collect();
+        let start_lens: Vec<usize> = requests
+            .iter()
+            .map(|r| r.start.as_deref().map_or(0, <[f32]>::len))
+            .collect();
+        let mut results: Vec<ForwardResultC> = (0..requests.len())
+            .map(|_| ForwardResultC::empty())
+            .collect();
+        let status = unsafe {
+            (self.api.forward_batch)(
+                self.api.ctx,
+                StrRef::new(&json),
+                starts.as_ptr(),
+                start_lens.as_ptr(),
+                requests.len(),
+                results.as_mut_ptr(),
+            )
         };
         if status != abi::STATUS_OK {
             return Err(self.last_error());
         }
-        // Give the result back on every path out of here.
-        struct Guard<'h>(&'h Host<'h>, ForwardResultC);
+        // Give every result back on every path out of here.
+        struct Guard<'h>(&'h Host<'h>, Vec<ForwardResultC>);
         impl Drop for Guard<'_> {
             fn drop(&mut self) {
-                unsafe { (self.0.api.release_forward)(self.0.api.ctx, &mut self.1) }
+                for result in &mut self.1 {
+                    unsafe { (self.0.api.release_forward)(self.0.api.ctx, result) }
+                }
             }
         }
-        let guard = Guard(self, result);
-        let meta: Meta = serde_json::from_str(&self.json_string(guard.1.meta_json))
+        let guard = Guard(self, results);
+        guard
+            .1
+            .iter()
+            .map(|result| self.read_output(result))
+            .collect()
+    }
+
+    /// Copy one forward result out of the host.
+    fn read_output(&self, result: &ForwardResultC) -> Result<ForwardOutput, PluginError> {
+        let meta: Meta = serde_json::from_str(&self.json_string(result.meta_json))
             .map_err(|e| PluginError::Host(format!("forward result: {e}")))?;
         let read = |kind: u32, index: usize| -> Result<Vec<f32>, PluginError> {
             let mut buffer = F32Buffer::empty();
             let status = unsafe {
-                (self.api.forward_output)(self.api.ctx, &guard.1, kind, index, &mut buffer)
+                (self.api.forward_output)(self.api.ctx, result, kind, index, &mut buffer)
             };
             if status != abi::STATUS_OK {
                 return Err(self.last_error());

@@ -51,6 +51,12 @@ impl Plugin for Testkit {
                 Some(""),
                 "blocks to run in order for mode=forward (empty: all)",
             ),
+            ParamSpec::new(
+                "batch",
+                ParamKind::Int,
+                Some("1"),
+                "mode=forward: also run the request as this many copies in one batch (every other one from the embedding's output passed as its start) and report the largest difference to the single run in `batch_max_diff`",
+            ),
         ]
     }
 
@@ -120,6 +126,7 @@ fn forward(host: &Host, params: &Params) -> Result<DataFrame, PluginError> {
         logits: true,
         ..ForwardRequest::default()
     })?;
+    let batch_max_diff = batch_difference(host, params, &out)?;
     let t = out.tokens.len();
     let (mut stages, mut positions, mut norms, mut tops, mut top_logits) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -146,14 +153,54 @@ fn forward(host: &Host, params: &Params) -> Result<DataFrame, PluginError> {
         }
     }
     let loss = vec![out.loss.unwrap_or(f64::NAN); stages.len()];
+    let batch_max_diff = vec![batch_max_diff; stages.len()];
     Ok(df!(
         "stage" => stages,
         "position" => positions,
         "residual_norm" => norms,
         "lens_top1" => tops,
         "lens_top1_logit" => top_logits,
-        "loss" => loss
+        "loss" => loss,
+        "batch_max_diff" => batch_max_diff
     )?)
+}
+
+/// Run `single`'s request again as `batch` copies in one call; the largest
+/// difference of any copy's residuals or loss from the single run.
+fn batch_difference(
+    host: &Host,
+    params: &Params,
+    single: &ForwardOutput,
+) -> Result<f64, PluginError> {
+    let copies = params.int("batch")?.max(1) as usize;
+    let embedding = &single.residuals[0];
+    let requests: Vec<ForwardRequest> = (0..copies)
+        .map(|i| ForwardRequest {
+            tokens: single.tokens.clone(),
+            blocks: Some(single.blocks.clone()),
+            residuals: true,
+            loss: true,
+            start: (i % 2 == 1).then(|| embedding.clone()),
+            ..ForwardRequest::default()
+        })
+        .collect();
+    let mut worst = 0.0f64;
+    for out in host.forward_batch(&requests)? {
+        if out.residuals.len() != single.residuals.len() {
+            return Err("a batched copy ran a different number of blocks".into());
+        }
+        for (a, b) in out.residuals.iter().zip(&single.residuals) {
+            for (x, y) in a.iter().zip(b) {
+                worst = worst.max(((x - y) as f64).abs());
+            }
+        }
+        let (a, b) = (
+            out.loss.unwrap_or(f64::NAN),
+            single.loss.unwrap_or(f64::NAN),
+        );
+        worst = worst.max((a - b).abs());
+    }
+    Ok(worst)
 }
 
 export_plugin!(Testkit);
