@@ -306,16 +306,17 @@ fn the_default_pipeline_restores_minilm_for_20_seeds() {
     }
 }
 
-/// SmolLM2 (30 blocks): `flow` alone misplaces several; the loss-checked
-/// repair puts every one back. The pipeline never looks at stored indices
-/// (every remaining block is scored at every step; exact ties aside), so its answer in true
-/// positions is the same for every seed: one seed runs here, twenty in
-/// `cargo xtask bench shuffle`.
+/// SmolLM2 (30 blocks): `flow` alone misplaces nine; the loss-checked
+/// repair puts every one back, for every seed. (The pipeline never reads
+/// stored indices, so its answer in true positions should not depend on the
+/// seed; the test does not take that on trust.)
 #[test]
-fn the_default_pipeline_restores_smollm2() {
+fn the_default_pipeline_restores_smollm2_for_20_seeds() {
     let Some(model) = real_model("SmolLM2-135M-Instruct") else {
         return;
     };
-    let (recovered, truth) = recover(&model, 3);
-    assert_eq!(recovered, truth);
+    for seed in 1..=20 {
+        let (recovered, truth) = recover(&model, seed);
+        assert_eq!(recovered, truth, "seed {seed}");
+    }
 }

@@ -19,6 +19,8 @@ use std::time::Instant;
 use probe_sdk::prelude::*;
 
 const PROMPTS: &str = include_str!("../../../probes/prompts.txt");
+/// Text trained models have memorised: the repair's loss is sharpest there.
+const MEMORIZED: &str = include_str!("../../../probes/memorized.txt");
 /// The methods that read weights only (they share one read of every matrix).
 const WEIGHT_ONLY: [&str; 6] = [
     "norm_gain",
@@ -218,6 +220,18 @@ impl Plugin for Shuffle {
                 Some("256"),
                 "probe-text tokens whose next-token loss scores an order (loss_bubble, flow_insert)",
             ),
+            ParamSpec::choice(
+                "repair_text",
+                &["memorized", "prompts"],
+                "memorized",
+                "flow_repair: the built-in text whose loss judges a move (probes/memorized.txt or probes/prompts.txt)",
+            ),
+            ParamSpec::new(
+                "repair_tokens",
+                ParamKind::Int,
+                Some("24"),
+                "flow_repair: how many tokens of the repair text the loss is taken on",
+            ),
             ParamSpec::new(
                 "write",
                 ParamKind::Str,
@@ -264,6 +278,11 @@ impl Plugin for Shuffle {
         let flow_tokens = params.int("flow_tokens")?.max(2) as usize;
         let loss_tokens = params.int("loss_tokens")?.max(2) as usize;
         let window = params.int("window")?.max(1) as usize;
+        let repair_tokens = params.int("repair_tokens")?.max(2) as usize;
+        let repair_source = match params.str("repair_text")? {
+            "prompts" => PROMPTS,
+            _ => MEMORIZED,
+        };
         let text_cell: std::cell::OnceCell<flow::ProbeText> = std::cell::OnceCell::new();
         let probe_text = || -> Result<&flow::ProbeText, PluginError> {
             if let Some(text) = text_cell.get() {
@@ -271,6 +290,14 @@ impl Plugin for Shuffle {
             }
             let text = flow::ProbeText::new(host, PROMPTS, flow_tokens.max(loss_tokens))?;
             Ok(text_cell.get_or_init(|| text))
+        };
+        let repair_cell: std::cell::OnceCell<flow::ProbeText> = std::cell::OnceCell::new();
+        let repair_text = || -> Result<&flow::ProbeText, PluginError> {
+            if let Some(text) = repair_cell.get() {
+                return Ok(text);
+            }
+            let text = flow::ProbeText::new(host, repair_source, repair_tokens)?;
+            Ok(repair_cell.get_or_init(|| text))
         };
         // The weight-only methods share one read of every matrix.
         let needs_weights = methods.iter().any(|m| WEIGHT_ONLY.contains(&m.as_str()));
@@ -319,8 +346,21 @@ impl Plugin for Shuffle {
                 "flow_repair" => {
                     let text = probe_text()?;
                     let (seed, steps) = flow::flow(host, text.head(flow_tokens), n, Probe::Text)?;
+                    let flow_seconds = start.elapsed().as_secs_f64();
                     if has_output_head(&model) {
-                        flow::repair(host, text.head(loss_tokens), seed, &steps, 3, 2.0)?.0
+                        let moves = flow::runner_up_moves(&steps);
+                        let repaired =
+                            flow::repair(host, repair_text()?.head(repair_tokens), seed, &moves)?;
+                        host.info(&format!(
+                            "flow_repair: flow {flow_seconds:.2} s; repair kept {} of {} moves in {} rounds ({} candidate orders scored, loss {:.4}) in {:.2} s",
+                            repaired.kept,
+                            moves.len(),
+                            repaired.rounds,
+                            repaired.tried,
+                            repaired.loss,
+                            start.elapsed().as_secs_f64() - flow_seconds
+                        ));
+                        repaired.path
                     } else {
                         seed // no loss to check moves by
                     }
