@@ -280,8 +280,9 @@ pub fn shuffle(root: &Path, seeds: u64) -> Result<()> {
     }
     let dir = root.join("target/bench/shuffle");
     std::fs::create_dir_all(&dir)?;
-    // One run of the plugin on a freshly shuffled copy; its methods table.
-    let run = |seed: u64, methods: &str| -> Result<Vec<(String, [f64; 4])>> {
+    // One run of the plugin on a freshly shuffled copy: its methods table and
+    // the wall time of the whole `probe run` (loading included).
+    let run = |seed: u64, methods: &str| -> Result<(Vec<(String, [f64; 4])>, f64)> {
         let shuffled = dir.join(format!("smollm2-seed-{seed}"));
         let status = Command::new(&probe)
             .args(["shuffle", "--seed", &seed.to_string(), "--out"])
@@ -293,6 +294,7 @@ pub fn shuffle(root: &Path, seeds: u64) -> Result<()> {
             bail!("probe shuffle --seed {seed} failed");
         }
         let out = dir.join("order.csv");
+        let started = Instant::now();
         let status = Command::new(&probe)
             .args(["run", "--quiet", "--plugin"])
             .arg(&plugin)
@@ -300,6 +302,7 @@ pub fn shuffle(root: &Path, seeds: u64) -> Result<()> {
             .args(["--param", &format!("methods={methods}"), "--out"])
             .arg(&out)
             .status()?;
+        let wall = started.elapsed().as_secs_f64();
         if !status.success() {
             bail!("the shuffle plugin failed on seed {seed}");
         }
@@ -322,9 +325,9 @@ pub fn shuffle(root: &Path, seeds: u64) -> Result<()> {
             })
             .collect();
         std::fs::remove_dir_all(&shuffled)?;
-        Ok(rows)
+        Ok((rows, wall))
     };
-    let table = run(3, "all")?;
+    let (table, _) = run(3, "all")?;
     let reference = table
         .iter()
         .find(|(m, _)| m == "loss_bubble")
@@ -342,17 +345,22 @@ pub fn shuffle(root: &Path, seeds: u64) -> Result<()> {
         record(root, &line)?;
     }
     let mut exact = 0;
-    let mut times = Vec::new();
+    let (mut times, mut walls) = (Vec::new(), Vec::new());
     for seed in 1..=seeds {
-        let rows = run(seed, "flow_repair")?;
+        let (rows, wall) = run(seed, "flow_repair")?;
         let [_, accuracy, _, seconds] = rows.first().context("no methods row")?.1;
         exact += usize::from(accuracy == 1.0);
         times.push(seconds);
+        walls.push(wall);
     }
-    times.sort_by(f64::total_cmp);
-    let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let (median, wall) = (median(&mut times), median(&mut walls));
+    let slowest = times.last().copied().unwrap_or(f64::NAN);
     let line = format!(
-        "| {} | {} | shuffle, SmolLM2-135M, default pipeline (`flow_repair`) on seeds 1–{seeds} | exact on {exact} of {seeds}, median {median:.2} s | published pipeline (`loss_bubble`, seed 3) {reference:.2} s | {:.2}× |",
+        "| {} | {} | shuffle, SmolLM2-135M, default pipeline (`flow_repair`) on seeds 1–{seeds} | exact on {exact} of {seeds}, median {median:.2} s (slowest {slowest:.2} s; whole `probe run` {wall:.2} s) | published pipeline (`loss_bubble`, seed 3) {reference:.2} s | {:.2}× |",
         today(),
         machine(),
         reference / median,

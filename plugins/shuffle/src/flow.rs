@@ -210,12 +210,13 @@ fn median_ratio(update: &[f64], stream: &[f64]) -> f64 {
 /// scored a block predicted beyond [`RUNNER_UP_RATIO`] times the best score
 /// so far is not run: it could neither win nor be a runner-up the repair
 /// tries. On SmolLM2 this runs 220 blocks instead of 465 and gives the same
-/// chain and the same runner-ups.
+/// chain and the same runner-ups; `prune = false` scores every block.
 pub fn flow(
     host: &Host,
     tokens: &[u32],
     n: usize,
     probe: Probe,
+    prune: bool,
 ) -> Result<(Vec<usize>, Vec<Step>), PluginError> {
     let mut residual = embedding(host, tokens)?;
     if probe == Probe::Gaussian {
@@ -243,7 +244,8 @@ pub fn flow(
         let mut scored: Vec<(f64, usize, Vec<f32>)> = Vec::with_capacity(remaining.len());
         for (predicted, block) in order {
             let best = scored.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
-            if path.len() >= SCORE_ALL_UNTIL
+            if prune
+                && path.len() >= SCORE_ALL_UNTIL
                 && scored.len() > RUNNER_UPS
                 && predicted > RUNNER_UP_RATIO * best
             {

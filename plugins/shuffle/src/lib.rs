@@ -215,6 +215,12 @@ impl Plugin for Shuffle {
                 "probe-text tokens each block is run on while `flow` builds the chain",
             ),
             ParamSpec::new(
+                "flow_prune",
+                ParamKind::Bool,
+                Some("true"),
+                "flow: skip a block predicted beyond 2x the best relative update at a depth (false: score every block at every depth)",
+            ),
+            ParamSpec::new(
                 "loss_tokens",
                 ParamKind::Int,
                 Some("256"),
@@ -278,6 +284,7 @@ impl Plugin for Shuffle {
         let flow_tokens = params.int("flow_tokens")?.max(2) as usize;
         let loss_tokens = params.int("loss_tokens")?.max(2) as usize;
         let window = params.int("window")?.max(1) as usize;
+        let prune = params.bool("flow_prune")?;
         let repair_tokens = params.int("repair_tokens")?.max(2) as usize;
         let repair_source = match params.str("repair_text")? {
             "prompts" => PROMPTS,
@@ -339,13 +346,23 @@ impl Plugin for Shuffle {
                     orders.extend(norm_gain_order(blocks));
                     weights::ensemble_order(&orders)
                 }
-                "flow" => flow::flow(host, probe_text()?.head(flow_tokens), n, Probe::Text)?.0,
+                "flow" => {
+                    flow::flow(host, probe_text()?.head(flow_tokens), n, Probe::Text, prune)?.0
+                }
                 "flow_random" => {
-                    flow::flow(host, probe_text()?.head(flow_tokens), n, Probe::Gaussian)?.0
+                    flow::flow(
+                        host,
+                        probe_text()?.head(flow_tokens),
+                        n,
+                        Probe::Gaussian,
+                        prune,
+                    )?
+                    .0
                 }
                 "flow_repair" => {
                     let text = probe_text()?;
-                    let (seed, steps) = flow::flow(host, text.head(flow_tokens), n, Probe::Text)?;
+                    let (seed, steps) =
+                        flow::flow(host, text.head(flow_tokens), n, Probe::Text, prune)?;
                     let flow_seconds = start.elapsed().as_secs_f64();
                     if has_output_head(&model) {
                         let moves = flow::runner_up_moves(&steps);
@@ -374,7 +391,8 @@ impl Plugin for Shuffle {
                 }
                 "loss_bubble" | "flow_insert" => {
                     let text = probe_text()?;
-                    let (seed, _) = flow::flow(host, text.head(flow_tokens), n, Probe::Text)?;
+                    let (seed, _) =
+                        flow::flow(host, text.head(flow_tokens), n, Probe::Text, prune)?;
                     let window = if method == "loss_bubble" { 1 } else { window };
                     flow::insert(host, text.head(loss_tokens), seed, window)?.0
                 }
