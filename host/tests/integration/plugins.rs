@@ -322,7 +322,7 @@ fn a_file_that_is_no_library_is_refused() {
 fn bad_parameters_are_refused_before_running() {
     let model = fixture("llama-tied-f32");
     testkit_run(&model, &["colour=red"], &[]).fails_with(&[
-        "plugin `testkit`: unknown parameter `colour` (this plugin takes: mode, scale, tokens, blocks)",
+        "plugin `testkit`: unknown parameter `colour` (this plugin takes: mode, scale, tokens, blocks, batch)",
     ]);
     testkit_run(&model, &["scale=big"], &[])
         .fails_with(&["parameter `scale`: expected a number, got `big`"]);
