@@ -2,5 +2,5 @@
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/data/llama-tied-f32");
-    probe::fuzzing::config_json(data, std::path::Path::new(fixture))
+    probe_store::fuzzing::config_json(data, std::path::Path::new(fixture))
 });

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| probe::fuzzing::plugin_params(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| probe_contract::params::fuzz_plugin_params(data));

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| probe::fuzzing::safetensors_file(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| probe_store::fuzzing::safetensors_file(data));

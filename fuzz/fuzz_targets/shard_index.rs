@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| probe::fuzzing::shard_index(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| probe_store::fuzzing::shard_index(data));

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| probe::fuzzing::tokenizer_json(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| probe_text::fuzz_tokenizer_json(data));

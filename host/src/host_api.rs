@@ -2,23 +2,25 @@
 //! during a run, over one open checkpoint.
 //!
 //! Every function here is `extern "C"` and is called from plugin code, so
-//! none may unwind: each body runs under `catch_unwind`, and failures become
-//! a status plus a message the plugin reads with `last_error`.
+//! none may unwind: each body runs under [`host_call`] (the contract's one
+//! catch helper), and failures — panics included, with their message —
+//! become a status plus a message the plugin reads with `last_error`.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ffi::c_void;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use polars::prelude::DataFrame;
-use probe_sdk::abi::{
+use probe_contract::abi::{
     self, ArrowArray, ArrowSchema, F32Buffer, ForwardResultC, HostApi, StrRef, TensorInfoC,
 };
+use probe_contract::{ForwardMeta, ForwardRequest, ModelInfo, OutputKind, RunInfo, WriteReordered};
+use probe_sdk::table::{c_array_out, c_schema_out};
 
 use crate::forward::text::TextCodec;
-use crate::forward::{Capture, EditKind, Engine, EngineOptions, Request, ResidualEdit, Trace};
+use crate::forward::{Capture, Engine, EngineOptions, Request, Trace};
 
 use crate::plugin::LoadedPlugin;
 use crate::progress::Progress;
@@ -29,7 +31,9 @@ use crate::store::Checkpoint;
 pub struct RunContext<'a> {
     checkpoint: &'a Checkpoint,
     model_json: String,
-    roles: Vec<String>,
+    run_json: String,
+    /// Per tensor: its role's name, whether it is a bias, its block (-1 outside).
+    roles: Vec<(&'static str, bool)>,
     layers: Vec<i64>,
     shapes: Vec<Vec<u64>>,
     /// The plugin's own error message (set_error).
@@ -87,23 +91,36 @@ impl CallError {
 }
 
 impl<'a> RunContext<'a> {
-    pub fn new(checkpoint: &'a Checkpoint, progress: &'a Progress, cancel: &'a AtomicBool) -> Self {
+    pub fn new(
+        checkpoint: &'a Checkpoint,
+        progress: &'a Progress,
+        cancel: &'a AtomicBool,
+        engine_options: EngineOptions,
+    ) -> Self {
         let schema = Schema::of(checkpoint);
-        let model_json = serde_json::json!({
-            "label": checkpoint.label,
-            "family": schema.family.as_str(),
-            "num_layers": schema.num_layers,
-            "hidden_size": schema.hidden_size,
-            "vocab_size": schema.vocab_size,
-            "tied_embeddings": schema.tied_embeddings,
-            "config": checkpoint.config,
-            "metadata": checkpoint.user_metadata(),
-        })
-        .to_string();
+        let model = ModelInfo {
+            label: checkpoint.label.clone(),
+            family: schema.family,
+            num_layers: schema.num_layers,
+            hidden_size: schema.hidden_size,
+            vocab_size: schema.vocab_size,
+            tied_embeddings: schema.tied_embeddings,
+            config: checkpoint.config.clone(),
+            metadata: checkpoint.user_metadata(),
+        };
+        let run = RunInfo {
+            device: engine_options.device.as_str().to_string(),
+            threads: engine_options.threads,
+        };
         Self {
             checkpoint,
-            model_json,
-            roles: schema.placements.iter().map(|p| p.role_name()).collect(),
+            model_json: serde_json::to_string(&model).unwrap_or_default(),
+            run_json: serde_json::to_string(&run).unwrap_or_default(),
+            roles: schema
+                .placements
+                .iter()
+                .map(|p| (p.role.as_str(), p.bias))
+                .collect(),
             layers: schema
                 .placements
                 .iter()
@@ -119,21 +136,15 @@ impl<'a> RunContext<'a> {
             cancel,
             companions: Mutex::new(Vec::new()),
             engine: Mutex::new(None),
-            engine_options: EngineOptions::default(),
+            engine_options,
             codec: std::sync::OnceLock::new(),
         }
-    }
-
-    /// Where forward passes run for this plugin call.
-    pub fn with_engine_options(mut self, options: EngineOptions) -> Self {
-        self.engine_options = options;
-        self
     }
 
     fn api(&self) -> HostApi {
         HostApi {
             size: std::mem::size_of::<HostApi>(),
-            abi_version: abi::ABI_VERSION,
+            abi: abi::ABI_VERSION,
             ctx: self as *const Self as *const c_void,
             last_error,
             set_error,
@@ -147,13 +158,12 @@ impl<'a> RunContext<'a> {
             log,
             emit_table,
             tokenize,
-            forward,
+            forward_batch,
             forward_output,
             release_forward,
             lens,
             write_reordered,
-            forward_from,
-            forward_batch,
+            run_info,
         }
     }
 
@@ -183,6 +193,8 @@ impl<'a> RunContext<'a> {
     pub fn work_items(&self, plugin: &LoadedPlugin, params_json: &str) -> Result<usize, CallError> {
         let api = self.api();
         let mut count = 0usize;
+        // SAFETY: the plugin's own table entry, called with a host table that
+        // outlives the call and a valid place for the count.
         let status = unsafe { (plugin.api.work_items)(&api, StrRef::new(params_json), &mut count) };
         if status != abi::STATUS_OK {
             return Err(self.status_error(status));
@@ -198,16 +210,19 @@ impl<'a> RunContext<'a> {
         items: &[usize],
     ) -> Result<DataFrame, CallError> {
         let api = self.api();
-        let mut schema = ArrowSchema::empty();
-        let mut array = ArrowArray::empty();
+        let mut schema = probe_sdk::table::ArrowSchema::empty();
+        let mut array = probe_sdk::table::ArrowArray::empty();
+        // SAFETY: the plugin's own table entry, called with a host table that
+        // outlives the call, `items.len()` indices and valid places for the
+        // two output structs (polars-arrow's, which have the interface's layout).
         let status = unsafe {
             (plugin.api.run)(
                 &api,
                 StrRef::new(params_json),
                 items.as_ptr(),
                 items.len(),
-                &mut schema,
-                &mut array,
+                probe_sdk::table::c_schema(&mut schema),
+                probe_sdk::table::c_array(&mut array),
             )
         };
         if status != abi::STATUS_OK {
@@ -220,9 +235,14 @@ impl<'a> RunContext<'a> {
     }
 }
 
-/// Run `body` without letting a panic cross into the plugin.
-fn shielded<T>(fallback: T, body: impl FnOnce() -> T) -> T {
-    catch_unwind(AssertUnwindSafe(body)).unwrap_or(fallback)
+/// Run the body of host function `name` so that nothing unwinds into the
+/// plugin: a panic becomes this call's error (the plugin reads it with
+/// `last_error`) and `fallback` is returned.
+fn host_call<T>(name: &str, fallback: T, body: impl FnOnce() -> T) -> T {
+    probe_contract::guard::catch(body).unwrap_or_else(|panic| {
+        let _ = fail(format!("probe's `{name}` failed unexpectedly: {panic}"));
+        fallback
+    })
 }
 
 fn fail(message: impl Into<String>) -> i32 {
@@ -231,36 +251,61 @@ fn fail(message: impl Into<String>) -> i32 {
 }
 
 /// # Safety
-/// `ctx` is the pointer `RunContext::api` put in the table.
+/// `ctx` is the pointer `RunContext::api` put in the table, and the context
+/// outlives the call.
 unsafe fn context<'a>(ctx: *const c_void) -> &'a RunContext<'a> {
+    // SAFETY: as the caller promises.
     unsafe { &*(ctx as *const RunContext<'a>) }
+}
+
+/// Copy a string the plugin lent for the call.
+///
+/// # Safety
+/// `text` points to `len` readable bytes (or is null) for the call.
+unsafe fn lent(text: StrRef) -> String {
+    // SAFETY: as the caller promises.
+    unsafe { text.as_str() }.into_owned()
 }
 
 unsafe extern "C" fn last_error(_ctx: *const c_void) -> StrRef {
     // The pointer stays valid until this thread's next failing host call.
-    LAST_ERROR.with(|slot| StrRef::new(slot.borrow().as_str()))
+    host_call("last_error", StrRef::empty(), || {
+        LAST_ERROR.with(|slot| StrRef::new(slot.borrow().as_str()))
+    })
 }
 
 unsafe extern "C" fn set_error(ctx: *const c_void, message: StrRef) {
-    shielded((), || {
-        let run = unsafe { context(ctx) };
-        let text = unsafe { message.as_str() }.into_owned();
+    host_call("set_error", (), || {
+        // SAFETY: the table's own ctx; the message is lent for the call.
+        let (run, text) = unsafe { (context(ctx), lent(message)) };
         *run.plugin_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
     })
 }
 
 unsafe extern "C" fn model_json(ctx: *const c_void) -> StrRef {
-    shielded(StrRef::empty(), || {
+    host_call("model_json", StrRef::empty(), || {
+        // SAFETY: the table's own ctx.
         StrRef::new(&unsafe { context(ctx) }.model_json)
     })
 }
 
+unsafe extern "C" fn run_info(ctx: *const c_void) -> StrRef {
+    host_call("run_info", StrRef::empty(), || {
+        // SAFETY: the table's own ctx.
+        StrRef::new(&unsafe { context(ctx) }.run_json)
+    })
+}
+
 unsafe extern "C" fn tensor_count(ctx: *const c_void) -> usize {
-    shielded(0, || unsafe { context(ctx) }.checkpoint.tensors().len())
+    // SAFETY: the table's own ctx.
+    host_call("tensor_count", 0, || {
+        unsafe { context(ctx) }.checkpoint.tensors().len()
+    })
 }
 
 unsafe extern "C" fn tensor_info(ctx: *const c_void, index: usize, out: *mut TensorInfoC) -> i32 {
-    shielded(abi::STATUS_ERROR, || {
+    host_call("tensor_info", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx.
         let run = unsafe { context(ctx) };
         let Some(entry) = run.checkpoint.tensors().get(index) else {
             return fail(format!("no tensor with index {index}"));
@@ -269,10 +314,14 @@ unsafe extern "C" fn tensor_info(ctx: *const c_void, index: usize, out: *mut Ten
             return fail("tensor_info: null output");
         }
         let shape = &run.shapes[index];
+        let (role, bias) = run.roles[index];
+        // SAFETY: non-null, and the plugin passes a place for one struct; the
+        // strings and the shape it points to live as long as the context.
         unsafe {
             out.write(TensorInfoC {
                 name: StrRef::new(&entry.name),
-                role: StrRef::new(&run.roles[index]),
+                role: StrRef::new(role),
+                bias,
                 dtype: StrRef::new(entry.dtype.as_str()),
                 layer: run.layers[index],
                 shape: shape.as_ptr(),
@@ -283,8 +332,29 @@ unsafe extern "C" fn tensor_info(ctx: *const c_void, index: usize, out: *mut Ten
     })
 }
 
+/// Lend `values` to the plugin: a borrow stays a borrow (null owner), an
+/// owned buffer is boxed and freed by `release_f32`.
+fn lend_f32(values: Cow<'_, [f32]>) -> F32Buffer {
+    match values {
+        Cow::Borrowed(slice) => F32Buffer {
+            data: slice.as_ptr(),
+            len: slice.len(),
+            owner: std::ptr::null_mut(),
+        },
+        Cow::Owned(vec) => {
+            let boxed = Box::new(vec);
+            F32Buffer {
+                data: boxed.as_ptr(),
+                len: boxed.len(),
+                owner: Box::into_raw(boxed) as *mut c_void,
+            }
+        }
+    }
+}
+
 unsafe extern "C" fn tensor_f32(ctx: *const c_void, index: usize, out: *mut F32Buffer) -> i32 {
-    shielded(abi::STATUS_ERROR, || {
+    host_call("tensor_f32", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx.
         let run = unsafe { context(ctx) };
         let Some(entry) = run.checkpoint.tensors().get(index) else {
             return fail(format!("no tensor with index {index}"));
@@ -296,33 +366,21 @@ unsafe extern "C" fn tensor_f32(ctx: *const c_void, index: usize, out: *mut F32B
             Ok(values) => values,
             Err(error) => return fail(error.to_string()),
         };
-        let buffer = match values {
-            Cow::Borrowed(slice) => F32Buffer {
-                data: slice.as_ptr(),
-                len: slice.len(),
-                owner: std::ptr::null_mut(),
-            },
-            Cow::Owned(vec) => {
-                let boxed = Box::new(vec);
-                F32Buffer {
-                    data: boxed.as_ptr(),
-                    len: boxed.len(),
-                    owner: Box::into_raw(boxed) as *mut c_void,
-                }
-            }
-        };
-        unsafe { out.write(buffer) };
+        // SAFETY: non-null, and the plugin passes a place for one buffer.
+        unsafe { out.write(lend_f32(values)) };
         abi::STATUS_OK
     })
 }
 
 unsafe extern "C" fn release_f32(_ctx: *const c_void, buffer: *mut F32Buffer) {
-    shielded((), || {
+    host_call("release_f32", (), || {
+        // SAFETY: null or the buffer this host lent, as the ABI requires.
         let Some(buffer) = (unsafe { buffer.as_mut() }) else {
             return;
         };
         if !buffer.owner.is_null() {
-            // SAFETY: `owner` came from Box::into_raw in tensor_f32.
+            // SAFETY: `owner` came from Box::into_raw in `lend_f32`, and is
+            // nulled below so a second release does nothing.
             drop(unsafe { Box::from_raw(buffer.owner as *mut Vec<f32>) });
         }
         *buffer = F32Buffer::empty();
@@ -330,24 +388,25 @@ unsafe extern "C" fn release_f32(_ctx: *const c_void, buffer: *mut F32Buffer) {
 }
 
 unsafe extern "C" fn progress(ctx: *const c_void, done: u64, total: u64, message: StrRef) {
-    shielded((), || {
-        let run = unsafe { context(ctx) };
-        run.progress
-            .update(done, total, &unsafe { message.as_str() });
+    host_call("progress", (), || {
+        // SAFETY: the table's own ctx; the message is lent for the call.
+        let (run, message) = unsafe { (context(ctx), lent(message)) };
+        run.progress.update(done, total, &message);
     })
 }
 
 unsafe extern "C" fn is_cancelled(ctx: *const c_void) -> bool {
-    shielded(true, || {
+    host_call("is_cancelled", true, || {
+        // SAFETY: the table's own ctx.
         unsafe { context(ctx) }.cancel.load(Ordering::Relaxed)
     })
 }
 
 unsafe extern "C" fn log(ctx: *const c_void, level: u32, message: StrRef) {
-    shielded((), || {
-        let run = unsafe { context(ctx) };
-        run.progress
-            .log(level == abi::LOG_WARN, &unsafe { message.as_str() });
+    host_call("log", (), || {
+        // SAFETY: the table's own ctx; the message is lent for the call.
+        let (run, message) = unsafe { (context(ctx), lent(message)) };
+        run.progress.log(level == abi::LOG_WARN, &message);
     })
 }
 
@@ -364,22 +423,27 @@ unsafe extern "C" fn emit_table(
     schema: *mut ArrowSchema,
     array: *mut ArrowArray,
 ) -> i32 {
-    shielded(abi::STATUS_ERROR, || {
-        let run = unsafe { context(ctx) };
-        let name = unsafe { name.as_str() }.into_owned();
+    use probe_sdk::table::{ArrowArray as Array, ArrowSchema as Schema};
+    host_call("emit_table", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx; the name is lent for the call.
+        let (run, name) = unsafe { (context(ctx), lent(name)) };
         if !is_companion_name(&name) {
             return fail(format!("table name `{name}` must be letters, digits and _"));
         }
         if schema.is_null() || array.is_null() {
             return fail("emit_table: null table");
         }
-        // Move the structs out, leaving released (empty) ones behind.
+        // SAFETY: non-null C Data Interface structs the plugin hands over
+        // (the contract's opaque names for polars-arrow's layout): moved
+        // out, leaving released (empty) ones behind.
         let (schema, array) = unsafe {
             (
-                std::ptr::replace(schema, ArrowSchema::empty()),
-                std::ptr::replace(array, ArrowArray::empty()),
+                std::ptr::replace(c_schema_out(schema), Schema::empty()),
+                std::ptr::replace(c_array_out(array), Array::empty()),
             )
         };
+        // SAFETY: structs the plugin exported, now owned here; import checks
+        // them before reading and releases them.
         match unsafe { probe_sdk::table::import_frame(schema, array) } {
             Ok(frame) => {
                 let mut companions = run.companions.lock().unwrap_or_else(|p| p.into_inner());
@@ -426,8 +490,9 @@ unsafe extern "C" fn tokenize(
     chat: bool,
     out_json: *mut StrRef,
 ) -> i32 {
-    shielded(abi::STATUS_ERROR, || {
-        let run = unsafe { context(ctx) };
+    host_call("tokenize", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx; the text is lent for the call.
+        let (run, text) = unsafe { (context(ctx), lent(text)) };
         if out_json.is_null() {
             return fail("tokenize: null output");
         }
@@ -438,7 +503,6 @@ unsafe extern "C" fn tokenize(
             Ok(codec) => codec,
             Err(message) => return fail(message.clone()),
         };
-        let text = unsafe { text.as_str() };
         let ids = if chat {
             codec.encode_chat(&text)
         } else {
@@ -448,6 +512,8 @@ unsafe extern "C" fn tokenize(
             Ok(ids) => TOKENS_JSON.with(|slot| {
                 let mut slot = slot.borrow_mut();
                 *slot = serde_json::to_string(&ids).unwrap_or_default();
+                // SAFETY: non-null place for one string; the thread-local
+                // holds the text until this thread's next `tokenize`.
                 unsafe { out_json.write(StrRef::new(slot.as_str())) };
                 abi::STATUS_OK
             }),
@@ -456,118 +522,10 @@ unsafe extern "C" fn tokenize(
     })
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ForwardRequestJson {
-    tokens: Vec<u32>,
-    #[serde(default)]
-    blocks: Option<Vec<usize>>,
-    #[serde(default)]
-    edits: Vec<EditJson>,
-    #[serde(default)]
-    residuals: bool,
-    #[serde(default)]
-    updates: bool,
-    #[serde(default)]
-    attention: bool,
-    #[serde(default)]
-    logits: bool,
-    #[serde(default)]
-    loss: bool,
-    #[serde(default)]
-    start: Option<Vec<f32>>,
-    #[serde(default)]
-    loss_vocab: Option<Vec<u32>>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EditJson {
-    stage: usize,
-    position: usize,
-    #[serde(default)]
-    replace: Option<Vec<f32>>,
-    #[serde(default)]
-    add: Option<Vec<f32>>,
-}
-
 /// A forward result while the plugin reads it.
 struct ForwardHandle {
     meta_json: String,
     trace: Trace,
-}
-
-/// A forward request as parsed from JSON, with its edits.
-type ParsedRequest = (ForwardRequestJson, Vec<ResidualEdit>);
-
-fn parse_request(json: &str) -> Result<ParsedRequest, String> {
-    let value = serde_json::from_str(json).map_err(|e| format!("forward request: {e}"))?;
-    parse_request_value(value)
-}
-
-fn parse_request_value(value: serde_json::Value) -> Result<ParsedRequest, String> {
-    let request: ForwardRequestJson =
-        serde_json::from_value(value).map_err(|e| format!("forward request: {e}"))?;
-    let edits = request
-        .edits
-        .iter()
-        .map(|e| {
-            let kind = match (&e.replace, &e.add) {
-                (Some(v), None) => EditKind::Replace(v.clone()),
-                (None, Some(v)) => EditKind::Add(v.clone()),
-                _ => {
-                    return Err(
-                        "forward request: an edit needs exactly one of `replace` and `add`"
-                            .to_string(),
-                    )
-                }
-            };
-            Ok(ResidualEdit {
-                stage: e.stage,
-                position: e.position,
-                kind,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((request, edits))
-}
-
-unsafe extern "C" fn forward(
-    ctx: *const c_void,
-    request_json: StrRef,
-    out: *mut ForwardResultC,
-) -> i32 {
-    shielded(abi::STATUS_ERROR, || {
-        let run = unsafe { context(ctx) };
-        let json = unsafe { request_json.as_str() };
-        let request = match parse_request(&json) {
-            Ok(parsed) => parsed,
-            Err(message) => return fail(message),
-        };
-        run_forwards(run, vec![(request, None)], out)
-    })
-}
-
-unsafe extern "C" fn forward_from(
-    ctx: *const c_void,
-    request_json: StrRef,
-    start: *const f32,
-    start_len: usize,
-    out: *mut ForwardResultC,
-) -> i32 {
-    shielded(abi::STATUS_ERROR, || {
-        let run = unsafe { context(ctx) };
-        if start.is_null() {
-            return fail("forward_from: null start residual");
-        }
-        let json = unsafe { request_json.as_str() };
-        let start = unsafe { std::slice::from_raw_parts(start, start_len) };
-        let request = match parse_request(&json) {
-            Ok(parsed) => parsed,
-            Err(message) => return fail(message),
-        };
-        run_forwards(run, vec![(request, Some(start))], out)
-    })
 }
 
 unsafe extern "C" fn forward_batch(
@@ -578,73 +536,95 @@ unsafe extern "C" fn forward_batch(
     n: usize,
     out: *mut ForwardResultC,
 ) -> i32 {
-    shielded(abi::STATUS_ERROR, || {
-        let run = unsafe { context(ctx) };
-        if n > 0 && (starts.is_null() || start_lens.is_null()) {
-            return fail("forward_batch: null start arrays");
+    host_call("forward_batch", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx; the JSON is lent for the call.
+        let (run, json) = unsafe { (context(ctx), lent(requests_json)) };
+        if n > 0 && (starts.is_null() || start_lens.is_null() || out.is_null()) {
+            return fail("forward_batch: null start arrays or output");
         }
-        let json = unsafe { requests_json.as_str() };
-        let values: Vec<serde_json::Value> = match serde_json::from_str(&json) {
-            Ok(values) => values,
-            Err(e) => return fail(format!("forward batch: not a JSON array of requests: {e}")),
+        let mut requests: Vec<ForwardRequest> = match serde_json::from_str(&json) {
+            Ok(requests) => requests,
+            Err(e) => {
+                return fail(format!(
+                    "forward batch: not a JSON array of requests this probe (plugin ABI {}) understands: {e}",
+                    abi::ABI_VERSION
+                ))
+            }
         };
-        if values.len() != n {
+        if requests.len() != n {
             return fail(format!(
                 "forward batch: {} requests in the JSON, {n} announced",
-                values.len()
+                requests.len()
             ));
         }
-        let mut requests = Vec::with_capacity(n);
-        for (i, value) in values.into_iter().enumerate() {
-            let request = match parse_request_value(value) {
-                Ok(parsed) => parsed,
-                Err(message) => return fail(format!("request {i}: {message}")),
-            };
-            // SAFETY: the plugin passes n pointers and n lengths; a non-null
-            // pointer covers its length for the call.
+        let mut starts_of: Vec<Option<&[f32]>> = Vec::with_capacity(n);
+        for (i, request) in requests.iter_mut().enumerate() {
+            if let Err(problem) = request.check() {
+                let which = if n == 1 {
+                    String::new()
+                } else {
+                    format!("request {i}: ")
+                };
+                return fail(format!("{which}forward request: {problem}"));
+            }
+            // SAFETY: the plugin passes n pointers and n lengths (checked
+            // non-null above).
             let (ptr, len) = unsafe { (*starts.add(i), *start_lens.add(i)) };
-            let start = (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, len) });
-            requests.push((request, start));
+            // SAFETY: a non-null start covers its length for the call.
+            starts_of
+                .push((!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, len) }));
         }
-        run_forwards(run, requests, out)
+        let traces = match run_requests(run, &requests, &starts_of) {
+            Ok(traces) => traces,
+            Err(message) => return fail(message),
+        };
+        for (i, trace) in traces.into_iter().enumerate() {
+            // `loss` alone: the engine dropped the logits ([T, vocab], tens of MB).
+            let (token_losses, loss) = trace.losses();
+            let meta = ForwardMeta {
+                tokens: trace.tokens.clone(),
+                blocks: trace.blocks.clone(),
+                hidden: trace.hidden,
+                heads: trace.heads,
+                vocab: trace.vocab,
+                loss,
+                token_losses,
+                stages: trace.residuals.len(),
+                updates: trace.attn_updates.len(),
+                attention: trace.attention.len(),
+                has_logits: trace.logits.is_some(),
+            };
+            let handle = Box::new(ForwardHandle {
+                meta_json: serde_json::to_string(&meta).unwrap_or_default(),
+                trace,
+            });
+            // SAFETY: the plugin passes room for one result per request
+            // (checked non-null above); the handle lives until `release_forward`.
+            unsafe {
+                out.add(i).write(ForwardResultC {
+                    meta_json: StrRef::new(&handle.meta_json),
+                    handle: Box::into_raw(handle) as *mut c_void,
+                })
+            };
+        }
+        abi::STATUS_OK
     })
 }
 
-/// The forward requests of one call, run as one batch; `out` receives one
-/// result per request, or nothing on failure. A raw `start` overrides the
-/// JSON's (which must then be absent).
-fn run_forwards(
+/// The requests of one call, run as one batch on the checkpoint's engine.
+fn run_requests(
     run: &RunContext<'_>,
-    requests: Vec<(ParsedRequest, Option<&[f32]>)>,
-    out: *mut ForwardResultC,
-) -> i32 {
-    if out.is_null() {
-        return fail("forward: null output");
-    }
-    for (i, ((request, _), start)) in requests.iter().enumerate() {
-        let which = if requests.len() == 1 {
-            String::new()
-        } else {
-            format!("request {i}: ")
-        };
-        if start.is_some() && request.start.is_some() {
-            return fail(format!(
-                "{which}forward_from: the start residual is given twice (raw and in the JSON)"
-            ));
-        }
-        if request.loss_vocab.is_some() && (request.logits || !request.loss) {
-            return fail(format!(
-                "{which}forward request: `loss_vocab` restricts the loss; ask for `loss` and not `logits`"
-            ));
-        }
-    }
+    requests: &[ForwardRequest],
+    starts: &[Option<&[f32]>],
+) -> Result<Vec<Trace>, String> {
     let engine_requests: Vec<Request<'_>> = requests
         .iter()
-        .map(|((request, edits), start)| Request {
+        .zip(starts)
+        .map(|(request, start)| Request {
             tokens: &request.tokens,
             blocks: request.blocks.as_deref(),
-            edits,
-            start: start.or(request.start.as_deref()),
+            edits: &request.edits,
+            start: *start,
             capture: Capture {
                 residuals: request.residuals,
                 updates: request.updates,
@@ -655,42 +635,11 @@ fn run_forwards(
             loss_vocab: request.loss_vocab.as_deref(),
         })
         .collect();
-    let result = run.with_engine(|engine| {
+    run.with_engine(|engine| {
         engine
             .run_batch(&engine_requests)
             .map_err(|e| e.to_string())
-    });
-    let traces = match result {
-        Ok(traces) => traces,
-        Err(message) => return fail(message),
-    };
-    for (i, trace) in traces.into_iter().enumerate() {
-        // `loss` alone: the engine dropped the logits ([T, vocab], tens of MB).
-        let (token_losses, loss) = trace.losses();
-        let meta_json = serde_json::json!({
-            "tokens": trace.tokens,
-            "blocks": trace.blocks,
-            "hidden": trace.hidden,
-            "heads": trace.heads,
-            "vocab": trace.vocab,
-            "loss": loss,
-            "token_losses": token_losses,
-            "stages": trace.residuals.len(),
-            "updates": trace.attn_updates.len(),
-            "attention": trace.attention.len(),
-            "has_logits": trace.logits.is_some(),
-        })
-        .to_string();
-        let handle = Box::new(ForwardHandle { meta_json, trace });
-        // SAFETY: the caller passes room for one result per request.
-        unsafe {
-            out.add(i).write(ForwardResultC {
-                meta_json: StrRef::new(&handle.meta_json),
-                handle: Box::into_raw(handle) as *mut c_void,
-            })
-        };
-    }
-    abi::STATUS_OK
+    })
 }
 
 unsafe extern "C" fn forward_output(
@@ -700,50 +649,50 @@ unsafe extern "C" fn forward_output(
     index: usize,
     out: *mut F32Buffer,
 ) -> i32 {
-    shielded(abi::STATUS_ERROR, || {
+    host_call("forward_output", abi::STATUS_ERROR, || {
+        // SAFETY: null or a result this host wrote.
         let Some(result) = (unsafe { result.as_ref() }) else {
             return fail("forward_output: null result");
         };
         if result.handle.is_null() || out.is_null() {
             return fail("forward_output: released result or null output");
         }
-        // SAFETY: `handle` came from Box::into_raw in `forward` and is alive
-        // until `release_forward`.
+        // SAFETY: `handle` came from Box::into_raw in `forward_batch` and is
+        // alive until `release_forward`.
         let handle = unsafe { &*(result.handle as *const ForwardHandle) };
         let trace = &handle.trace;
-        let array: Option<&Vec<f32>> = match kind {
-            abi::OUTPUT_RESIDUAL => trace.residuals.get(index),
-            abi::OUTPUT_ATTN_UPDATE => trace.attn_updates.get(index),
-            abi::OUTPUT_MLP_UPDATE => trace.mlp_updates.get(index),
-            abi::OUTPUT_ATTENTION => trace.attention.get(index),
-            abi::OUTPUT_FINAL => Some(&trace.output),
-            abi::OUTPUT_LOGITS => trace.logits.as_ref(),
-            other => return fail(format!("forward_output: unknown kind {other}")),
+        let Some(which) = OutputKind::from_code(kind) else {
+            return fail(format!("forward_output: unknown kind {kind}"));
+        };
+        let array: Option<&Vec<f32>> = match which {
+            OutputKind::Residual => trace.residuals.get(index),
+            OutputKind::AttnUpdate => trace.attn_updates.get(index),
+            OutputKind::MlpUpdate => trace.mlp_updates.get(index),
+            OutputKind::Attention => trace.attention.get(index),
+            OutputKind::Final => Some(&trace.output),
+            OutputKind::Logits => trace.logits.as_ref(),
         };
         let Some(array) = array else {
             return fail(format!(
-                "forward_output: no array of kind {kind} at index {index} (was it requested?)"
+                "forward_output: no {which:?} array at index {index} (was it requested?)"
             ));
         };
-        unsafe {
-            out.write(F32Buffer {
-                data: array.as_ptr(),
-                len: array.len(),
-                owner: std::ptr::null_mut(),
-            })
-        };
+        // SAFETY: non-null place for one buffer; the array is lent until
+        // `release_forward` (null owner: not for `release_f32`).
+        unsafe { out.write(lend_f32(Cow::Borrowed(array))) };
         abi::STATUS_OK
     })
 }
 
 unsafe extern "C" fn release_forward(_ctx: *const c_void, result: *mut ForwardResultC) {
-    shielded((), || {
+    host_call("release_forward", (), || {
+        // SAFETY: null or a result this host wrote.
         let Some(result) = (unsafe { result.as_mut() }) else {
             return;
         };
         if !result.handle.is_null() {
-            // SAFETY: from Box::into_raw in `forward`; nulled below so a second
-            // release does nothing.
+            // SAFETY: from Box::into_raw in `forward_batch`; nulled below so a
+            // second release does nothing.
             drop(unsafe { Box::from_raw(result.handle as *mut ForwardHandle) });
         }
         *result = ForwardResultC::empty();
@@ -757,22 +706,18 @@ unsafe extern "C" fn lens(
     t: usize,
     out: *mut F32Buffer,
 ) -> i32 {
-    shielded(abi::STATUS_ERROR, || {
+    host_call("lens", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx.
         let run = unsafe { context(ctx) };
         if residual.is_null() || out.is_null() {
             return fail("lens: null residual or output");
         }
+        // SAFETY: non-null, `len` floats lent for the call.
         let values = unsafe { std::slice::from_raw_parts(residual, len) };
         match run.with_engine(|engine| engine.lens(values, t).map_err(|e| e.to_string())) {
             Ok(logits) => {
-                let boxed = Box::new(logits);
-                unsafe {
-                    out.write(F32Buffer {
-                        data: boxed.as_ptr(),
-                        len: boxed.len(),
-                        owner: Box::into_raw(boxed) as *mut c_void,
-                    })
-                };
+                // SAFETY: non-null place for one buffer; freed by `release_f32`.
+                unsafe { out.write(lend_f32(Cow::Owned(logits))) };
                 abi::STATUS_OK
             }
             Err(message) => fail(message),
@@ -781,18 +726,10 @@ unsafe extern "C" fn lens(
 }
 
 unsafe extern "C" fn write_reordered(ctx: *const c_void, request_json: StrRef) -> i32 {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct WriteRequest {
-        dir: std::path::PathBuf,
-        new_index: Vec<usize>,
-        #[serde(default)]
-        metadata: std::collections::BTreeMap<String, String>,
-    }
-    shielded(abi::STATUS_ERROR, || {
-        let run = unsafe { context(ctx) };
-        let json = unsafe { request_json.as_str() };
-        let request: WriteRequest = match serde_json::from_str(&json) {
+    host_call("write_reordered", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx; the JSON is lent for the call.
+        let (run, json) = unsafe { (context(ctx), lent(request_json)) };
+        let request: WriteReordered = match serde_json::from_str(&json) {
             Ok(request) => request,
             Err(e) => return fail(format!("write_reordered: bad request: {e}")),
         };
@@ -806,4 +743,25 @@ unsafe extern "C" fn write_reordered(ctx: *const c_void, request_json: StrRef) -
             Err(e) => fail(e.to_string()),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_a_host_function_is_that_calls_error() {
+        let status = host_call("tensor_info", abi::STATUS_ERROR, || -> i32 {
+            let sizes = [3i32];
+            sizes[std::hint::black_box(7)]
+        });
+        assert_eq!(status, abi::STATUS_ERROR);
+        // SAFETY: last_error ignores its ctx and returns a thread-local string.
+        let message = unsafe { last_error(std::ptr::null()).as_str() }.into_owned();
+        assert!(
+            message.starts_with("probe's `tensor_info` failed unexpectedly: index out of bounds"),
+            "{message}"
+        );
+        assert!(message.contains("host_api.rs"), "{message}");
+    }
 }

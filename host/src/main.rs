@@ -131,6 +131,19 @@ enum DeviceArg {
     Cuda,
 }
 
+impl DeviceArg {
+    fn device(self) -> probe::forward::Device {
+        match self {
+            DeviceArg::Cpu => probe::forward::Device::Cpu,
+            DeviceArg::Cuda => probe::forward::Device::Cuda,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        self.device().as_str()
+    }
+}
+
 #[derive(Subcommand)]
 enum PluginsCommand {
     /// What a plugin measures and the parameters it takes.
@@ -168,6 +181,14 @@ struct RunArgs {
     /// Also write an HTML report of the result (as `probe report` does).
     #[arg(long, value_name = "HTML")]
     report: Option<PathBuf>,
+    /// Where the plugin's forward passes run: cpu, or cuda (fails with
+    /// ONNX Runtime's reason if the CUDA provider cannot be registered;
+    /// never falls back to the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceArg,
+    /// ONNX Runtime threads for the plugin's forward passes (default: every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Internal: the isolated child writes its table here.
     #[arg(long, hide = true)]
     isolated_result: Option<PathBuf>,
@@ -244,7 +265,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn forward(args: ForwardArgs) -> Result<()> {
     use probe::forward::{
-        summary::Summary, text::TextCodec, Capture, Device, Engine, EngineOptions, Request,
+        summary::Summary, text::TextCodec, Capture, Engine, EngineOptions, Request,
     };
     let format = Format::resolve(args.format, args.out.as_deref());
     if !matches!(format, Format::Table | Format::Json) {
@@ -264,10 +285,7 @@ fn forward(args: ForwardArgs) -> Result<()> {
         }
         (None, None) => bail!("give --text or --tokens"),
     };
-    let device = match args.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::Cuda,
-    };
+    let device = args.device.device();
     let mut engine = Engine::open(
         &checkpoint,
         EngineOptions {
@@ -335,6 +353,15 @@ fn run_plugin(args: RunArgs) -> Result<()> {
     if shard.is_some() && args.out.is_none() && args.isolated_result.is_none() {
         bail!("--shard writes a part file named after --out: give --out");
     }
+    let engine = probe::forward::EngineOptions {
+        device: args.device.device(),
+        threads: args.threads,
+    };
+    // A device that cannot be used fails the run before any work (and
+    // before a plugin that makes no forward pass could hide it).
+    if engine.device != probe::forward::Device::Cpu {
+        probe::forward::engine::check_options(engine)?;
+    }
     let output = if args.isolate {
         run_isolated(&args, &path, shard)?
     } else {
@@ -350,7 +377,7 @@ fn run_plugin(args: RunArgs) -> Result<()> {
             plugin,
             &args.models,
             &args.params,
-            shard,
+            probe::run::RunOptions { shard, engine },
             &progress,
             &CANCEL,
         )?
@@ -460,6 +487,8 @@ fn run_isolated(
     if args.quiet {
         child.arg("--quiet");
     }
+    child.arg("--device").arg(args.device.as_str());
+    child.arg("--threads").arg(args.threads.to_string());
     child.arg("--isolated-result").arg(&result);
     let status = child.status()?;
     if !status.success() {
@@ -559,6 +588,7 @@ fn plugins(command: Option<PluginsCommand>, plugin_dirs: &[PathBuf]) -> Result<(
             let plugin = probe::plugin::load(&probe::plugin::find(&name, &dirs)?)?;
             println!("{} {} — {}", plugin.name, plugin.version, plugin.summary);
             println!("{}", plugin.path.display());
+            println!("plugin ABI {}", plugin.abi);
             if !plugin.description.is_empty() {
                 println!("\n{}", plugin.description.trim_end());
             }

@@ -10,8 +10,8 @@ use std::ffi::{c_char, CStr};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use probe_sdk::abi::{self, PluginApi};
-use probe_sdk::params::ParamSpec;
+use probe_contract::abi::{self, AbiVersion, PluginApi};
+use probe_contract::ParamSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
@@ -25,11 +25,11 @@ pub enum PluginError {
     NotALibrary { path: PathBuf, reason: String },
     #[error("{}: a shared library, but not a probe plugin (it has no `probe_plugin_abi_version` symbol)", path.display())]
     NotAPlugin { path: PathBuf },
-    #[error("{}: built for plugin ABI {found}, but this probe speaks ABI {expected}; rebuild the plugin against probe-sdk {}", path.display(), env!("CARGO_PKG_VERSION"))]
+    #[error("{}: built for plugin ABI {found}.x, but this probe speaks ABI {expected}; rebuild the plugin against probe-sdk {}", path.display(), env!("CARGO_PKG_VERSION"))]
     WrongAbi {
         path: PathBuf,
         found: u32,
-        expected: u32,
+        expected: AbiVersion,
     },
     #[error("{}: {problem}", path.display())]
     BadTable { path: PathBuf, problem: String },
@@ -43,6 +43,8 @@ pub struct LoadedPlugin {
     pub summary: String,
     pub description: String,
     pub params: Vec<ParamSpec>,
+    /// The plugin ABI version it was built against.
+    pub abi: AbiVersion,
     pub(crate) api: &'static PluginApi,
 }
 
@@ -89,15 +91,17 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, PluginError> {
     // Never unloaded: see the module comment.
     let library: &'static libloading::Library = Box::leak(Box::new(library));
 
-    // 1. The ABI version, before anything else is touched.
+    // 1. The ABI major version, before anything else is touched.
+    // SAFETY: the symbol's type is the one every probe plugin exports.
     let version_fn =
         unsafe { library.get::<unsafe extern "C" fn() -> u32>(abi::ABI_VERSION_SYMBOL) }.map_err(
             |_| PluginError::NotAPlugin {
                 path: path.to_path_buf(),
             },
         )?;
+    // SAFETY: a plugin's version function takes nothing and returns a number.
     let found = unsafe { version_fn() };
-    if found != abi::ABI_VERSION {
+    if found != abi::ABI_MAJOR {
         return Err(PluginError::WrongAbi {
             path: path.to_path_buf(),
             found,
@@ -109,24 +113,30 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, PluginError> {
         path: path.to_path_buf(),
         problem: problem.to_string(),
     };
+    // SAFETY: the symbol's type is the one every probe plugin of this major exports.
     let api_fn = unsafe {
         library.get::<unsafe extern "C" fn() -> *const PluginApi>(abi::PLUGIN_API_SYMBOL)
     }
     .map_err(|_| bad("exports an ABI version but no `probe_plugin_api` table"))?;
+    // SAFETY: the plugin returns null or its static table, which lives as
+    // long as the library (never unloaded).
     let api: &'static PluginApi = unsafe { api_fn().as_ref() }
         .ok_or_else(|| bad("its plugin table is null (did it panic while starting?)"))?;
-    if api.size < std::mem::size_of::<PluginApi>() || api.abi_version != abi::ABI_VERSION {
+    // Every minor of this major has at least the 2.0 table: a newer minor may
+    // append fields this host does not read.
+    if api.size < std::mem::size_of::<PluginApi>() || api.abi.major != abi::ABI_MAJOR {
         return Err(bad(&format!(
-            "its plugin table ({} bytes, ABI {}) is not the ABI {} table",
+            "its plugin table ({} bytes, ABI {}) is not an ABI {}.x table",
             api.size,
-            api.abi_version,
-            abi::ABI_VERSION
+            api.abi,
+            abi::ABI_MAJOR
         )));
     }
     let text = |ptr: *const c_char, what: &str| -> Result<String, PluginError> {
         if ptr.is_null() {
             return Err(bad(&format!("its {what} is missing")));
         }
+        // SAFETY: non-null static NUL-terminated strings of the plugin's table.
         Ok(unsafe { CStr::from_ptr(ptr) }
             .to_string_lossy()
             .into_owned())
@@ -145,6 +155,7 @@ fn load_uncached(path: &Path) -> Result<LoadedPlugin, PluginError> {
         description: text(api.description, "description")?,
         name,
         params,
+        abi: api.abi,
         api,
     })
 }

@@ -7,17 +7,18 @@ use std::sync::atomic::AtomicBool;
 
 use polars::prelude::*;
 
+use crate::forward::EngineOptions;
 use crate::host_api::{CallError, RunContext};
 use crate::plugin::LoadedPlugin;
 use crate::progress::Progress;
-use crate::store::Checkpoint;
+use crate::source::Located;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("plugin `{plugin}`: {cause}")]
     Params {
         plugin: String,
-        cause: probe_sdk::ParamError,
+        cause: probe_contract::ParamError,
     },
     #[error("plugin `{plugin}` {} on {checkpoint}: {}", cause.verb(), cause.detail())]
     Call {
@@ -220,7 +221,7 @@ fn append_companions(
 }
 
 /// Labels for the checkpoints: their names, or their paths when names repeat.
-fn labels(checkpoints: &[Checkpoint]) -> Vec<String> {
+fn labels(checkpoints: &[Located]) -> Vec<String> {
     let names: Vec<&str> = checkpoints.iter().map(|c| c.label.as_str()).collect();
     let unique = names
         .iter()
@@ -236,25 +237,43 @@ fn labels(checkpoints: &[Checkpoint]) -> Vec<String> {
     }
 }
 
+/// Where and how a run's plugin calls execute.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    pub shard: Option<Shard>,
+    /// Device and threads of every forward pass the plugin makes.
+    pub engine: EngineOptions,
+}
+
 /// Run `plugin` over every checkpoint found at `models`.
+///
+/// Checkpoints are opened one at a time: each is mapped, run and dropped
+/// (with its forward engine and its converted weights) before the next is
+/// opened, so memory does not grow with the number of checkpoints. All are
+/// opened once up front, headers only, so a bad file fails the run before
+/// any work.
 pub fn execute(
     plugin: &LoadedPlugin,
     models: &[PathBuf],
     given_params: &[String],
-    shard: Option<Shard>,
+    options: RunOptions,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<RunOutput, RunError> {
-    let params = probe_sdk::params::resolve(&plugin.params, given_params).map_err(|source| {
-        RunError::Params {
-            plugin: plugin.name.clone(),
-            cause: source,
-        }
-    })?;
+    let params =
+        probe_contract::params::resolve(&plugin.params, given_params).map_err(|source| {
+            RunError::Params {
+                plugin: plugin.name.clone(),
+                cause: source,
+            }
+        })?;
     let params_json = serde_json::Value::Object(params).to_string();
     let mut checkpoints = Vec::new();
     for model in models {
-        checkpoints.extend(crate::source::open_all(model)?);
+        checkpoints.extend(crate::source::locate_all(model)?);
+    }
+    for located in &checkpoints {
+        drop(located.open()?);
     }
     let labels = labels(&checkpoints);
     let call_error = |index: usize, source| RunError::Call {
@@ -262,28 +281,35 @@ pub fn execute(
         checkpoint: labels[index].clone(),
         cause: source,
     };
+    // One checkpoint's context at a time, dropped when `body` returns.
+    let with_context = |index: usize,
+                        body: &mut dyn FnMut(&RunContext<'_>) -> Result<(), RunError>|
+     -> Result<(), RunError> {
+        let checkpoint = checkpoints[index].open()?;
+        let context = RunContext::new(&checkpoint, progress, cancel, options.engine);
+        body(&context)
+    };
 
     // The global work list: (checkpoint, item) in checkpoint order.
-    let contexts: Vec<RunContext> = checkpoints
-        .iter()
-        .map(|c| RunContext::new(c, progress, cancel))
-        .collect();
-    let mut counts = Vec::with_capacity(contexts.len());
-    for (index, context) in contexts.iter().enumerate() {
-        counts.push(
-            context
-                .work_items(plugin, &params_json)
-                .map_err(|e| call_error(index, e))?,
-        );
+    let mut counts = Vec::with_capacity(checkpoints.len());
+    for index in 0..checkpoints.len() {
+        with_context(index, &mut |context| {
+            counts.push(
+                context
+                    .work_items(plugin, &params_json)
+                    .map_err(|e| call_error(index, e))?,
+            );
+            Ok(())
+        })?;
     }
     let total: usize = counts.iter().sum();
-    let selected = shard.map_or(0..total, |s| s.range(total));
+    let selected = options.shard.map_or(0..total, |s| s.range(total));
 
     let mut frame: Option<DataFrame> = None;
     let mut companions: Vec<(String, DataFrame)> = Vec::new();
     let several = checkpoints.len() > 1;
     let mut offset = 0;
-    for (index, context) in contexts.iter().enumerate() {
+    for index in 0..checkpoints.len() {
         let items: Vec<usize> = (0..counts[index])
             .filter(|item| selected.contains(&(offset + item)))
             .collect();
@@ -291,38 +317,53 @@ pub fn execute(
         if items.is_empty() {
             continue;
         }
-        let part = context
-            .run(plugin, &params_json, &items)
-            .map_err(|e| call_error(index, e))?;
-        let part = with_checkpoint(part, &labels[index], several, plugin)?;
-        frame = Some(append(frame, part, plugin)?);
-        let mut extra = Vec::new();
-        for (name, table) in context.take_companions() {
-            extra.push((
-                name,
-                with_checkpoint(table, &labels[index], several, plugin)?,
-            ));
-        }
-        append_companions(&mut companions, extra, plugin)?;
+        with_context(index, &mut |context| {
+            let part = context
+                .run(plugin, &params_json, &items)
+                .map_err(|e| call_error(index, e))?;
+            let part = with_checkpoint(part, &labels[index], several, plugin)?;
+            frame = Some(append(frame.take(), part, plugin)?);
+            let mut extra = Vec::new();
+            for (name, table) in context.take_companions() {
+                extra.push((
+                    name,
+                    with_checkpoint(table, &labels[index], several, plugin)?,
+                ));
+            }
+            append_companions(&mut companions, extra, plugin)
+        })?;
     }
     // A shard with no work still writes a table with the right columns.
     let frame = match frame {
         Some(frame) => frame,
         None => {
-            let Some(context) = contexts.first() else {
+            if checkpoints.is_empty() {
                 return Err(RunError::Output {
                     plugin: plugin.name.clone(),
                     problem: "no checkpoints to run on".into(),
                 });
-            };
-            let empty = context
-                .run(plugin, &params_json, &[])
-                .map_err(|e| call_error(0, e))?;
-            for (name, table) in context.take_companions() {
-                let table = with_checkpoint(table.head(Some(0)), &labels[0], several, plugin)?;
-                companions.push((name, table));
             }
-            with_checkpoint(empty.head(Some(0)), &labels[0], several, plugin)?
+            let mut empty = None;
+            with_context(0, &mut |context| {
+                let table = context
+                    .run(plugin, &params_json, &[])
+                    .map_err(|e| call_error(0, e))?;
+                for (name, table) in context.take_companions() {
+                    let table = with_checkpoint(table.head(Some(0)), &labels[0], several, plugin)?;
+                    companions.push((name, table));
+                }
+                empty = Some(with_checkpoint(
+                    table.head(Some(0)),
+                    &labels[0],
+                    several,
+                    plugin,
+                )?);
+                Ok(())
+            })?;
+            empty.ok_or_else(|| RunError::Output {
+                plugin: plugin.name.clone(),
+                problem: "returned no table".into(),
+            })?
         }
     };
     progress.finish();
@@ -340,7 +381,15 @@ pub fn execute(
             serde_json::to_string(&labels).unwrap_or_default(),
         ),
     ];
-    if let Some(shard) = shard {
+    metadata.push((
+        "probe.device".to_string(),
+        options.engine.device.as_str().to_string(),
+    ));
+    metadata.push((
+        "probe.threads".to_string(),
+        options.engine.threads.to_string(),
+    ));
+    if let Some(shard) = options.shard {
         metadata.push(("probe.shard".to_string(), shard.to_string()));
     }
     Ok(RunOutput {

@@ -129,7 +129,7 @@ pub fn write_reordered(
                 .ok_or_else(|| refuse(format!("cannot rename `{}`", entry.name)))?,
             _ => entry.name.clone(),
         };
-        let dtype = entry.dtype.to_safetensors().ok_or_else(|| {
+        let dtype = probe_store::store::dtype_to_safetensors(entry.dtype).ok_or_else(|| {
             refuse(format!(
                 "`{}` has a dtype safetensors cannot write",
                 entry.name

@@ -6,6 +6,8 @@
 //! a default: a metric by layer. Charts are drawn with plotters, as inline
 //! SVG (no network, no scripts but one inline check) and optionally as PNG.
 
+#![forbid(unsafe_code)]
+
 mod chart;
 mod html;
 mod registry;

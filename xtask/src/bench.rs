@@ -416,8 +416,9 @@ fn time_command(runs: usize, make: impl Fn() -> Command) -> Result<Timing> {
 fn wait_with_rusage(child: std::process::Child) -> Result<(bool, i64)> {
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
-    // SAFETY: rusage is plain data that wait4 fills in; pid is our own child.
+    // SAFETY: rusage is plain data (integers) for which all zeroes is valid.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our own child; status and usage are valid places to write.
     let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     if waited != pid {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());

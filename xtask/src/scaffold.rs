@@ -49,9 +49,13 @@ pub fn new_plugin(root: &Path, name: &str, dir: &Path) -> Result<()> {
     if root.join("Cargo.lock").is_file() {
         std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock"))?;
     }
+    // With probe's build folder reused (seconds, not minutes), the library
+    // lands there, not in the plugin's own folder.
+    let target = root.join("target");
     println!(
-        "created {dir}\n\nnext:\n  cargo build --manifest-path {dir}/Cargo.toml\n  probe run --plugin {dir}/target/debug/libprobe_plugin_{name}.so MODEL",
-        dir = dir.display()
+        "created {dir}\n\nnext (reusing probe's build folder, so polars is not compiled again):\n  CARGO_TARGET_DIR={target} cargo build --manifest-path {dir}/Cargo.toml\n  probe run --plugin {target}/debug/libprobe_plugin_{name}.so MODEL",
+        dir = dir.display(),
+        target = target.display()
     );
     Ok(())
 }

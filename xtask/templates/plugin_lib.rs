@@ -13,10 +13,11 @@ impl Plugin for {{type_name}} {
     const DESCRIPTION: &'static str = "A starting point made by `cargo xtask new-plugin`.";
 
     fn params() -> Vec<ParamSpec> {
-        vec![ParamSpec::new(
+        // A `roles` parameter is checked by the SDK before `run`: a role the
+        // model lacks is an error naming the parameter, not an empty table.
+        vec![ParamSpec::roles(
             "roles",
-            ParamKind::List,
-            None,
+            &[],
             "only these roles (q,k,v,o,gate,up,down,embed,lm_head,…); all by default",
         )]
     }
@@ -38,7 +39,7 @@ impl Plugin for {{type_name}} {
             let sum_abs: f64 = values.iter().map(|&v| f64::from(v).abs()).sum();
             names.push(info.name.clone());
             layers.push(info.layer.map(|l| l as i64));
-            roles.push(info.role.clone());
+            roles.push(info.role_name());
             norms.push(sum_sq.sqrt());
             means.push(sum_abs / values.len().max(1) as f64);
             host.progress(done as u64 + 1, items.len() as u64, &info.name);
@@ -55,11 +56,12 @@ impl Plugin for {{type_name}} {
 
 /// The 2-D floating-point tensors, filtered by the `roles` parameter.
 fn matrices(host: &Host, params: &Params) -> Result<Vec<TensorInfo>, PluginError> {
-    let roles = params.list("roles");
+    // `None` when the user did not give `roles`: every role.
+    let roles: Option<Vec<Role>> = params.roles("roles");
     Ok(host
         .tensors()?
         .into_iter()
-        .filter(|t| t.shape.len() == 2 && matches!(t.dtype.as_str(), "F32" | "F16" | "BF16" | "F64"))
+        .filter(|t| t.shape.len() == 2 && t.dtype.is_float())
         .filter(|t| roles.as_ref().is_none_or(|r| r.contains(&t.role)))
         .collect())
 }

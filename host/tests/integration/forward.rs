@@ -4,9 +4,7 @@
 
 use std::path::Path;
 
-use probe::forward::{
-    text::TextCodec, Capture, EditKind, Engine, EngineOptions, Request, ResidualEdit, Trace,
-};
+use probe::forward::{text::TextCodec, Capture, Edit, Engine, EngineOptions, Request, Trace};
 use probe::store::Checkpoint;
 use serde_json::Value;
 
@@ -297,11 +295,7 @@ fn interventions_reorder_skip_and_edit_the_residual() {
 
     // Replacing the residual at position 3 after block 0 leaves the earlier
     // positions alone (causal) and changes position 3 onwards.
-    let edit = [ResidualEdit {
-        stage: 1,
-        position: 3,
-        kind: EditKind::Replace(vec![0.5; d]),
-    }];
+    let edit = [Edit::replace(1, 3, vec![0.5; d])];
     let edited = engine
         .run(&Request {
             tokens: &tokens,
@@ -444,11 +438,7 @@ fn a_batch_gives_what_each_request_gives_alone_in_fewer_block_runs() {
         let reversed: Vec<usize> = (0..n).rev().collect();
         let tail: Vec<usize> = (1..n).collect();
         let start = run(&mut engine, &long, Capture::default()).output;
-        let edits = [ResidualEdit {
-            stage: 1,
-            position: 2,
-            kind: EditKind::Add(vec![0.5; hidden]),
-        }];
+        let edits = [Edit::add(1, 2, vec![0.5; hidden])];
         let few = [3u32, 8, 8, 40];
         let loss = Capture {
             loss: head,

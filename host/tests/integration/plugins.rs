@@ -281,7 +281,7 @@ fn a_plugin_for_another_abi_is_refused() {
     ])
     .fails_with(&[
         lib.to_str().unwrap(),
-        "built for plugin ABI 999, but this probe speaks ABI 1",
+        "built for plugin ABI 999.x, but this probe speaks ABI 2.1",
     ]);
 }
 
@@ -327,7 +327,7 @@ fn bad_parameters_are_refused_before_running() {
     testkit_run(&model, &["scale=big"], &[])
         .fails_with(&["parameter `scale`: expected a number, got `big`"]);
     testkit_run(&model, &["mode=dance"], &[])
-        .fails_with(&["expected one of ok, forward, error, panic, segfault, abort"]);
+        .fails_with(&["expected one of ok, forward, run_info, error, panic, segfault, abort"]);
 }
 
 #[test]
@@ -358,7 +358,8 @@ fn plugins_are_listed_and_described() {
     .ok();
     assert!(info.contains("testkit 0.1.0"));
     assert!(info.contains("mode"));
-    assert!(info.contains("ok|forward|error|panic|segfault|abort"));
+    assert!(info.contains("ok|forward|run_info|error|panic|segfault|abort"));
+    assert!(info.contains("plugin ABI 2.1"), "{info}");
     assert!(info.contains("multiply every norm by this"));
 
     // By name through PROBE_PLUGIN_PATH, too.
@@ -380,4 +381,122 @@ fn plugins_are_listed_and_described() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[test]
+fn a_plugin_built_against_an_older_minor_runs() {
+    // testkit-bad-table's table says ABI 2.0 (written by hand for it); this
+    // host speaks 2.1. It loads, is described with its own version, and runs.
+    let dir = tempdir();
+    std::fs::copy(
+        plugin_lib("probe-testkit-bad-table"),
+        dir.path().join("libprobe_plugin_testkit_bad_table.so"),
+    )
+    .unwrap();
+    let info = probe([
+        "plugins",
+        "info",
+        "testkit_bad_table",
+        "--plugin-dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .ok();
+    assert!(info.contains("plugin ABI 2.0"), "{info}");
+    // Its `null` mode succeeds without a table; the host says so in one line
+    // rather than failing on the version.
+    let lib = dir.path().join("libprobe_plugin_testkit_bad_table.so");
+    run_plugin(
+        lib.to_str().unwrap(),
+        &fixture("llama-tied-f32"),
+        &["mode=no_release"],
+        &[],
+    )
+    .fails_with(&["no release callback"]);
+}
+
+#[test]
+fn the_device_and_threads_reach_the_plugin_and_the_metadata() {
+    let model = fixture("llama-tied-f32");
+    let dir = tempdir();
+    let out = dir.path().join("info.parquet");
+    testkit_run(
+        &model,
+        &["mode=run_info"],
+        &[
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "-q",
+        ],
+    )
+    .ok();
+    let df = read_parquet(&out);
+    assert_eq!(column_str(&df, "device"), ["cpu"]);
+    assert_eq!(df.column("threads").unwrap().i64().unwrap().get(0), Some(1));
+    assert_eq!(column_str(&df, "host_abi"), ["2.1"]);
+    let (_, metadata) = probe::run::read_parquet(&out).unwrap();
+    let get = |key: &str| {
+        metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("probe.device"), Some("cpu"));
+    assert_eq!(get("probe.threads"), Some("1"));
+}
+
+#[test]
+fn cuda_without_the_gpu_build_fails_before_any_work() {
+    // The ONNX Runtime this project installs is the CPU build: asking for
+    // CUDA is an error with ONNX Runtime's reason, never a silent CPU run —
+    // even for a plugin that would make no forward pass.
+    let model = fixture("llama-tied-f32");
+    for plugin in [
+        plugin_lib("probe-plugin-vshape"),
+        plugin_lib("probe-testkit"),
+    ] {
+        run_plugin(
+            plugin.to_str().unwrap(),
+            &model,
+            &[],
+            &["--device", "cuda", "-q"],
+        )
+        .fails_with(&["the cuda execution provider cannot be used"]);
+    }
+}
+
+#[test]
+fn a_selection_that_matches_nothing_names_the_parameter() {
+    // Tried as a new user would: an unknown role, a role the model lacks,
+    // a block it does not have. Each is an error before the plugin runs.
+    let spectral = plugin_lib("probe-plugin-spectral");
+    let spectral = spectral.to_str().unwrap();
+    let model = fixture("llama-tied-f32");
+    run_plugin(spectral, &model, &["roles=nope"], &[]).fails_with(&[
+        "parameter `roles`: expected roles among embed,",
+        "got `nope`",
+    ]);
+    run_plugin(spectral, &model, &["roles=attn_norm"], &[])
+        .fails_with(&["parameter `roles`: expected roles among", "got `attn_norm`"]);
+    run_plugin(spectral, &model, &["roles=qkv"], &[]).fails_with(&[
+        "parameter `roles` selects what llama-tied-f32 lacks: the model has no qkv tensors (it has: embed, q, k, v, o, gate, up, down)",
+    ]);
+    run_plugin(spectral, &model, &["layers=99"], &[]).fails_with(&[
+        "parameter `layers` selects what llama-tied-f32 lacks: the model has blocks 0-2; 99 is not among them",
+    ]);
+    // A selection that fits runs.
+    let dir = tempdir();
+    let out = dir.path().join("s.parquet");
+    run_plugin(
+        spectral,
+        &model,
+        &["roles=q,k", "layers=1"],
+        &["--out", out.to_str().unwrap(), "-q"],
+    )
+    .ok();
+    let df = read_parquet(&out);
+    assert_eq!(column_str(&df, "role"), ["k", "q"]);
 }

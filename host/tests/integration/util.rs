@@ -190,3 +190,28 @@ pub fn read_parquet(path: &Path) -> polars::prelude::DataFrame {
         .finish()
         .unwrap()
 }
+
+/// Run `probe ARGS` to completion; its exit code and its own peak resident
+/// set in kB (anonymous and mapped file pages together), from wait4.
+pub fn probe_peak_rss<I, S>(args: I) -> (Option<i32>, i64)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let child = Command::new(env!("CARGO_BIN_EXE_probe"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the probe binary runs");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain integers, for which all zeroes is valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our own child; status and usage are valid places to write.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    // Reaped by wait4: the Child must not wait again.
+    std::mem::forget(child);
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (code, usage.ru_maxrss)
+}

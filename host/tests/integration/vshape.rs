@@ -253,3 +253,58 @@ fn smollm2_has_both_profiles_and_a_run_gives_one_table() {
     let summary = read_parquet(&dir.path().join("run.summary.parquet"));
     assert_eq!(summary.height(), 2);
 }
+
+#[test]
+fn a_run_over_many_checkpoints_holds_one_at_a_time() {
+    // A training run of four copies of SmolLM2 (links, no disk used), with
+    // forward passes: peak memory stays that of one checkpoint, since each
+    // is opened, run and dropped (mapping, engine, sessions) in turn.
+    let Some(model) = real_model("SmolLM2-135M-Instruct") else {
+        return;
+    };
+    let dir = tempdir();
+    let run = dir.path().join("run");
+    for step in 0..4 {
+        let member = run.join(format!("step-{step}"));
+        std::fs::create_dir_all(&member).unwrap();
+        for entry in std::fs::read_dir(&model).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::os::unix::fs::symlink(&path, member.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "The capital of France is Paris.\nOne, two, three, four.\n",
+    )
+    .unwrap();
+    let vshape = crate::util::plugin_lib("probe-plugin-vshape");
+    let peak = |path: &std::path::Path| {
+        let out = dir.path().join("v.parquet");
+        let (code, kb) = crate::util::probe_peak_rss([
+            "run".as_ref(),
+            "--plugin".as_ref(),
+            vshape.as_os_str(),
+            path.as_os_str(),
+            "--param".as_ref(),
+            "activations=true".as_ref(),
+            "--param".as_ref(),
+            std::ffi::OsStr::new(&format!("prompts={}", prompts.display())),
+            "--param".as_ref(),
+            "max_tokens=16".as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+            "-q".as_ref(),
+        ]);
+        assert_eq!(code, Some(0));
+        kb
+    };
+    let one = peak(&run.join("step-0"));
+    let four = peak(&run);
+    assert!(
+        (four as f64) <= 1.25 * one as f64,
+        "peak RSS of four checkpoints {four} kB vs one {one} kB"
+    );
+}

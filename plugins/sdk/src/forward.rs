@@ -1,121 +1,95 @@
 //! The forward engine as a plugin sees it: tokenize, run the model block by
 //! block with the residual stream handed back, intervene, and read the logit
 //! lens. The host runs ONNX Runtime; these calls only move data.
+//!
+//! A request is a [`ForwardRequest`] (defined once in `probe-contract`, so
+//! host and plugin cannot disagree on it). Interventions are [`Edit`]s of
+//! the residual stream between blocks:
+//!
+//! ```ignore
+//! // Activation patching: the clean run's residual after block 5 at the
+//! // last position, put into the corrupted run.
+//! let clean = host.forward(&ForwardRequest { tokens: clean_ids, residuals: true, ..Default::default() })?;
+//! let row = clean.residual_row(6, last);           // stage 6 = after block 5
+//! let patched = host.forward(&ForwardRequest {
+//!     tokens: corrupt_ids,
+//!     edits: vec![Edit::replace(6, last, row.to_vec())],
+//!     logits: true,
+//!     ..Default::default()
+//! })?;
+//! // Steering: add a direction to the residual after block 10 at every position.
+//! let steer = (0..t).map(|p| Edit::add(11, p, direction.clone())).collect();
+//! ```
+//!
+//! [`Edit`]: crate::Edit
 
-use serde::{Deserialize, Serialize};
+use probe_contract::{ForwardMeta, OutputKind};
 
 use crate::abi::{self, F32Buffer, ForwardResultC, StrRef};
 use crate::{Host, PluginError};
 
-/// A change to the residual stream at one (stage, position).
-#[derive(Clone, Debug, Serialize)]
-pub struct Edit {
-    /// 0 = the embedding output, s = after the s-th block run.
-    pub stage: usize,
-    pub position: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub replace: Option<Vec<f32>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub add: Option<Vec<f32>>,
-}
-
-/// One forward pass to run.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ForwardRequest {
-    pub tokens: Vec<u32>,
-    /// Blocks to run in this order (skip by leaving out); `None` = all.
-    pub blocks: Option<Vec<usize>>,
-    pub edits: Vec<Edit>,
-    /// Keep the residual after the embedding and after every block.
-    pub residuals: bool,
-    /// Keep each block's attention and MLP updates.
-    pub updates: bool,
-    /// Keep attention probabilities `[heads, T, T]` per block.
-    pub attention: bool,
-    /// Compute logits `[T, vocab]` (and the loss) from the final residual.
-    pub logits: bool,
-    /// Compute the loss without handing the logits back (they are large).
-    pub loss: bool,
-    /// Start from this residual `[T, hidden]` instead of the embedding's
-    /// output: cache a prefix of blocks and run only what follows.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub start: Option<Vec<f32>>,
-    /// With `loss` (and not `logits`): the softmax runs over these token ids
-    /// and the text's own tokens only. That loss is below the model's, but it
-    /// costs a fraction of the head's product: a screen for comparing many
-    /// runs of one text, to be confirmed with the full loss.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub loss_vocab: Option<Vec<u32>>,
-}
-
-/// What crosses as JSON: a [`ForwardRequest`] less its start residual.
-#[derive(Serialize)]
-struct WireRequest<'a> {
-    tokens: &'a [u32],
-    blocks: Option<&'a [usize]>,
-    edits: &'a [Edit],
-    residuals: bool,
-    updates: bool,
-    attention: bool,
-    logits: bool,
-    loss: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    loss_vocab: Option<&'a [u32]>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Meta {
-    tokens: Vec<u32>,
-    blocks: Vec<usize>,
-    hidden: usize,
-    heads: usize,
-    vocab: usize,
-    loss: Option<f64>,
-    token_losses: Option<Vec<f64>>,
-    stages: usize,
-    updates: usize,
-    attention: usize,
-    has_logits: bool,
-}
+pub use probe_contract::ForwardRequest;
 
 /// What a forward pass produced, copied out of the host. Row-major.
 #[derive(Clone, Debug, Default)]
 pub struct ForwardOutput {
     pub tokens: Vec<u32>,
+    /// The blocks run, in order.
     pub blocks: Vec<usize>,
     pub hidden: usize,
     pub heads: usize,
     pub vocab: usize,
-    /// Mean next-token cross-entropy (nats), with logits.
+    /// Mean next-token cross-entropy (nats), with logits or `loss`.
     pub loss: Option<f64>,
+    /// Per predicting position (`T − 1` values), with the loss.
     pub token_losses: Option<Vec<f64>>,
+    /// `[T, hidden]` after the embedding (stage 0) and after every block run.
     pub residuals: Vec<Vec<f32>>,
+    /// `[T, hidden]` per block run: what attention added.
     pub attn_updates: Vec<Vec<f32>>,
+    /// `[T, hidden]` per block run: what the MLP added.
     pub mlp_updates: Vec<Vec<f32>>,
+    /// `[heads, T, T]` per block run.
     pub attention: Vec<Vec<f32>>,
+    /// `[T, hidden]`: the residual after the last block run.
     pub output: Vec<f32>,
+    /// `[T, vocab]`, when asked for.
     pub logits: Option<Vec<f32>>,
 }
 
-impl Host<'_> {
-    fn json_string(&self, value: StrRef) -> String {
-        unsafe { value.as_str() }.into_owned()
+impl ForwardOutput {
+    /// Row `position` of the residual at `stage` (0 = embedding output).
+    /// Panics if the stage was not kept or the position is out of range.
+    pub fn residual_row(&self, stage: usize, position: usize) -> &[f32] {
+        &self.residuals[stage][position * self.hidden..(position + 1) * self.hidden]
     }
+}
 
+impl Host<'_> {
     /// Token ids of `text` with the model's tokenizer; `chat` wraps it as a
     /// user message in the model's chat template.
+    ///
+    /// ```ignore
+    /// let ids = host.tokenize("The capital of France is", false)?;
+    /// ```
     pub fn tokenize(&self, text: &str, chat: bool) -> Result<Vec<u32>, PluginError> {
         let mut out = StrRef::empty();
+        // SAFETY: a function of the host's table; `out` is a valid place to write.
         let status =
             unsafe { (self.api.tokenize)(self.api.ctx, StrRef::new(text), chat, &mut out) };
         if status != abi::STATUS_OK {
             return Err(self.last_error());
         }
-        serde_json::from_str(&self.json_string(out))
+        serde_json::from_str(&self.host_json(out))
             .map_err(|e| PluginError::Host(format!("token ids: {e}")))
     }
 
-    /// Run one forward pass.
+    /// Run one forward pass (a batch of one).
+    ///
+    /// ```ignore
+    /// let out = host.forward(&ForwardRequest { tokens: ids, residuals: true, loss: true, ..Default::default() })?;
+    /// println!("loss {:?}, {} residual arrays", out.loss, out.residuals.len());
+    /// ```
     pub fn forward(&self, request: &ForwardRequest) -> Result<ForwardOutput, PluginError> {
         let mut outputs = self.forward_batch(std::slice::from_ref(request))?;
         outputs
@@ -127,27 +101,25 @@ impl Host<'_> {
     /// one length that run the same block with as many blocks left into one
     /// session run, so they share one read of its weights: many short
     /// candidate chains that share their last blocks cost a fraction of
-    /// running them one by one. Outputs come in request order.
+    /// running them one by one. Outputs come in request order. A request's
+    /// `start` residual crosses as raw floats, never as JSON.
+    ///
+    /// ```ignore
+    /// // Knock out each block in turn: the same tokens, every order but one block.
+    /// let requests: Vec<ForwardRequest> = (0..n).map(|skip| ForwardRequest {
+    ///     tokens: ids.clone(),
+    ///     blocks: Some((0..n).filter(|&b| b != skip).collect()),
+    ///     loss: true,
+    ///     ..Default::default()
+    /// }).collect();
+    /// let losses: Vec<f64> = host.forward_batch(&requests)?.iter().map(|o| o.loss.unwrap()).collect();
+    /// ```
     pub fn forward_batch(
         &self,
         requests: &[ForwardRequest],
     ) -> Result<Vec<ForwardOutput>, PluginError> {
-        // Start residuals go across as raw floats, the rest as JSON.
-        let wire: Vec<WireRequest<'_>> = requests
-            .iter()
-            .map(|r| WireRequest {
-                tokens: &r.tokens,
-                blocks: r.blocks.as_deref(),
-                edits: &r.edits,
-                residuals: r.residuals,
-                updates: r.updates,
-                attention: r.attention,
-                logits: r.logits,
-                loss: r.loss,
-                loss_vocab: r.loss_vocab.as_deref(),
-            })
-            .collect();
-        let json = serde_json::to_string(&wire).map_err(|e| PluginError::Other(e.to_string()))?;
+        let json =
+            serde_json::to_string(requests).map_err(|e| PluginError::Other(e.to_string()))?;
         let starts: Vec<*const f32> = requests
             .iter()
             .map(|r| r.start.as_deref().map_or(std::ptr::null(), <[f32]>::as_ptr))
@@ -159,6 +131,8 @@ impl Host<'_> {
         let mut results: Vec<ForwardResultC> = (0..requests.len())
             .map(|_| ForwardResultC::empty())
             .collect();
+        // SAFETY: a function of the host's table; `n` pointers, lengths and
+        // result places, each start covering its length for the call.
         let status = unsafe {
             (self.api.forward_batch)(
                 self.api.ctx,
@@ -173,16 +147,17 @@ impl Host<'_> {
             return Err(self.last_error());
         }
         // Give every result back on every path out of here.
-        struct Guard<'h>(&'h Host<'h>, Vec<ForwardResultC>);
-        impl Drop for Guard<'_> {
+        struct Release<'h>(&'h Host<'h>, Vec<ForwardResultC>);
+        impl Drop for Release<'_> {
             fn drop(&mut self) {
                 for result in &mut self.1 {
+                    // SAFETY: each result came from this host and is released once.
                     unsafe { (self.0.api.release_forward)(self.0.api.ctx, result) }
                 }
             }
         }
-        let guard = Guard(self, results);
-        guard
+        let results = Release(self, results);
+        results
             .1
             .iter()
             .map(|result| self.read_output(result))
@@ -191,12 +166,14 @@ impl Host<'_> {
 
     /// Copy one forward result out of the host.
     fn read_output(&self, result: &ForwardResultC) -> Result<ForwardOutput, PluginError> {
-        let meta: Meta = serde_json::from_str(&self.json_string(result.meta_json))
+        let meta: ForwardMeta = serde_json::from_str(&self.host_json(result.meta_json))
             .map_err(|e| PluginError::Host(format!("forward result: {e}")))?;
-        let read = |kind: u32, index: usize| -> Result<Vec<f32>, PluginError> {
+        let read = |kind: OutputKind, index: usize| -> Result<Vec<f32>, PluginError> {
             let mut buffer = F32Buffer::empty();
+            // SAFETY: a function of the host's table, on a result it made and
+            // has not released; `buffer` is a valid place to write.
             let status = unsafe {
-                (self.api.forward_output)(self.api.ctx, result, kind, index, &mut buffer)
+                (self.api.forward_output)(self.api.ctx, result, kind.code(), index, &mut buffer)
             };
             if status != abi::STATUS_OK {
                 return Err(self.last_error());
@@ -204,18 +181,20 @@ impl Host<'_> {
             if buffer.data.is_null() || buffer.len == 0 {
                 return Ok(Vec::new());
             }
+            // SAFETY: the host lends `len` floats until the result is released.
             Ok(unsafe { std::slice::from_raw_parts(buffer.data, buffer.len) }.to_vec())
         };
-        let many =
-            |kind: u32, n: usize| (0..n).map(|i| read(kind, i)).collect::<Result<Vec<_>, _>>();
+        let many = |kind: OutputKind, n: usize| {
+            (0..n).map(|i| read(kind, i)).collect::<Result<Vec<_>, _>>()
+        };
         Ok(ForwardOutput {
-            residuals: many(abi::OUTPUT_RESIDUAL, meta.stages)?,
-            attn_updates: many(abi::OUTPUT_ATTN_UPDATE, meta.updates)?,
-            mlp_updates: many(abi::OUTPUT_MLP_UPDATE, meta.updates)?,
-            attention: many(abi::OUTPUT_ATTENTION, meta.attention)?,
-            output: read(abi::OUTPUT_FINAL, 0)?,
+            residuals: many(OutputKind::Residual, meta.stages)?,
+            attn_updates: many(OutputKind::AttnUpdate, meta.updates)?,
+            mlp_updates: many(OutputKind::MlpUpdate, meta.updates)?,
+            attention: many(OutputKind::Attention, meta.attention)?,
+            output: read(OutputKind::Final, 0)?,
             logits: if meta.has_logits {
-                Some(read(abi::OUTPUT_LOGITS, 0)?)
+                Some(read(OutputKind::Logits, 0)?)
             } else {
                 None
             },
@@ -229,18 +208,24 @@ impl Host<'_> {
         })
     }
 
-    /// Logits `[t, vocab]` of the final norm and unembedding applied to
-    /// `t` residual rows: the logit lens.
     /// Write the checkpoint into `dir` with every tensor of block `b`
-    /// renamed to block `new_index[b]` (see `HostApi::write_reordered`).
+    /// renamed to block `new_index[b]`: the per-block config moves along,
+    /// the tokenizer files are copied, `metadata` becomes the safetensors
+    /// `__metadata__`. Whole or not at all.
     pub fn write_reordered(
         &self,
         dir: &std::path::Path,
         new_index: &[usize],
         metadata: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), PluginError> {
-        let json = serde_json::json!({ "dir": dir, "new_index": new_index, "metadata": metadata })
-            .to_string();
+        let request = probe_contract::WriteReordered {
+            dir: dir.to_path_buf(),
+            new_index: new_index.to_vec(),
+            metadata: metadata.clone(),
+        };
+        let json =
+            serde_json::to_string(&request).map_err(|e| PluginError::Other(e.to_string()))?;
+        // SAFETY: a function of the host's table; the JSON is read during the call.
         let status = unsafe { (self.api.write_reordered)(self.api.ctx, StrRef::new(&json)) };
         if status != abi::STATUS_OK {
             return Err(self.last_error());
@@ -248,8 +233,17 @@ impl Host<'_> {
         Ok(())
     }
 
+    /// Logits `[t, vocab]` of the final norm and unembedding applied to `t`
+    /// residual rows (`residual.len() == t × hidden`): the logit lens.
+    ///
+    /// ```ignore
+    /// let out = host.forward(&ForwardRequest { tokens: ids, residuals: true, ..Default::default() })?;
+    /// let logits_after_block_3 = host.lens(&out.residuals[4], ids.len())?;
+    /// ```
     pub fn lens(&self, residual: &[f32], t: usize) -> Result<Vec<f32>, PluginError> {
         let mut buffer = F32Buffer::empty();
+        // SAFETY: a function of the host's table; the residual is read during
+        // the call and `buffer` is a valid place to write.
         let status = unsafe {
             (self.api.lens)(
                 self.api.ctx,
@@ -265,8 +259,10 @@ impl Host<'_> {
         let values = if buffer.data.is_null() || buffer.len == 0 {
             Vec::new()
         } else {
+            // SAFETY: the host lends `len` floats until release_f32 below.
             unsafe { std::slice::from_raw_parts(buffer.data, buffer.len) }.to_vec()
         };
+        // SAFETY: gives back the buffer this host lent, once.
         unsafe { (self.api.release_f32)(self.api.ctx, &mut buffer) };
         Ok(values)
     }

@@ -11,7 +11,7 @@
 
 use std::ops::{Deref, Range};
 
-use crate::{F32Tensor, Host, PluginError, TensorInfo};
+use crate::{F32Tensor, Host, PluginError, Role, TensorInfo};
 
 /// Where a logical matrix's values come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,7 +32,9 @@ pub struct Matrix {
     /// The stored tensor it comes from.
     pub tensor: TensorInfo,
     pub layer: Option<usize>,
-    pub role: String,
+    /// q, k, v, o, gate, up, down, embed, lm_head, … (a bank slab or a fused
+    /// part has the role of what it holds).
+    pub role: Role,
     /// Shape in Linear's convention: (out features, in features).
     pub rows: usize,
     pub cols: usize,
@@ -65,26 +67,6 @@ impl Deref for MatrixValues<'_> {
     }
 }
 
-fn is_float(dtype: &str) -> bool {
-    matches!(dtype, "F32" | "F16" | "BF16" | "F64")
-}
-
-/// Roles that are not weight matrices even when 2-D.
-fn is_matrix_role(role: &str) -> bool {
-    !role.ends_with("_bias")
-        && !matches!(
-            role,
-            "buffer"
-                | "resid_mix"
-                | "skip_weights"
-                | "skip_gates"
-                | "attn_scale"
-                | "mlp_scale"
-                | "q_gain"
-        )
-        && !role.ends_with("norm")
-}
-
 /// Rows of q, k and v in a fused QKV projection with `total` rows.
 fn qkv_split(config: Option<&serde_json::Value>, total: usize) -> Option<[usize; 3]> {
     let get = |key: &str| {
@@ -114,32 +96,33 @@ impl Host<'_> {
     /// split, in tensor-name order (bank slabs in layer order).
     pub fn matrices(&self) -> Result<Vec<Matrix>, PluginError> {
         let model = self.model()?;
-        let conv1d = model.family == "gpt2";
+        let conv1d = model.family.stores_transposed();
         let mut out = Vec::new();
         for tensor in self.tensors()? {
-            if !is_float(&tensor.dtype) || !is_matrix_role(&tensor.role) {
+            if !tensor.dtype.is_float() || tensor.bias || !tensor.role.is_weight_matrix() {
                 continue;
             }
-            match (tensor.shape.as_slice(), tensor.role.as_str()) {
-                ([slabs, r, c], "qo_bank" | "kv_bank" | "mlp_up_bank" | "mlp_down_bank") => {
+            match (tensor.shape.as_slice(), tensor.role) {
+                ([slabs, r, c], bank) if bank.is_bank() => {
                     let (slabs, r, c) = (*slabs, *r, *c);
-                    let paired = matches!(tensor.role.as_str(), "qo_bank" | "kv_bank");
+                    let paired = matches!(bank, Role::QoBank | Role::KvBank);
                     let layers = if paired { slabs / 2 } else { slabs };
                     for slab in 0..slabs {
-                        let (layer, role) = match tensor.role.as_str() {
-                            "qo_bank" => {
-                                (slab % layers.max(1), if slab < layers { "q" } else { "o" })
+                        let first = slab < layers;
+                        let (layer, role) = match bank {
+                            Role::QoBank => {
+                                (slab % layers.max(1), if first { Role::Q } else { Role::O })
                             }
-                            "kv_bank" => {
-                                (slab % layers.max(1), if slab < layers { "k" } else { "v" })
+                            Role::KvBank => {
+                                (slab % layers.max(1), if first { Role::K } else { Role::V })
                             }
-                            "mlp_up_bank" => (slab, "up"),
-                            _ => (slab, "down"),
+                            Role::MlpUpBank => (slab, Role::Up),
+                            _ => (slab, Role::Down),
                         };
                         out.push(Matrix {
                             name: format!("{}[{slab}]", tensor.name),
                             layer: Some(layer),
-                            role: role.into(),
+                            role,
                             rows: r,
                             cols: c,
                             stored_rows: r,
@@ -149,7 +132,7 @@ impl Host<'_> {
                         });
                     }
                 }
-                ([r, c], "qkv") => {
+                ([r, c], Role::Qkv) => {
                     let (r, c) = (*r, *c);
                     // Conv1D stores (in, out): q/k/v are blocks of columns.
                     let total = if conv1d { c } else { r };
@@ -162,7 +145,7 @@ impl Host<'_> {
                         continue;
                     };
                     let mut start = 0;
-                    for (part_role, len) in ["q", "k", "v"].into_iter().zip(sizes) {
+                    for (part_role, len) in [Role::Q, Role::K, Role::V].into_iter().zip(sizes) {
                         let (part, stored_rows, stored_cols) = if conv1d {
                             (Part::Columns { start, len }, r, len)
                         } else {
@@ -171,7 +154,7 @@ impl Host<'_> {
                         out.push(Matrix {
                             name: format!("{}[{part_role}]", tensor.name),
                             layer: tensor.layer,
-                            role: part_role.into(),
+                            role: part_role,
                             rows: len,
                             cols: if conv1d { r } else { c },
                             stored_rows,
@@ -220,7 +203,7 @@ fn whole(tensor: &TensorInfo, transposed: bool) -> Matrix {
     Matrix {
         name: tensor.name.clone(),
         layer: tensor.layer,
-        role: tensor.role.clone(),
+        role: tensor.role,
         rows: if transposed { c } else { r },
         cols: if transposed { r } else { c },
         stored_rows: r,
@@ -240,14 +223,5 @@ mod tests {
         assert_eq!(qkv_split(Some(&config), 256 + 2 * 64), Some([256, 64, 64]));
         assert_eq!(qkv_split(None, 96), Some([32, 32, 32]));
         assert_eq!(qkv_split(None, 97), None);
-    }
-
-    #[test]
-    fn roles_that_are_not_matrices() {
-        assert!(is_matrix_role("q"));
-        assert!(is_matrix_role("embed"));
-        assert!(!is_matrix_role("resid_mix"));
-        assert!(!is_matrix_role("attn_norm"));
-        assert!(!is_matrix_role("q_bias"));
     }
 }

@@ -3,7 +3,33 @@
 //! The producer owns the buffers; the consumer calls the release callbacks.
 
 use polars::prelude::*;
-use polars_arrow::ffi::{self, ArrowArray, ArrowSchema};
+use polars_arrow::ffi;
+pub use polars_arrow::ffi::{ArrowArray, ArrowSchema};
+
+use crate::abi;
+
+// The contract names the C Data Interface structs opaquely; polars-arrow's
+// are the interface's layout. These casts are the only place the two meet.
+
+/// polars-arrow's schema struct as the contract's opaque pointer.
+pub fn c_schema(schema: &mut ArrowSchema) -> *mut abi::ArrowSchema {
+    (schema as *mut ArrowSchema).cast()
+}
+
+/// polars-arrow's array struct as the contract's opaque pointer.
+pub fn c_array(array: &mut ArrowArray) -> *mut abi::ArrowArray {
+    (array as *mut ArrowArray).cast()
+}
+
+/// The contract's opaque schema pointer as polars-arrow's struct.
+pub fn c_schema_out(schema: *mut abi::ArrowSchema) -> *mut ArrowSchema {
+    schema.cast()
+}
+
+/// The contract's opaque array pointer as polars-arrow's struct.
+pub fn c_array_out(array: *mut abi::ArrowArray) -> *mut ArrowArray {
+    array.cast()
+}
 
 /// Export a frame as (schema, array). Every column is rechunked into one chunk.
 pub fn export_frame(df: DataFrame) -> PolarsResult<(ArrowSchema, ArrowArray)> {
@@ -27,13 +53,17 @@ pub fn export_frame(df: DataFrame) -> PolarsResult<(ArrowSchema, ArrowArray)> {
 pub unsafe fn import_frame(schema: ArrowSchema, array: ArrowArray) -> PolarsResult<DataFrame> {
     // Refuse what would make the importer read through bad pointers; the
     // structs are dropped (released) on the way out.
-    if let Err(problem) = crate::validate::check(&schema, &array) {
+    // SAFETY: the caller promises valid structs; `check` reads only what
+    // the interface says they hold.
+    if let Err(problem) = unsafe { crate::validate::check(&schema, &array) } {
         polars_bail!(ComputeError: "{problem}");
     }
+    // SAFETY: valid (as promised) and structurally checked above.
     let field = unsafe { ffi::import_field_from_c(&schema) }?;
     if !matches!(field.dtype, ArrowDataType::Struct(_)) {
         polars_bail!(ComputeError: "expected a struct array (one child per column), got {:?}", field.dtype);
     }
+    // SAFETY: as above; the import takes ownership of the array.
     let array = unsafe { ffi::import_array_from_c(array, field.dtype.clone()) }?;
     let series = Series::try_from((&field, array))?;
     Ok(series.struct_()?.clone().unnest())
@@ -52,6 +82,7 @@ mod tests {
         )
         .unwrap();
         let (schema, array) = export_frame(df.clone()).unwrap();
+        // SAFETY: freshly exported structs.
         let back = unsafe { import_frame(schema, array) }.unwrap();
         assert_eq!(back.get_column_names(), df.get_column_names());
         assert_eq!(back.height(), 3);
@@ -66,6 +97,7 @@ mod tests {
     fn empty_frames_keep_their_schema() {
         let df = df!("x" => Vec::<f64>::new()).unwrap();
         let (schema, array) = export_frame(df).unwrap();
+        // SAFETY: freshly exported structs.
         let back = unsafe { import_frame(schema, array) }.unwrap();
         assert_eq!(back.height(), 0);
         assert_eq!(back.column("x").unwrap().dtype(), &DataType::Float64);

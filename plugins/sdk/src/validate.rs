@@ -51,9 +51,16 @@ pub const MAX_ROWS: i64 = 1 << 34;
 const MAX_DEPTH: usize = 8;
 
 /// Check `schema`/`array` before importing them.
-pub fn check(schema: &ArrowSchema, array: &ArrowArray) -> Result<(), String> {
+///
+/// # Safety
+/// Every non-null pointer in the structs (format and name strings, child
+/// lists, children, the buffer list) must be readable as the C Data
+/// Interface describes it: this follows them, but checks each for null and
+/// every count against the format before it reads further.
+pub unsafe fn check(schema: &ArrowSchema, array: &ArrowArray) -> Result<(), String> {
     // SAFETY: same #[repr(C)] layout (checked above); only read.
     let schema = unsafe { &*(schema as *const ArrowSchema as *const RawSchema) };
+    // SAFETY: as above.
     let array = unsafe { &*(array as *const ArrowArray as *const RawArray) };
     if schema.release.is_none() {
         return Err("the table's schema is missing or released (no release callback)".into());
@@ -73,7 +80,8 @@ pub fn check(schema: &ArrowSchema, array: &ArrowArray) -> Result<(), String> {
             schema.n_children
         ));
     }
-    node(schema, array, "the table", 0)
+    // SAFETY: the caller's promise about the pointers.
+    unsafe { node(schema, array, "the table", 0) }
 }
 
 fn format_of(schema: &RawSchema, what: &str) -> Result<String, String> {
@@ -119,7 +127,14 @@ fn layout(format: &str) -> Option<(i64, i64)> {
     })
 }
 
-fn node(schema: &RawSchema, array: &RawArray, what: &str, depth: usize) -> Result<(), String> {
+/// # Safety
+/// As [`check`], for this node and everything below it.
+unsafe fn node(
+    schema: &RawSchema,
+    array: &RawArray,
+    what: &str,
+    depth: usize,
+) -> Result<(), String> {
     if depth > MAX_DEPTH {
         return Err(format!("{what} nests deeper than {MAX_DEPTH} levels"));
     }
@@ -206,6 +221,7 @@ fn node(schema: &RawSchema, array: &RawArray, what: &str, depth: usize) -> Resul
         if child_schema.is_null() || child_array.is_null() {
             return Err(format!("{what} has a null child {i}"));
         }
+        // SAFETY: non-null child structs, readable by the caller's promise.
         let (child_schema, child_array) = unsafe { (&*child_schema, &*child_array) };
         let child = if depth == 0 {
             name_of(child_schema, i)
@@ -218,7 +234,8 @@ fn node(schema: &RawSchema, array: &RawArray, what: &str, depth: usize) -> Resul
                 child_array.length
             ));
         }
-        node(child_schema, child_array, &child, depth + 1)?;
+        // SAFETY: the caller's promise covers the children.
+        unsafe { node(child_schema, child_array, &child, depth + 1) }?;
     }
     Ok(())
 }

@@ -67,7 +67,7 @@ fn learned_positions(model: &ModelInfo) -> Option<usize> {
     let config = model.config.as_ref()?;
     ["n_positions", "max_position_embeddings"]
         .iter()
-        .filter(|_| matches!(model.family.as_str(), "gpt2" | "bert"))
+        .filter(|_| matches!(model.family, Family::Gpt2 | Family::Bert))
         .find_map(|key| config.get(*key)?.as_u64())
         .map(|n| n as usize)
 }

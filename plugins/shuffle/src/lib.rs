@@ -1,7 +1,7 @@
 //! `shuffle`: recover the order of a checkpoint's blocks when their names
-//! no longer say it ("Layer shuffle recovery" in RESEARCH.md).
+//! no longer say it (`docs/metrics.md`, "Layer order").
 //!
-//! Weight-only methods (RESEARCH.md's table): `norm_gain`, `weight_stats`,
+//! Weight-only methods (the published comparison's): `norm_gain`, `weight_stats`,
 //! `cosine`, `svd_spectrum`, `fiedler`, `ensemble_rank`; chains are open-path
 //! TSP (nearest neighbour from every start, 2-opt) oriented so the total
 //! weight norm grows with depth. Forward-pass methods (`flow.rs`): `flow`,
@@ -50,7 +50,7 @@ fn all_methods() -> impl Iterator<Item = &'static str> {
 /// Whether the engine can compute a next-token loss for this model: an
 /// encoder checkpoint (BERT) carries no language-model head.
 fn has_output_head(model: &ModelInfo) -> bool {
-    model.family != "bert"
+    model.family.is_decoder()
 }
 
 /// What the weights say about each block.
@@ -70,12 +70,10 @@ struct Blocks {
 }
 
 fn read_blocks(host: &Host, n: usize, spectra: bool) -> Result<Blocks, PluginError> {
-    let mut by_role: BTreeMap<String, Vec<Option<Matrix>>> = BTreeMap::new();
+    let mut by_role: BTreeMap<Role, Vec<Option<Matrix>>> = BTreeMap::new();
     for matrix in host.matrices()? {
         if let Some(layer) = matrix.layer.filter(|&l| l < n) {
-            let slot = by_role
-                .entry(matrix.role.clone())
-                .or_insert_with(|| vec![None; n]);
+            let slot = by_role.entry(matrix.role).or_insert_with(|| vec![None; n]);
             slot[layer] = Some(matrix);
         }
     }
@@ -132,7 +130,7 @@ fn read_blocks(host: &Host, n: usize, spectra: bool) -> Result<Blocks, PluginErr
     }
     let mut gain = vec![None; n];
     for tensor in host.tensors()? {
-        if let (Some(layer), "attn_norm") = (tensor.layer, tensor.role.as_str()) {
+        if let (Some(layer), Role::AttnNorm, false) = (tensor.layer, tensor.role, tensor.bias) {
             if layer < n {
                 let v = host.tensor_f32(tensor.index)?;
                 gain[layer] =

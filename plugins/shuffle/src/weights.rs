@@ -1,6 +1,6 @@
 //! Weight-only orderings beyond the statistics in `lib.rs`: the SVD
 //! spectrum, the Fiedler vector of a similarity graph, and the ensemble of
-//! ranks (RESEARCH.md, "Layer shuffle recovery").
+//! ranks (the published comparison's weight-only methods; `docs/metrics.md`).
 
 /// How many leading singular values describe a matrix in `svd_spectrum`.
 pub const TOP_SINGULAR_VALUES: usize = 32;

@@ -4,7 +4,7 @@
 Reads a safetensors checkpoint with numpy alone (no probe code), takes the
 singular values of every 2-D weight matrix with LAPACK
 (np.linalg.svd(W.astype(float64), compute_uv=False)) and computes every
-metric of RESEARCH.md's "Spectral structure" from them, written afresh here.
+metric of docs/metrics.md ("Weight spectra") from them, written afresh here.
 The heavy-tail alpha maximises the truncated power-law likelihood directly
 with scipy (probe solves the score equation instead: same estimator, two
 different routes).

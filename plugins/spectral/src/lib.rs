@@ -1,5 +1,5 @@
 //! The `spectral` plugin: the singular-value spectrum of every weight matrix
-//! and the metrics of RESEARCH.md's "Spectral structure", one row per matrix.
+//! and the metrics of `docs/metrics.md` ("Weight spectra"), one row per matrix.
 //!
 //! Speed: singular values only (no U/V) with faer, f32 by default; matrices
 //! run in parallel on a bounded rayon pool, each converted to f32 on its
@@ -184,9 +184,25 @@ fn power_sigma_from_gram(
     }
 }
 
+/// The roles whose weights are matrices `Host::matrices` hands out.
+const MATRIX_ROLES: [Role; 12] = [
+    Role::Embed,
+    Role::PosEmbed,
+    Role::TypeEmbed,
+    Role::LmHead,
+    Role::Q,
+    Role::K,
+    Role::V,
+    Role::Qkv,
+    Role::O,
+    Role::Gate,
+    Role::Up,
+    Role::Down,
+];
+
 fn selected(host: &Host, params: &Params) -> Result<Vec<Matrix>, PluginError> {
-    let roles = params.list("roles");
-    let layers = params.range("layers");
+    let roles = params.roles("roles");
+    let layers = params.layers("layers");
     let skip_embeddings = params.bool("skip_embeddings")?;
     Ok(host
         .matrices()?
@@ -200,8 +216,8 @@ fn selected(host: &Host, params: &Params) -> Result<Vec<Matrix>, PluginError> {
         .filter(|m| {
             !(skip_embeddings
                 && matches!(
-                    m.role.as_str(),
-                    "embed" | "lm_head" | "pos_embed" | "type_embed"
+                    m.role,
+                    Role::Embed | Role::LmHead | Role::PosEmbed | Role::TypeEmbed
                 ))
         })
         .collect())
@@ -247,10 +263,10 @@ fn analyse(
     Ok(Row {
         name: matrix.name.clone(),
         layer: matrix.layer,
-        role: matrix.role.clone(),
+        role: matrix.role.as_str().to_string(),
         rows: matrix.rows,
         cols: matrix.cols,
-        dtype: matrix.tensor.dtype.clone(),
+        dtype: matrix.tensor.dtype.as_str().to_string(),
         metrics,
         frobenius_power: frobenius_sq.sqrt(),
         sigma_max_power,
@@ -269,23 +285,17 @@ impl Plugin for Spectral {
 sigma_max, sigma_min, frobenius, stable_rank(_ratio), pr_rank(_ratio), erank,
 spectral_entropy, r50/r90/r99, condition, alpha_loglog, alpha and alpha_weighted
 (WeightWatcher's power-law fit), stable_rank_power and recommended_rank, as
-defined in RESEARCH.md. method=power skips the SVD and gives the power-iteration
+defined in docs/metrics.md of the probe repository. method=power skips the SVD and gives the power-iteration
 stable rank alone, for models too big to decompose.";
 
     fn params() -> Vec<ParamSpec> {
         vec![
-            ParamSpec::new(
+            ParamSpec::roles(
                 "roles",
-                ParamKind::List,
-                None,
+                &MATRIX_ROLES,
                 "only these roles, e.g. q,k,v (default: all)",
             ),
-            ParamSpec::new(
-                "layers",
-                ParamKind::Range,
-                None,
-                "only these layers, e.g. 0-5,8 (default: all)",
-            ),
+            ParamSpec::layers("layers", "only these layers, e.g. 0-5,8 (default: all)"),
             ParamSpec::new(
                 "skip_embeddings",
                 ParamKind::Bool,

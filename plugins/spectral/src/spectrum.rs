@@ -1,4 +1,4 @@
-//! Spectral metrics of one matrix, exactly as `shared/RESEARCH.md` defines
+//! Spectral metrics of one matrix, exactly as `docs/metrics.md` defines
 //! them ("Spectral structure"). σ are the singular values, sorted
 //! descending; k = min(m, n); pᵢ = σᵢ² / Σσ².
 

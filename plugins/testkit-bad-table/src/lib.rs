@@ -1,11 +1,14 @@
 //! Speaks the plugin ABI by hand (no `export_plugin!`) so that its `run` can
 //! hand the host broken Arrow tables: each `mode` breaks one rule of the C
 //! Data Interface. The host must refuse every one with a message.
+//!
+//! Written by hand against plugin ABI 2.0 (its table says so): the tests
+//! also use it as the plugin built against an older minor than the host's.
 
 use std::ffi::CStr;
 
 use polars_arrow::ffi::{ArrowArray, ArrowSchema};
-use probe_sdk::abi::{self, HostApi, PluginApi, StrRef};
+use probe_sdk::abi::{self, AbiVersion, HostApi, PluginApi, StrRef};
 use probe_sdk::polars::prelude::*;
 use probe_sdk::validate::{RawArray, RawSchema};
 
@@ -13,10 +16,11 @@ const MODES: &str = "null, no_release, not_struct, child_count, missing_buffer, 
 
 #[no_mangle]
 pub extern "C" fn probe_plugin_abi_version() -> u32 {
-    abi::ABI_VERSION
+    abi::ABI_MAJOR
 }
 
 struct Api(PluginApi);
+// SAFETY: the table points to static strings and functions only.
 unsafe impl Sync for Api {}
 
 static PARAMS: &CStr =
@@ -24,7 +28,10 @@ static PARAMS: &CStr =
 
 static API: Api = Api(PluginApi {
     size: std::mem::size_of::<PluginApi>(),
-    abi_version: abi::ABI_VERSION,
+    abi: AbiVersion {
+        major: abi::ABI_MAJOR,
+        minor: 0,
+    },
     name: c"testkit-bad-table".as_ptr(),
     version: c"0.1.0".as_ptr(),
     summary: c"returns broken Arrow tables (for tests)".as_ptr(),
@@ -41,6 +48,7 @@ pub extern "C" fn probe_plugin_api() -> *const PluginApi {
 
 unsafe extern "C" fn work_items(_host: *const HostApi, _params: StrRef, out: *mut usize) -> i32 {
     if !out.is_null() {
+        // SAFETY: non-null place for one count, as the ABI passes.
         unsafe { out.write(1) };
     }
     abi::STATUS_OK
@@ -56,9 +64,12 @@ unsafe extern "C" fn run(
     params_json: StrRef,
     _items: *const usize,
     _n_items: usize,
-    out_schema: *mut ArrowSchema,
-    out_array: *mut ArrowArray,
+    out_schema: *mut abi::ArrowSchema,
+    out_array: *mut abi::ArrowArray,
 ) -> i32 {
+    let out_schema = probe_sdk::table::c_schema_out(out_schema);
+    let out_array = probe_sdk::table::c_array_out(out_array);
+    // SAFETY: the host lends the parameters for the call.
     let params = unsafe { params_json.as_str() };
     let mode = params
         .split("\"mode\":\"")
@@ -80,6 +91,9 @@ unsafe extern "C" fn run(
     } else {
         good_table()
     };
+    // SAFETY: the host passes places for one schema and one array; the raw
+    // views have the interface's layout (checked in probe_sdk::validate), and
+    // breaking them is this plugin's purpose.
     unsafe {
         out_schema.write(schema);
         out_array.write(array);

@@ -2,7 +2,8 @@
 //! with its Frobenius norm (one work item per tensor, so `--shard` splits
 //! it); `mode=forward` runs the model through the host's forward engine and
 //! reports the residual norm and logit-lens top-1 per stage and position;
-//! the other modes misbehave on purpose.
+//! `mode=run_info` reports how forward passes run (device, threads) and the
+//! host's ABI; the other modes misbehave on purpose.
 
 use probe_sdk::prelude::*;
 
@@ -12,9 +13,7 @@ fn matrices(host: &Host) -> Result<Vec<TensorInfo>, PluginError> {
     Ok(host
         .tensors()?
         .into_iter()
-        .filter(|t| {
-            t.shape.len() == 2 && matches!(t.dtype.as_str(), "F32" | "F16" | "BF16" | "F64")
-        })
+        .filter(|t| t.shape.len() == 2 && t.dtype.is_float())
         .collect())
 }
 
@@ -29,7 +28,7 @@ impl Plugin for Testkit {
         vec![
             ParamSpec::choice(
                 "mode",
-                &["ok", "forward", "error", "panic", "segfault", "abort"],
+                &["ok", "forward", "run_info", "error", "panic", "segfault", "abort"],
                 "ok",
                 "how to behave",
             ),
@@ -68,12 +67,21 @@ impl Plugin for Testkit {
         match params.str("mode")? {
             "error" => return Err("asked to fail".into()),
             "panic" => panic!("asked to panic"),
+            // SAFETY: not sound, deliberately: a crash for the tests of
+            // --isolate, which only ever run this mode in a child process.
             "segfault" => unsafe {
-                // Deliberate: only ever run under --isolate in the tests.
                 std::ptr::null_mut::<u64>().write_volatile(1);
             },
             "abort" => std::process::abort(),
             "forward" => return forward(host, params),
+            "run_info" => {
+                let info = host.run_info()?;
+                return Ok(df!(
+                    "device" => [info.device],
+                    "threads" => [info.threads as i64],
+                    "host_abi" => [host.abi().to_string()]
+                )?);
+            }
             _ => {}
         }
         let scale = params.float("scale")?;
@@ -93,7 +101,7 @@ impl Plugin for Testkit {
                 .sqrt();
             names.push(info.name.clone());
             layers.push(info.layer.map(|l| l as i64));
-            roles.push(info.role.clone());
+            roles.push(info.role_name());
             norms.push(norm * scale);
             host.progress(done as u64 + 1, items.len() as u64, &info.name);
         }

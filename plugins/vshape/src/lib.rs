@@ -1,6 +1,6 @@
 //! `vshape`: how much each block contributes to the residual stream, from the
 //! weights (and, on request, from forward passes), and the tied-embedding
-//! bottleneck — "Tied-embedding V-shape" in RESEARCH.md.
+//! bottleneck — definitions in `docs/metrics.md`.
 //!
 //! Weight-based: eff_attn = mean(attn_scale) · ‖W_O‖_F and
 //! eff_mlp = mean(mlp_scale) · ‖W_down‖_F where the checkpoint has learned
@@ -233,7 +233,7 @@ impl Plugin for VShape {
         }
         let model = host.model()?;
         let n = model.num_layers;
-        let gemma = model.family == "gemma3";
+        let gemma = model.family == Family::Gemma3;
         let mut rows: Vec<BlockRow> = (0..n)
             .map(|layer| BlockRow {
                 layer,
@@ -248,53 +248,56 @@ impl Plugin for VShape {
             match matrix.layer {
                 Some(layer) if layer < n => {
                     rows[layer].params += matrix.rows * matrix.cols;
-                    match matrix.role.as_str() {
-                        "o" => {
+                    match matrix.role {
+                        Role::O => {
                             rows[layer].o_norm = frobenius(&host.matrix_f32(&matrix)?);
                             has_o[layer] = true;
                         }
-                        "down" => {
+                        Role::Down => {
                             rows[layer].down_norm = frobenius(&host.matrix_f32(&matrix)?);
                             has_down[layer] = true;
                         }
                         _ => {}
                     }
                 }
-                None if matrix.role == "embed" => embed = Some(matrix),
-                None if matrix.role == "lm_head" => lm_head = Some(matrix),
+                None if matrix.role == Role::Embed => embed = Some(matrix),
+                None if matrix.role == Role::LmHead => lm_head = Some(matrix),
                 _ => {}
             }
         }
         let mut skip_weights = None;
         let mut skip_gates = None;
         for tensor in host.tensors()? {
-            let is_vector = tensor.shape.len() == 1 || tensor.role == "resid_mix";
-            match (tensor.layer, tensor.role.as_str()) {
+            let is_vector = tensor.shape.len() == 1 || tensor.role == Role::ResidMix;
+            if tensor.bias {
+                continue;
+            }
+            match (tensor.layer, tensor.role) {
                 (Some(layer), role) if layer < n && is_vector => {
                     let values = host.tensor_f32(tensor.index)?;
                     rows[layer].params += values.len();
                     let row = &mut rows[layer];
                     match role {
-                        "attn_scale" => row.attn_scale = mean(&values),
-                        "mlp_scale" => row.mlp_scale = mean(&values),
-                        "post_attn_norm" if gemma => row.attn_scale = 1.0 + mean(&values),
-                        "post_mlp_norm" if gemma => row.mlp_scale = 1.0 + mean(&values),
-                        "resid_mix" if tensor.shape.len() == 2 && tensor.shape[0] == 2 => {
+                        Role::AttnScale => row.attn_scale = mean(&values),
+                        Role::MlpScale => row.mlp_scale = mean(&values),
+                        Role::PostAttnNorm if gemma => row.attn_scale = 1.0 + mean(&values),
+                        Role::PostMlpNorm if gemma => row.mlp_scale = 1.0 + mean(&values),
+                        Role::ResidMix if tensor.shape.len() == 2 && tensor.shape[0] == 2 => {
                             // Row 1 mixes in x0, the embedding output.
                             let width = tensor.shape[1];
                             row.x0_mix = Some(mean(&values[width..2 * width]));
                         }
-                        "q_gain" => {
+                        Role::QGain => {
                             row.q_gain_mean = Some(mean(&values));
                             row.q_gain_std = Some(std(&values));
                         }
                         _ => {}
                     }
                 }
-                (None, "skip_weights") => {
+                (None, Role::SkipWeights) => {
                     skip_weights = Some(mean(&host.tensor_f32(tensor.index)?))
                 }
-                (None, "skip_gates") => {
+                (None, Role::SkipGates) => {
                     let gates = host.tensor_f32(tensor.index)?;
                     skip_gates = Some(
                         gates.iter().map(|&g| sigmoid(g as f64)).sum::<f64>()
@@ -327,7 +330,7 @@ impl Plugin for VShape {
                     row_cos = Some(row_cosine(&ev, &hv, e.cols));
                 }
             }
-        } else if embed.is_some() && lm_head.is_none() && model.family != "bert" {
+        } else if embed.is_some() && lm_head.is_none() && model.family.is_decoder() {
             tied = true;
         }
 
@@ -421,7 +424,7 @@ mod tests {
 
     #[test]
     fn the_published_v_has_the_published_summary() {
-        // RESEARCH.md: totals of an 11-block tied model; min/max 0.27.
+        // The published totals of an 11-block tied model; min/max 0.27.
         let totals = [
             20.8, 27.1, 31.6, 35.2, 39.6, 44.1, 41.5, 33.1, 27.9, 23.7, 12.1,
         ];

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use super::ForwardError;
+use crate::ForwardError;
 
 /// The library file inside the wheel, relative to the folder `cargo xtask ort` fills.
 pub const LIBRARY_IN_WHEEL: &str = "onnxruntime/capi/libonnxruntime.so.1.32.0";
@@ -32,8 +32,10 @@ pub fn candidates() -> Vec<PathBuf> {
             found.push(dir.join(DEFAULT_DIR).join(LIBRARY_IN_WHEEL));
         }
     }
+    // This crate sits at host/engine/ in the checkout.
     let built_in = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+        .ancestors()
+        .nth(2)
         .map(|root| root.join(DEFAULT_DIR).join(LIBRARY_IN_WHEEL));
     found.extend(built_in);
     if let Some(data) = std::env::var_os("XDG_DATA_HOME")

@@ -1,24 +1,27 @@
 //! Forward passes through ONNX Runtime, block by block.
 //!
-//! The graphs are generated from the checkpoint (see [`arch`] and [`graph`]);
-//! [`engine::Engine`] runs them with the weights borrowed from the mapping and
-//! hands back the residual stream between blocks. [`text`] turns text into
-//! token ids with the checkpoint's own `tokenizer.json`.
+//! The graphs are generated from the checkpoint's architecture
+//! ([`probe_store::arch`]) by [`graph`]; [`engine::Engine`] runs them with
+//! the weights borrowed from the mapping and hands back the residual stream
+//! between blocks. [`runtime`] finds and loads the ONNX Runtime library.
 
-pub mod arch;
+#![forbid(unsafe_code)]
+
 pub mod engine;
 pub mod graph;
 pub mod runtime;
-pub mod summary;
-pub mod text;
+
+pub use probe_store::arch;
 
 use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub use engine::{Capture, Device, EditKind, Engine, EngineOptions, Request, ResidualEdit, Trace};
+pub use engine::{Capture, Device, Edit, EditChange, Engine, EngineOptions, Request, Trace};
 
-use crate::error::StoreError;
+use probe_store::arch::ArchError;
+use probe_store::StoreError;
+use probe_text::TextError;
 
 #[derive(Debug, Error)]
 pub enum ForwardError {
@@ -26,12 +29,10 @@ pub enum ForwardError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Runtime(String),
-    #[error("{file}: {what} is not supported")]
-    Unsupported { file: PathBuf, what: String },
-    #[error("{file}: {problem}")]
-    Config { file: PathBuf, problem: String },
-    #[error("{file}: missing {what}")]
-    MissingTensor { file: PathBuf, what: String },
+    #[error(transparent)]
+    Arch(#[from] ArchError),
+    #[error(transparent)]
+    Text(#[from] TextError),
     #[error("{file}: tensor `{tensor}` has shape {got:?}, the architecture needs {want:?}")]
     Shape {
         file: PathBuf,
@@ -52,6 +53,4 @@ pub enum ForwardError {
     },
     #[error("{file}: {problem}")]
     Request { file: PathBuf, problem: String },
-    #[error("{file}: {problem}")]
-    Tokenizer { file: PathBuf, problem: String },
 }

@@ -14,7 +14,7 @@ use ort::memory::Allocator;
 use ort::operator::Attribute;
 use ort::value::{Outlet, Shape, SymbolicDimensions, Tensor, TensorElementType, ValueType};
 
-use super::arch::{Activation, Arch, Layout, Norm};
+use probe_store::arch::{Activation, Arch, Layout, Norm};
 
 /// ONNX opset the graphs are written against (Gelu with `approximate` needs 20).
 const OPSET: u32 = 21;

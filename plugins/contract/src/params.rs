@@ -2,10 +2,18 @@
 //! `--param key=value`, checked and typed by the host, read by the plugin.
 //!
 //! They cross the boundary as a JSON object of typed values with every
-//! default filled in, so a plugin never parses user text itself.
+//! default filled in, so a plugin never parses user text itself. Two kinds
+//! select parts of a model — [`ParamKind::Roles`] and [`ParamKind::Layers`]
+//! — and are checked against each model before the plugin runs
+//! ([`check_selection`]): a selection that matches nothing is an error
+//! naming the parameter, never an empty table.
+
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use crate::model::Role;
 
 /// The type of a parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +28,12 @@ pub enum ParamKind {
     List,
     /// Comma-separated integers and inclusive ranges: `0-5,8`.
     Range,
+    /// Comma-separated tensor roles (`q,k,v`), each a [`Role`] name; checked
+    /// against the roles the model has.
+    Roles,
+    /// Block indices and inclusive ranges (`0-5,8`); checked against the
+    /// model's blocks.
+    Layers,
 }
 
 impl ParamKind {
@@ -31,6 +45,8 @@ impl ParamKind {
             ParamKind::Str => "str",
             ParamKind::List => "list",
             ParamKind::Range => "range",
+            ParamKind::Roles => "roles",
+            ParamKind::Layers => "layers",
         }
     }
 }
@@ -43,7 +59,8 @@ pub struct ParamSpec {
     /// As the user would type it; `None`: absent unless given.
     pub default: Option<String>,
     pub help: String,
-    /// For `str`: the accepted values (empty: any).
+    /// For `str`: the accepted values; for `roles`: the accepted roles
+    /// (empty: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub choices: Vec<String>,
 }
@@ -57,6 +74,20 @@ impl ParamSpec {
             help: help.into(),
             choices: Vec::new(),
         }
+    }
+
+    /// A `roles` parameter limited to `accepted` roles (empty: every role);
+    /// no default selects every role.
+    pub fn roles(name: &str, accepted: &[Role], help: &str) -> Self {
+        Self {
+            choices: accepted.iter().map(|r| r.as_str().to_string()).collect(),
+            ..Self::new(name, ParamKind::Roles, None, help)
+        }
+    }
+
+    /// A `layers` parameter; no default selects every block.
+    pub fn layers(name: &str, help: &str) -> Self {
+        Self::new(name, ParamKind::Layers, None, help)
     }
 
     /// A `str` parameter that takes one of `choices`.
@@ -86,6 +117,12 @@ pub enum ParamError {
     Missing { name: String },
     #[error("parameters are not a JSON object: {0}")]
     Malformed(String),
+    #[error("parameter `{name}` selects what {model} lacks: {problem}")]
+    NotInModel {
+        name: String,
+        model: String,
+        problem: String,
+    },
 }
 
 /// Parse one value of a kind into its typed JSON form.
@@ -123,7 +160,32 @@ pub fn parse_value(spec: &ParamSpec, text: &str) -> Result<Value, ParamError> {
                 .map(Value::from)
                 .collect(),
         ),
-        ParamKind::Range => {
+        ParamKind::Roles => {
+            let mut roles = Vec::new();
+            for word in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let Some(role) = Role::parse(word) else {
+                    let known = if spec.choices.is_empty() {
+                        Role::ALL
+                            .iter()
+                            .map(|r| r.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    } else {
+                        spec.choices.join(", ")
+                    };
+                    return Err(invalid(&format!("roles among {known}")));
+                };
+                if !spec.choices.is_empty() && !spec.choices.iter().any(|c| c == word) {
+                    return Err(invalid(&format!("roles among {}", spec.choices.join(", "))));
+                }
+                roles.push(Value::from(role.as_str()));
+            }
+            if roles.is_empty() {
+                return Err(invalid("at least one role"));
+            }
+            Value::Array(roles)
+        }
+        ParamKind::Range | ParamKind::Layers => {
             let mut values = Vec::new();
             for part in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 let (lo, hi) = match part.split_once('-') {
@@ -257,6 +319,20 @@ impl Params {
         })
     }
 
+    /// A `roles` parameter; `None` when not given (every role).
+    pub fn roles(&self, name: &str) -> Option<Vec<Role>> {
+        self.raw(name)?.as_array().map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().and_then(Role::parse))
+                .collect()
+        })
+    }
+
+    /// A `layers` parameter; `None` when not given (every block).
+    pub fn layers(&self, name: &str) -> Option<Vec<usize>> {
+        self.range(name)
+    }
+
     /// A `range` parameter, expanded; `None` when neither given nor defaulted.
     pub fn range(&self, name: &str) -> Option<Vec<usize>> {
         self.raw(name)?.as_array().map(|a| {
@@ -267,14 +343,122 @@ impl Params {
     }
 }
 
+/// What a selection is checked against: one model's blocks and roles.
+#[derive(Clone, Debug)]
+pub struct ModelParts {
+    /// The checkpoint's label, for messages.
+    pub label: String,
+    pub num_layers: usize,
+    /// Roles of the model's weights (biases count under their role).
+    pub roles: BTreeSet<Role>,
+}
+
+/// Check every `roles` and `layers` parameter against a model: each role
+/// named must be one the model has, each layer one of its blocks.
+pub fn check_selection(
+    specs: &[ParamSpec],
+    params: &Params,
+    model: &ModelParts,
+) -> Result<(), ParamError> {
+    for spec in specs {
+        let fail = |problem: String| ParamError::NotInModel {
+            name: spec.name.clone(),
+            model: model.label.clone(),
+            problem,
+        };
+        match spec.kind {
+            ParamKind::Roles => {
+                let Some(roles) = params.roles(&spec.name) else {
+                    continue;
+                };
+                let missing: Vec<&str> = roles
+                    .iter()
+                    .filter(|r| !model.roles.contains(r))
+                    .map(|r| r.as_str())
+                    .collect();
+                if !missing.is_empty() {
+                    let has: Vec<&str> = model
+                        .roles
+                        .iter()
+                        .filter(|r| {
+                            spec.choices.is_empty() || spec.choices.iter().any(|c| c == r.as_str())
+                        })
+                        .map(|r| r.as_str())
+                        .collect();
+                    return Err(fail(format!(
+                        "the model has no {} tensors (it has: {})",
+                        missing.join(", "),
+                        has.join(", ")
+                    )));
+                }
+            }
+            ParamKind::Layers => {
+                let Some(layers) = params.layers(&spec.name) else {
+                    continue;
+                };
+                let beyond: Vec<String> = layers
+                    .iter()
+                    .filter(|&&l| l >= model.num_layers)
+                    .take(5)
+                    .map(|l| l.to_string())
+                    .collect();
+                if !beyond.is_empty() {
+                    let has = match model.num_layers {
+                        0 => "no blocks".to_string(),
+                        n => format!("blocks 0-{}", n - 1),
+                    };
+                    return Err(fail(format!(
+                        "the model has {has}; {} {} not among them",
+                        beyond.join(", "),
+                        if beyond.len() == 1 { "is" } else { "are" }
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The fuzz target `plugin_params`: bytes as `--param` lines against
+/// parameter specs of every kind, then read back as the plugin would.
+#[doc(hidden)]
+pub fn fuzz_plugin_params(bytes: &[u8]) {
+    let specs = [
+        ParamSpec::new("flag", ParamKind::Bool, Some("false"), ""),
+        ParamSpec::new("count", ParamKind::Int, Some("1"), ""),
+        ParamSpec::new("scale", ParamKind::Float, Some("1.0"), ""),
+        ParamSpec::choice("method", &["svd", "power"], "svd", ""),
+        ParamSpec::new("names", ParamKind::List, Some(""), ""),
+        ParamSpec::new("range", ParamKind::Range, Some(""), ""),
+        ParamSpec::roles("roles", &[], ""),
+        ParamSpec::layers("layers", ""),
+        ParamSpec::new("path", ParamKind::Str, Some(""), ""),
+    ];
+    let text = String::from_utf8_lossy(bytes);
+    let given: Vec<String> = text.lines().map(str::to_string).collect();
+    if let Ok(values) = resolve(&specs, &given) {
+        let params = Params::from_map(values);
+        let _ = params.range("range");
+        let _ = params.list("names");
+        let _ = params.roles("roles");
+        let model = ModelParts {
+            label: "fuzz".into(),
+            num_layers: 4,
+            roles: [Role::Q].into_iter().collect(),
+        };
+        let _ = check_selection(&specs, &params, &model);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn specs() -> Vec<ParamSpec> {
         vec![
-            ParamSpec::new("roles", ParamKind::List, None, "roles to keep"),
-            ParamSpec::new("layers", ParamKind::Range, None, "layers to keep"),
+            ParamSpec::roles("roles", &[], "roles to keep"),
+            ParamSpec::layers("layers", "layers to keep"),
             ParamSpec::new("skip_embeddings", ParamKind::Bool, Some("false"), ""),
             ParamSpec::choice("method", &["svd", "power"], "svd", ""),
             ParamSpec::new("iterations", ParamKind::Int, Some("20"), ""),
@@ -289,8 +473,8 @@ mod tests {
             "method=power".into(),
         ];
         let params = Params::from_map(resolve(&specs(), &given).unwrap());
-        assert_eq!(params.list("roles").unwrap(), ["q", "k", "v"]);
-        assert_eq!(params.range("layers").unwrap(), [0, 1, 2, 7]);
+        assert_eq!(params.roles("roles").unwrap(), [Role::Q, Role::K, Role::V]);
+        assert_eq!(params.layers("layers").unwrap(), [0, 1, 2, 7]);
         assert_eq!(params.str("method").unwrap(), "power");
         assert!(!params.bool("skip_embeddings").unwrap());
         assert_eq!(params.int("iterations").unwrap(), 20);
@@ -322,7 +506,46 @@ mod tests {
             "parameter `iterations`: expected an integer, got `many`"
         );
         assert_eq!(err("skip_embeddings"), "`skip_embeddings` is not key=value");
+        assert_eq!(
+            err("roles=q,nope"),
+            format!(
+                "parameter `roles`: expected roles among {}, got `q,nope`",
+                Role::ALL
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        );
+        let only = [ParamSpec::roles("roles", &[Role::Q, Role::K], "")];
+        assert_eq!(
+            resolve(&only, &["roles=v".into()]).unwrap_err().to_string(),
+            "parameter `roles`: expected roles among q, k, got `v`"
+        );
         let twice = resolve(&specs(), &["method=svd".into(), "method=power".into()]).unwrap_err();
         assert_eq!(twice.to_string(), "parameter `method` is given twice");
+    }
+
+    #[test]
+    fn a_selection_is_checked_against_the_model() {
+        let model = ModelParts {
+            label: "m".into(),
+            num_layers: 30,
+            roles: [Role::Q, Role::K, Role::AttnNorm].into_iter().collect(),
+        };
+        let check = |given: &str| {
+            let params = Params::from_map(resolve(&specs(), &[given.to_string()]).unwrap());
+            check_selection(&specs(), &params, &model).map_err(|e| e.to_string())
+        };
+        assert_eq!(check("layers=0-29"), Ok(()));
+        assert_eq!(check("roles=q,k"), Ok(()));
+        assert_eq!(
+            check("layers=99").unwrap_err(),
+            "parameter `layers` selects what m lacks: the model has blocks 0-29; 99 is not among them"
+        );
+        assert_eq!(
+            check("roles=q,gate").unwrap_err(),
+            "parameter `roles` selects what m lacks: the model has no gate tensors (it has: q, k, attn_norm)"
+        );
     }
 }

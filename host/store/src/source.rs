@@ -143,11 +143,17 @@ fn classify_file(path: &Path) -> Result<Layout, StoreError> {
 
 /// Read the `weight_map` of a shard index: tensor name → shard file name.
 pub fn read_index(index: &Path) -> Result<BTreeMap<String, String>, StoreError> {
-    let text = std::fs::read_to_string(index).map_err(|source| StoreError::io(index, source))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| StoreError::Index {
-        file: index.to_path_buf(),
-        problem: format!("not valid JSON: {e}"),
-    })?;
+    let bytes = std::fs::read(index).map_err(|source| StoreError::io(index, source))?;
+    parse_index(index, &bytes)
+}
+
+/// A shard index's bytes (`index` names it in messages): tensor → shard file.
+pub fn parse_index(index: &Path, bytes: &[u8]) -> Result<BTreeMap<String, String>, StoreError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Index {
+            file: index.to_path_buf(),
+            problem: format!("not valid JSON: {e}"),
+        })?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -256,13 +262,51 @@ fn natural_sort(paths: &mut [PathBuf]) {
 
 /// Open everything at `path`: one checkpoint, or each checkpoint of a run in order.
 pub fn open_all(path: &Path) -> Result<Vec<Checkpoint>, StoreError> {
-    match classify(path)? {
+    locate_all(path)?.iter().map(Located::open).collect()
+}
+
+/// A checkpoint found at a path, not yet opened: a long run over many
+/// checkpoints opens, uses and drops them one at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub label: String,
+    pub path: PathBuf,
+    layout: Layout,
+    in_run: bool,
+}
+
+impl Located {
+    /// Map its files and parse their headers.
+    pub fn open(&self) -> Result<Checkpoint, StoreError> {
+        open_layout(
+            self.label.clone(),
+            &self.path,
+            self.layout.clone(),
+            self.in_run,
+        )
+    }
+}
+
+/// Every checkpoint at `path` (one, or a run folder's members in order),
+/// located from directory listings alone.
+pub fn locate_all(path: &Path) -> Result<Vec<Located>, StoreError> {
+    Ok(match classify(path)? {
         Layout::Run(members) => members
             .into_iter()
-            .map(|member| open_layout(member.label, &member.path, member.layout, true))
+            .map(|member| Located {
+                label: member.label,
+                path: member.path,
+                layout: member.layout,
+                in_run: true,
+            })
             .collect(),
-        layout => Ok(vec![open_layout(file_name(path), path, layout, false)?]),
-    }
+        layout => vec![Located {
+            label: file_name(path),
+            path: path.to_path_buf(),
+            layout,
+            in_run: false,
+        }],
+    })
 }
 
 fn open_layout(

@@ -2,11 +2,19 @@
 //! `tokenizers` crate, and its chat template (from `tokenizer_config.json`)
 //! through minijinja.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::ForwardError;
+/// A tokenizer or chat template that cannot be used, naming its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {problem}", file.display())]
+pub struct TextError {
+    pub file: PathBuf,
+    pub problem: String,
+}
 
 pub struct TextCodec {
     tokenizer: tokenizers::Tokenizer,
@@ -30,44 +38,58 @@ fn special_token(config: &Value, key: &str) -> Option<String> {
 impl TextCodec {
     /// Load `tokenizer.json` (and `tokenizer_config.json` when present) from
     /// the checkpoint's folder.
-    pub fn open(dir: &Path) -> Result<Self, ForwardError> {
+    pub fn open(dir: &Path) -> Result<Self, TextError> {
         let file = dir.join("tokenizer.json");
         if !file.is_file() {
-            return Err(ForwardError::Tokenizer {
+            return Err(TextError {
                 file: file.clone(),
                 problem: "no tokenizer.json beside the weights (give token ids with --tokens)"
                     .into(),
             });
         }
+        let bytes = std::fs::read(&file).map_err(|e| TextError {
+            file: file.clone(),
+            problem: format!("cannot read it: {e}"),
+        })?;
+        let config_file = dir.join("tokenizer_config.json");
+        let config = std::fs::read(&config_file).ok();
+        Self::from_bytes(&file, &bytes, config.as_deref())
+    }
+
+    /// The same from bytes: `tokenizer.json` (named `file` in messages) and
+    /// `tokenizer_config.json` when there is one.
+    pub fn from_bytes(
+        file: &Path,
+        tokenizer_json: &[u8],
+        config_json: Option<&[u8]>,
+    ) -> Result<Self, TextError> {
+        let file = file.to_path_buf();
         // The tokenizers crate panics on some malformed files instead of
         // returning an error (found by fuzzing): contain it.
         let loaded =
-            crate::guard::catch(|| tokenizers::Tokenizer::from_file(&file)).map_err(|panic| {
-                ForwardError::Tokenizer {
+            probe_contract::guard::catch(|| tokenizers::Tokenizer::from_bytes(tokenizer_json))
+                .map_err(|panic| TextError {
                     file: file.clone(),
                     problem: format!("cannot load the tokenizer: malformed ({panic})"),
-                }
-            })?;
-        let mut tokenizer = loaded.map_err(|e| ForwardError::Tokenizer {
+                })?;
+        let mut tokenizer = loaded.map_err(|e| TextError {
             file: file.clone(),
             problem: format!("cannot load the tokenizer: {e}"),
         })?;
         // A probe runs one sequence as it is: padding would add positions the
         // model attends to, truncation would drop text without a word.
         tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| ForwardError::Tokenizer {
-                file: file.clone(),
-                problem: format!("cannot turn off truncation: {e}"),
-            })?;
-        let config_file = dir.join("tokenizer_config.json");
-        let config: Value = match std::fs::read(&config_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ForwardError::Tokenizer {
+        tokenizer.with_truncation(None).map_err(|e| TextError {
+            file: file.clone(),
+            problem: format!("cannot turn off truncation: {e}"),
+        })?;
+        let config_file = file.with_file_name("tokenizer_config.json");
+        let config: Value = match config_json {
+            Some(bytes) => serde_json::from_slice(bytes).map_err(|e| TextError {
                 file: config_file.clone(),
                 problem: format!("invalid JSON: {e}"),
             })?,
-            Err(_) => Value::Null,
+            None => Value::Null,
         };
         Ok(TextCodec {
             tokenizer,
@@ -87,27 +109,27 @@ impl TextCodec {
 
     /// Token ids of `text`, with the tokenizer's own special tokens (BERT's
     /// [CLS] … [SEP]) as its post-processor adds them.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ForwardError> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TextError> {
         self.encode_with(text, true)
     }
 
-    fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>, ForwardError> {
-        let encoding =
-            self.tokenizer
-                .encode(text, special)
-                .map_err(|e| ForwardError::Tokenizer {
-                    file: self.file.clone(),
-                    problem: format!("cannot tokenize the text: {e}"),
-                })?;
+    fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>, TextError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| TextError {
+                file: self.file.clone(),
+                problem: format!("cannot tokenize the text: {e}"),
+            })?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// The text as one user message under the model's chat template, with
     /// the prompt for the assistant's answer; tokenized without adding
     /// special tokens again (the template writes them).
-    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>, ForwardError> {
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>, TextError> {
         let Some(template) = &self.chat_template else {
-            return Err(ForwardError::Tokenizer {
+            return Err(TextError {
                 file: self.file.with_file_name("tokenizer_config.json"),
                 problem: "the model has no chat template".into(),
             });
@@ -116,8 +138,8 @@ impl TextCodec {
         self.encode_with(&rendered, false)
     }
 
-    pub fn render_chat(&self, template: &str, text: &str) -> Result<String, ForwardError> {
-        let fail = |e: minijinja::Error| ForwardError::Tokenizer {
+    pub fn render_chat(&self, template: &str, text: &str) -> Result<String, TextError> {
+        let fail = |e: minijinja::Error| TextError {
             file: self.file.with_file_name("tokenizer_config.json"),
             problem: format!("chat template: {e}"),
         };
@@ -140,5 +162,17 @@ impl TextCodec {
         self.tokenizer
             .decode(&[id], false)
             .unwrap_or_else(|_| self.tokenizer.id_to_token(id).unwrap_or_default())
+    }
+}
+
+/// The fuzz target `tokenizer_json`: bytes as `tokenizer.json` (and the same
+/// bytes as a chat template): load, encode a text, apply the template.
+#[doc(hidden)]
+pub fn fuzz_tokenizer_json(bytes: &[u8]) {
+    // Panics contained by `guard::catch` must not reach libFuzzer's hook.
+    probe_contract::guard::install_quiet_hook();
+    if let Ok(codec) = TextCodec::from_bytes(Path::new("tokenizer.json"), bytes, None) {
+        let _ = codec.encode("The capital of France is Paris.");
+        let _ = codec.render_chat(&String::from_utf8_lossy(bytes), "hi");
     }
 }

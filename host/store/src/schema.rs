@@ -5,219 +5,25 @@
 //! never from the order tensors appear in a file.
 
 use std::collections::BTreeSet;
-use std::fmt;
 
 use serde_json::Value;
 
 use crate::store::{Checkpoint, TensorEntry};
 
-/// Architecture families probe knows by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// Llama, Mistral, SmolLM and other `model.layers.{i}.self_attn.q_proj` models.
-    Llama,
-    /// Llama layout with q/k/v biases.
-    Qwen2,
-    /// Llama layout with q/k norms.
-    Qwen3,
-    /// Four norms per block, q/k norms, scaled embeddings.
-    Gemma3,
-    /// `h.{i}.attn.c_attn`: fused QKV stored transposed (Conv1D).
-    Gpt2,
-    /// BERT encoders (MiniLM).
-    Bert,
-    /// The small GPTs of the parameter-golf challenge (`blocks.{i}.attn.c_q`, banks).
-    ParamGolf,
-    /// Anything else: 2-D tensors are still analysable, layers parsed from names.
-    Unknown,
-}
+pub use probe_contract::{Family, Role};
 
-impl Family {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Llama => "llama",
-            Self::Qwen2 => "qwen2",
-            Self::Qwen3 => "qwen3",
-            Self::Gemma3 => "gemma3",
-            Self::Gpt2 => "gpt2",
-            Self::Bert => "bert",
-            Self::ParamGolf => "paramgolf",
-            Self::Unknown => "unknown",
-        }
-    }
-
-    /// The family a Hugging Face `model_type` belongs to.
-    pub fn from_model_type(model_type: &str) -> Option<Self> {
-        Some(match model_type {
-            "llama" | "mistral" | "smollm" | "smollm2" | "smollm3" => Self::Llama,
-            "qwen2" => Self::Qwen2,
-            "qwen3" => Self::Qwen3,
-            "gemma3" | "gemma3_text" => Self::Gemma3,
-            "gpt2" => Self::Gpt2,
-            "bert" => Self::Bert,
-            "paramgolf" | "parameter-golf" | "parameter_golf" => Self::ParamGolf,
-            _ => return None,
-        })
-    }
-
-    /// Decoder-only models predict tokens, so they have an output embedding.
-    pub fn is_decoder(&self) -> bool {
-        !matches!(self, Self::Bert)
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What a tensor does in the model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    Embed,
-    PosEmbed,
-    TypeEmbed,
-    EmbedNorm,
-    LmHead,
-    FinalNorm,
-    Q,
-    K,
-    V,
-    Qkv,
-    O,
-    Gate,
-    Up,
-    Down,
-    AttnNorm,
-    MlpNorm,
-    PostAttnNorm,
-    PostMlpNorm,
-    QNorm,
-    KNorm,
-    AttnScale,
-    MlpScale,
-    ResidMix,
-    QGain,
-    SkipWeights,
-    SkipGates,
-    QoBank,
-    KvBank,
-    MlpUpBank,
-    MlpDownBank,
-    Pooler,
-    /// Non-parameter buffers some checkpoints carry (GPT-2's causal mask).
-    Buffer,
-    Other,
-}
-
-impl Role {
-    pub const ALL: [Role; 33] = [
-        Role::Embed,
-        Role::PosEmbed,
-        Role::TypeEmbed,
-        Role::EmbedNorm,
-        Role::LmHead,
-        Role::FinalNorm,
-        Role::Q,
-        Role::K,
-        Role::V,
-        Role::Qkv,
-        Role::O,
-        Role::Gate,
-        Role::Up,
-        Role::Down,
-        Role::AttnNorm,
-        Role::MlpNorm,
-        Role::PostAttnNorm,
-        Role::PostMlpNorm,
-        Role::QNorm,
-        Role::KNorm,
-        Role::AttnScale,
-        Role::MlpScale,
-        Role::ResidMix,
-        Role::QGain,
-        Role::SkipWeights,
-        Role::SkipGates,
-        Role::QoBank,
-        Role::KvBank,
-        Role::MlpUpBank,
-        Role::MlpDownBank,
-        Role::Pooler,
-        Role::Buffer,
-        Role::Other,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Role::Embed => "embed",
-            Role::PosEmbed => "pos_embed",
-            Role::TypeEmbed => "type_embed",
-            Role::EmbedNorm => "embed_norm",
-            Role::LmHead => "lm_head",
-            Role::FinalNorm => "final_norm",
-            Role::Q => "q",
-            Role::K => "k",
-            Role::V => "v",
-            Role::Qkv => "qkv",
-            Role::O => "o",
-            Role::Gate => "gate",
-            Role::Up => "up",
-            Role::Down => "down",
-            Role::AttnNorm => "attn_norm",
-            Role::MlpNorm => "mlp_norm",
-            Role::PostAttnNorm => "post_attn_norm",
-            Role::PostMlpNorm => "post_mlp_norm",
-            Role::QNorm => "q_norm",
-            Role::KNorm => "k_norm",
-            Role::AttnScale => "attn_scale",
-            Role::MlpScale => "mlp_scale",
-            Role::ResidMix => "resid_mix",
-            Role::QGain => "q_gain",
-            Role::SkipWeights => "skip_weights",
-            Role::SkipGates => "skip_gates",
-            Role::QoBank => "qo_bank",
-            Role::KvBank => "kv_bank",
-            Role::MlpUpBank => "mlp_up_bank",
-            Role::MlpDownBank => "mlp_down_bank",
-            Role::Pooler => "pooler",
-            Role::Buffer => "buffer",
-            Role::Other => "other",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Role> {
-        Role::ALL.into_iter().find(|r| r.as_str() == name)
-    }
-
-    /// Every kind of normalisation gain.
-    pub fn is_norm(&self) -> bool {
-        matches!(
-            self,
-            Role::EmbedNorm
-                | Role::FinalNorm
-                | Role::AttnNorm
-                | Role::MlpNorm
-                | Role::PostAttnNorm
-                | Role::PostMlpNorm
-                | Role::QNorm
-                | Role::KNorm
-        )
-    }
-
-    /// Several layers' matrices stacked in one tensor.
-    pub fn is_bank(&self) -> bool {
-        matches!(
-            self,
-            Role::QoBank | Role::KvBank | Role::MlpUpBank | Role::MlpDownBank
-        )
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// The family a Hugging Face `model_type` belongs to.
+pub fn family_from_model_type(model_type: &str) -> Option<Family> {
+    Some(match model_type {
+        "llama" | "mistral" | "smollm" | "smollm2" | "smollm3" => Family::Llama,
+        "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
+        "gemma3" | "gemma3_text" => Family::Gemma3,
+        "gpt2" => Family::Gpt2,
+        "bert" => Family::Bert,
+        "paramgolf" | "parameter-golf" | "parameter_golf" => Family::ParamGolf,
+        _ => return None,
+    })
 }
 
 /// Where a tensor sits in the model.
@@ -233,11 +39,7 @@ pub struct Placement {
 impl Placement {
     /// The role as written in tables: `q`, or `q_bias` for q_proj's bias.
     pub fn role_name(&self) -> String {
-        if self.bias {
-            format!("{}_bias", self.role.as_str())
-        } else {
-            self.role.as_str().to_string()
-        }
+        self.role.table_name(self.bias)
     }
 }
 
@@ -436,7 +238,7 @@ impl Schema {
         // Names win over config when the config's type is unknown to us.
         let family = model_type
             .as_deref()
-            .and_then(Family::from_model_type)
+            .and_then(family_from_model_type)
             .unwrap_or(by_names);
         let placements: Vec<Placement> = tensors.iter().map(|t| place(family, &t.name)).collect();
 

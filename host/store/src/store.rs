@@ -7,7 +7,6 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -19,123 +18,91 @@ use safetensors::SafeTensors;
 use crate::error::StoreError;
 use crate::limits;
 
-/// Element type of a stored tensor, as named in the safetensors header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Dtype {
-    F64,
-    F32,
-    F16,
-    BF16,
-    I64,
-    I32,
-    I16,
-    I8,
-    U64,
-    U32,
-    U16,
-    U8,
-    Bool,
-    /// FP8, FP6, FP4 and complex types: listed, never analysed.
-    Other(&'static str),
-}
+pub use probe_contract::Dtype;
 
-impl Dtype {
-    fn from_safetensors(dtype: safetensors::Dtype) -> Self {
-        use safetensors::Dtype as D;
-        match dtype {
-            D::F64 => Self::F64,
-            D::F32 => Self::F32,
-            D::F16 => Self::F16,
-            D::BF16 => Self::BF16,
-            D::I64 => Self::I64,
-            D::I32 => Self::I32,
-            D::I16 => Self::I16,
-            D::I8 => Self::I8,
-            D::U64 => Self::U64,
-            D::U32 => Self::U32,
-            D::U16 => Self::U16,
-            D::U8 => Self::U8,
-            D::BOOL => Self::Bool,
-            D::F8_E5M2 => Self::Other("F8_E5M2"),
-            D::F8_E4M3 => Self::Other("F8_E4M3"),
-            D::F8_E8M0 => Self::Other("F8_E8M0"),
-            D::F8_E4M3FNUZ => Self::Other("F8_E4M3FNUZ"),
-            D::F8_E5M2FNUZ => Self::Other("F8_E5M2FNUZ"),
-            D::F6_E2M3 => Self::Other("F6_E2M3"),
-            D::F6_E3M2 => Self::Other("F6_E3M2"),
-            D::F4 => Self::Other("F4"),
-            D::C64 => Self::Other("C64"),
-            _ => Self::Other("unknown"),
-        }
-    }
-
-    /// Back to the safetensors crate's dtype (for writing files).
-    pub fn to_safetensors(self) -> Option<safetensors::Dtype> {
-        use safetensors::Dtype as D;
-        Some(match self {
-            Self::F64 => D::F64,
-            Self::F32 => D::F32,
-            Self::F16 => D::F16,
-            Self::BF16 => D::BF16,
-            Self::I64 => D::I64,
-            Self::I32 => D::I32,
-            Self::I16 => D::I16,
-            Self::I8 => D::I8,
-            Self::U64 => D::U64,
-            Self::U32 => D::U32,
-            Self::U16 => D::U16,
-            Self::U8 => D::U8,
-            Self::Bool => D::BOOL,
-            Self::Other("F8_E5M2") => D::F8_E5M2,
-            Self::Other("F8_E4M3") => D::F8_E4M3,
-            Self::Other("F8_E8M0") => D::F8_E8M0,
-            Self::Other("F8_E4M3FNUZ") => D::F8_E4M3FNUZ,
-            Self::Other("F8_E5M2FNUZ") => D::F8_E5M2FNUZ,
-            Self::Other("F6_E2M3") => D::F6_E2M3,
-            Self::Other("F6_E3M2") => D::F6_E3M2,
-            Self::Other("F4") => D::F4,
-            Self::Other("C64") => D::C64,
-            Self::Other(_) => return None,
-        })
-    }
-
-    /// The name safetensors uses for this dtype.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::F64 => "F64",
-            Self::F32 => "F32",
-            Self::F16 => "F16",
-            Self::BF16 => "BF16",
-            Self::I64 => "I64",
-            Self::I32 => "I32",
-            Self::I16 => "I16",
-            Self::I8 => "I8",
-            Self::U64 => "U64",
-            Self::U32 => "U32",
-            Self::U16 => "U16",
-            Self::U8 => "U8",
-            Self::Bool => "BOOL",
-            Self::Other(name) => name,
-        }
-    }
-
-    /// Floating-point dtypes the analyses read (converted to f32 on request).
-    pub fn is_float(&self) -> bool {
-        matches!(self, Self::F64 | Self::F32 | Self::F16 | Self::BF16)
+/// The dtype a safetensors header names.
+pub fn dtype_from_safetensors(dtype: safetensors::Dtype) -> Dtype {
+    use safetensors::Dtype as D;
+    let other = |name: &str| Dtype::parse(name).unwrap_or(Dtype::Other("unknown"));
+    match dtype {
+        D::F64 => Dtype::F64,
+        D::F32 => Dtype::F32,
+        D::F16 => Dtype::F16,
+        D::BF16 => Dtype::BF16,
+        D::I64 => Dtype::I64,
+        D::I32 => Dtype::I32,
+        D::I16 => Dtype::I16,
+        D::I8 => Dtype::I8,
+        D::U64 => Dtype::U64,
+        D::U32 => Dtype::U32,
+        D::U16 => Dtype::U16,
+        D::U8 => Dtype::U8,
+        D::BOOL => Dtype::Bool,
+        D::F8_E5M2 => other("F8_E5M2"),
+        D::F8_E4M3 => other("F8_E4M3"),
+        D::F8_E8M0 => other("F8_E8M0"),
+        D::F8_E4M3FNUZ => other("F8_E4M3FNUZ"),
+        D::F8_E5M2FNUZ => other("F8_E5M2FNUZ"),
+        D::F6_E2M3 => other("F6_E2M3"),
+        D::F6_E3M2 => other("F6_E3M2"),
+        D::F4 => other("F4"),
+        D::C64 => other("C64"),
+        _ => Dtype::Other("unknown"),
     }
 }
 
-impl fmt::Display for Dtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// Back to the safetensors crate's dtype (for writing files).
+pub fn dtype_to_safetensors(dtype: Dtype) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype as D;
+    Some(match dtype {
+        Dtype::F64 => D::F64,
+        Dtype::F32 => D::F32,
+        Dtype::F16 => D::F16,
+        Dtype::BF16 => D::BF16,
+        Dtype::I64 => D::I64,
+        Dtype::I32 => D::I32,
+        Dtype::I16 => D::I16,
+        Dtype::I8 => D::I8,
+        Dtype::U64 => D::U64,
+        Dtype::U32 => D::U32,
+        Dtype::U16 => D::U16,
+        Dtype::U8 => D::U8,
+        Dtype::Bool => D::BOOL,
+        Dtype::Other("F8_E5M2") => D::F8_E5M2,
+        Dtype::Other("F8_E4M3") => D::F8_E4M3,
+        Dtype::Other("F8_E8M0") => D::F8_E8M0,
+        Dtype::Other("F8_E4M3FNUZ") => D::F8_E4M3FNUZ,
+        Dtype::Other("F8_E5M2FNUZ") => D::F8_E5M2FNUZ,
+        Dtype::Other("F6_E2M3") => D::F6_E2M3,
+        Dtype::Other("F6_E3M2") => D::F6_E3M2,
+        Dtype::Other("F4") => D::F4,
+        Dtype::Other("C64") => D::C64,
+        Dtype::Other(_) => return None,
+    })
 }
 
 /// One mapped safetensors file.
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    data: ShardBytes,
     user_metadata: HashMap<String, String>,
+}
+
+/// A shard's bytes: mapped from its file, or handed over in memory (the
+/// fuzzers, and callers that already hold the bytes).
+enum ShardBytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for ShardBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ShardBytes::Mapped(mmap) => mmap,
+            ShardBytes::Owned(bytes) => bytes,
+        }
+    }
 }
 
 /// Where one tensor lives: which shard, and its byte range inside the mapping.
@@ -299,6 +266,37 @@ impl Checkpoint {
         })
     }
 
+    /// A single-file checkpoint from bytes in memory (the same checks as a
+    /// file), with `config.json`'s bytes if there is one. `name` stands in
+    /// for the file's path in messages.
+    pub fn from_bytes(
+        name: &str,
+        bytes: Vec<u8>,
+        config_json: Option<&[u8]>,
+    ) -> Result<Self, StoreError> {
+        let path = PathBuf::from(name);
+        let (shard, mut tensors) = parse_shard(&path, 0, ShardBytes::Owned(bytes))?;
+        limits::check_tensor_count(&path, tensors.len())?;
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let config = config_json
+            .map(|bytes| parse_config(&PathBuf::from("config.json"), bytes))
+            .transpose()?;
+        Ok(Self {
+            label: name.to_string(),
+            path,
+            dir: PathBuf::from("."),
+            shards: vec![shard],
+            tensors,
+            by_name,
+            config,
+        })
+    }
+
     /// Every tensor, sorted by name.
     pub fn tensors(&self) -> &[TensorEntry] {
         &self.tensors
@@ -321,7 +319,7 @@ impl Checkpoint {
         let shard = &self.shards[entry.shard];
         TensorView {
             entry,
-            bytes: &shard.mmap[entry.bytes.clone()],
+            bytes: &shard.data[entry.bytes.clone()],
             file: &shard.path,
         }
     }
@@ -359,15 +357,34 @@ fn map_shard(file: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorEntry>
     // memory-mapped reader (safetensors' own loaders included) we rely on the
     // file not being truncated or rewritten while probe runs.
     let mmap = unsafe { Mmap::map(&handle) }.map_err(|source| StoreError::io(file, source))?;
-    let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-        .map_err(|e| describe_safetensors_error(file, &mmap, e))?;
+    parse_shard(file, shard_index, ShardBytes::Mapped(mmap))
+}
+
+/// Parse a shard's header (the safetensors crate's checked parser) and
+/// validate every tensor's place in the data.
+fn parse_shard(
+    file: &Path,
+    shard_index: usize,
+    data: ShardBytes,
+) -> Result<(Shard, Vec<TensorEntry>), StoreError> {
+    if data.len() < 8 {
+        return Err(StoreError::Malformed {
+            file: file.to_path_buf(),
+            problem: format!(
+                "file is {} bytes, too short to hold a safetensors header",
+                data.len()
+            ),
+        });
+    }
+    let (header_len, metadata) = SafeTensors::read_metadata(&data)
+        .map_err(|e| describe_safetensors_error(file, &data, e))?;
     let data_start = 8 + header_len;
     let entries = entries_of(file, shard_index, data_start, &metadata)?;
     let user_metadata = metadata.metadata().clone().unwrap_or_default();
     Ok((
         Shard {
             path: file.to_path_buf(),
-            mmap,
+            data,
             user_metadata,
         },
         entries,
@@ -388,7 +405,7 @@ fn entries_of(
         limits::check_shape(file, &name, &info.shape)?;
         entries.push(TensorEntry {
             name,
-            dtype: Dtype::from_safetensors(info.dtype),
+            dtype: dtype_from_safetensors(info.dtype),
             shape: info.shape.clone(),
             shard: shard_index,
             bytes: data_start + begin..data_start + end,
@@ -496,21 +513,26 @@ fn read_config(dir: &Path, in_run: bool) -> Result<Option<serde_json::Value>, St
         .flatten()
     {
         if candidate.is_file() {
-            let text = std::fs::read_to_string(&candidate)
-                .map_err(|source| StoreError::io(&candidate, source))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| StoreError::Config {
-                    file: candidate.clone(),
-                    problem: format!("not valid JSON: {e}"),
-                })?;
-            if !value.is_object() {
-                return Err(StoreError::Config {
-                    file: candidate,
-                    problem: "expected a JSON object at the top level".into(),
-                });
-            }
-            return Ok(Some(value));
+            let bytes =
+                std::fs::read(&candidate).map_err(|source| StoreError::io(&candidate, source))?;
+            return parse_config(&candidate, &bytes).map(Some);
         }
     }
     Ok(None)
+}
+
+/// `config.json`'s bytes: a JSON object, or an error naming the file.
+pub fn parse_config(file: &Path, bytes: &[u8]) -> Result<serde_json::Value, StoreError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Config {
+            file: file.to_path_buf(),
+            problem: format!("not valid JSON: {e}"),
+        })?;
+    if !value.is_object() {
+        return Err(StoreError::Config {
+            file: file.to_path_buf(),
+            problem: "expected a JSON object at the top level".into(),
+        });
+    }
+    Ok(value)
 }

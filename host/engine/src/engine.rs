@@ -10,12 +10,12 @@ use ort::session::{
 };
 use ort::value::TensorRef;
 
-use crate::schema::Schema;
-use crate::store::Checkpoint;
+use probe_store::schema::Schema;
+use probe_store::store::Checkpoint;
 
-use super::arch::{Arch, Attention, WeightMap};
-use super::graph::{self, io, WeightShapes};
-use super::{runtime, ForwardError};
+use crate::graph::{self, io, WeightShapes};
+use crate::{runtime, ForwardError};
+use probe_store::arch::{Arch, Attention, WeightMap};
 
 /// Where the graphs run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -59,23 +59,10 @@ pub struct Capture {
     pub loss: bool,
 }
 
-/// A change to the residual stream.
-#[derive(Clone, Debug, PartialEq)]
-pub enum EditKind {
-    /// Put this vector in place of the residual.
-    Replace(Vec<f32>),
-    /// Add this vector to the residual.
-    Add(Vec<f32>),
-}
-
-/// Change the residual at one position, at one stage: stage 0 is the
-/// embedding output, stage `s` the output of the `s`-th block run.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ResidualEdit {
-    pub stage: usize,
-    pub position: usize,
-    pub kind: EditKind,
-}
+/// A change to the residual stream at one (stage, position): stage 0 is the
+/// embedding output, stage `s` the output of the `s`-th block run. The
+/// contract's type, so a plugin's edit reaches the engine as it was written.
+pub use probe_contract::{Edit, EditChange};
 
 /// One forward pass to make.
 #[derive(Clone, Debug, Default)]
@@ -84,7 +71,7 @@ pub struct Request<'a> {
     /// Blocks to run, in this order; `None` runs all in stored order. Leaving
     /// a block out skips it; listing one twice runs it twice.
     pub blocks: Option<&'a [usize]>,
-    pub edits: &'a [ResidualEdit],
+    pub edits: &'a [Edit],
     /// Start from this residual `[T, hidden]` instead of the embedding's
     /// output (a caller that caches a prefix runs only what follows it).
     pub start: Option<&'a [f32]>,
@@ -246,12 +233,45 @@ fn ort_error<'a>(file: &'a Checkpoint, what: &str) -> impl Fn(ort::Error) -> For
     }
 }
 
+/// A session builder for `options`: threads, and the device registered
+/// strictly (an execution provider that cannot be registered is an error,
+/// never a silent fall back to the CPU).
+fn session_builder(
+    options: EngineOptions,
+    fail: &dyn Fn(ort::Error) -> ForwardError,
+) -> Result<ort::session::builder::SessionBuilder, ForwardError> {
+    let environment = runtime::environment()?;
+    let mut builder = Session::builder(environment)
+        .map_err(fail)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| fail(e.into()))?;
+    if options.threads > 0 {
+        builder = builder
+            .with_intra_threads(options.threads)
+            .map_err(|e| fail(e.into()))?;
+    }
+    if options.device == Device::Cuda {
+        builder = builder
+            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+            .map_err(|e| ForwardError::Device {
+                device: "cuda",
+                message: e.to_string(),
+            })?;
+    }
+    Ok(builder)
+}
+
+/// Check that forward passes can run with `options` (ONNX Runtime found,
+/// the device's provider registered) before any work is done.
+pub fn check_options(options: EngineOptions) -> Result<(), ForwardError> {
+    session_builder(options, &|e| ForwardError::Runtime(e.to_string())).map(|_| ())
+}
+
 impl<'c> Engine<'c> {
     /// Build the graphs and sessions for a checkpoint.
     pub fn open(checkpoint: &'c Checkpoint, options: EngineOptions) -> Result<Self, ForwardError> {
         let schema = Schema::of(checkpoint);
         let (arch, map) = Arch::of(checkpoint, &schema)?;
-        let environment = runtime::environment()?;
 
         let mut values = HashMap::new();
         let names = map
@@ -276,25 +296,10 @@ impl<'c> Engine<'c> {
         check_shapes(checkpoint, &arch, &map, &values)?;
 
         let session = |model: ort::editor::Model, what: &str| -> Result<Session, ForwardError> {
-            let fail = ort_error(checkpoint, what);
-            let mut builder = Session::builder(environment)
-                .map_err(&fail)?
-                .with_optimization_level(GraphOptimizationLevel::All)
-                .map_err(|e| fail(e.into()))?;
-            if options.threads > 0 {
-                builder = builder
-                    .with_intra_threads(options.threads)
-                    .map_err(|e| fail(e.into()))?;
-            }
-            if options.device == Device::Cuda {
-                builder = builder
-                    .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-                    .map_err(|e| ForwardError::Device {
-                        device: "cuda",
-                        message: e.to_string(),
-                    })?;
-            }
-            model.into_session(&builder).map_err(&fail)
+            let builder = session_builder(options, &ort_error(checkpoint, what))?;
+            model
+                .into_session(&builder)
+                .map_err(ort_error(checkpoint, what))
         };
 
         let embed_shapes = shapes(&map.embed);
@@ -519,8 +524,8 @@ impl<'c> Engine<'c> {
                     edit.position
                 )));
             }
-            let len = match &edit.kind {
-                EditKind::Replace(v) | EditKind::Add(v) => v.len(),
+            let len = match &edit.change {
+                EditChange::Replace(v) | EditChange::Add(v) => v.len(),
             };
             if len != hidden {
                 return Err(bad(format!(
@@ -529,7 +534,7 @@ impl<'c> Engine<'c> {
             }
         }
         if let Some(start) = request.start {
-            if start.len() != t * hidden {
+            if Some(start.len()) != t.checked_mul(hidden) {
                 return Err(bad(format!(
                     "a start residual of {} values is not {t} × {hidden}",
                     start.len()
@@ -823,7 +828,8 @@ impl<'c> Engine<'c> {
                 ),
             });
         };
-        if residual.len() != t * hidden {
+        // `t` may come from a plugin: no product that can overflow.
+        if Some(residual.len()) != t.checked_mul(hidden) {
             return Err(ForwardError::Request {
                 file: self.checkpoint.path.clone(),
                 problem: format!(
@@ -869,12 +875,12 @@ impl<'c> Engine<'c> {
     }
 }
 
-fn apply_edits(residual: &mut [f32], hidden: usize, edits: &[ResidualEdit], stage: usize) {
+fn apply_edits(residual: &mut [f32], hidden: usize, edits: &[Edit], stage: usize) {
     for edit in edits.iter().filter(|e| e.stage == stage) {
         let row = &mut residual[edit.position * hidden..(edit.position + 1) * hidden];
-        match &edit.kind {
-            EditKind::Replace(values) => row.copy_from_slice(values),
-            EditKind::Add(values) => row.iter_mut().zip(values).for_each(|(r, v)| *r += v),
+        match &edit.change {
+            EditChange::Replace(values) => row.copy_from_slice(values),
+            EditChange::Add(values) => row.iter_mut().zip(values).for_each(|(r, v)| *r += v),
         }
     }
 }

@@ -3,13 +3,24 @@
 //! weights exist. The graphs are built from this description alone.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde_json::Value;
 
 use crate::schema::{Family, Role, Schema};
 use crate::store::Checkpoint;
 
-use super::ForwardError;
+/// Why a checkpoint cannot be run: an unsupported piece, a config that does
+/// not describe the tensors, or a tensor the architecture needs.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    #[error("{file}: {what} is not supported", file = file.display())]
+    Unsupported { file: PathBuf, what: String },
+    #[error("{file}: {problem}", file = file.display())]
+    Config { file: PathBuf, problem: String },
+    #[error("{file}: missing {what}", file = file.display())]
+    MissingTensor { file: PathBuf, what: String },
+}
 
 /// How a block arranges its norms around the two sublayers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,9 +126,9 @@ fn config_str<'a>(config: &'a Value, keys: &[&str]) -> Option<&'a str> {
 impl Arch {
     /// Read the architecture; every missing or unsupported piece is an error
     /// naming the checkpoint.
-    pub fn of(checkpoint: &Checkpoint, schema: &Schema) -> Result<(Arch, WeightMap), ForwardError> {
+    pub fn of(checkpoint: &Checkpoint, schema: &Schema) -> Result<(Arch, WeightMap), ArchError> {
         let file = checkpoint.path.clone();
-        let unsupported = |what: String| ForwardError::Unsupported {
+        let unsupported = |what: String| ArchError::Unsupported {
             file: file.clone(),
             what,
         };
@@ -137,7 +148,7 @@ impl Arch {
         }
         let empty = Value::Object(Default::default());
         let config = checkpoint.config.as_ref().unwrap_or(&empty);
-        let missing = |key: &str| ForwardError::Config {
+        let missing = |key: &str| ArchError::Config {
             file: checkpoint.dir.join("config.json"),
             problem: format!("needs `{key}` for a forward pass"),
         };
@@ -146,14 +157,14 @@ impl Arch {
         let heads = config_usize(config, &["num_attention_heads", "n_head"])
             .ok_or_else(|| missing("num_attention_heads"))?;
         if heads == 0 || hidden % heads != 0 && config.get("head_dim").is_none() {
-            return Err(ForwardError::Config {
+            return Err(ArchError::Config {
                 file: checkpoint.dir.join("config.json"),
                 problem: format!("hidden size {hidden} is not a multiple of {heads} heads"),
             });
         }
         let kv_heads = config_usize(config, &["num_key_value_heads"]).unwrap_or(heads);
         if kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(ForwardError::Config {
+            return Err(ArchError::Config {
                 file: checkpoint.dir.join("config.json"),
                 problem: format!("{heads} attention heads cannot share {kv_heads} key/value heads"),
             });
@@ -176,7 +187,7 @@ impl Arch {
             config,
             &["hidden_activation", "hidden_act", "activation_function"],
         );
-        let activation = |default: Activation| -> Result<Activation, ForwardError> {
+        let activation = |default: Activation| -> Result<Activation, ArchError> {
             Ok(match act_name {
                 None => default,
                 Some("silu" | "swish") => Activation::Silu,
@@ -262,7 +273,7 @@ impl Arch {
                     }
                 };
                 if types.len() < layers {
-                    return Err(ForwardError::Config {
+                    return Err(ArchError::Config {
                         file: checkpoint.dir.join("config.json"),
                         problem: format!(
                             "`layer_types` lists {} layers, the weights have {layers}",
@@ -368,8 +379,8 @@ fn checkpoint_rows(
     checkpoint: &Checkpoint,
     names: &BTreeMap<&'static str, String>,
     key: &str,
-) -> Result<usize, ForwardError> {
-    let name = names.get(key).ok_or_else(|| ForwardError::MissingTensor {
+) -> Result<usize, ArchError> {
+    let name = names.get(key).ok_or_else(|| ArchError::MissingTensor {
         file: checkpoint.path.clone(),
         what: "the position embedding".into(),
     })?;
@@ -486,7 +497,7 @@ fn weight_map(
     checkpoint: &Checkpoint,
     schema: &Schema,
     layers: usize,
-) -> Result<WeightMap, ForwardError> {
+) -> Result<WeightMap, ArchError> {
     let mut map = WeightMap {
         blocks: vec![BTreeMap::new(); layers],
         ..Default::default()
@@ -508,7 +519,7 @@ fn weight_map(
         }
     }
     let family = schema.family;
-    let missing = |what: String| ForwardError::MissingTensor {
+    let missing = |what: String| ArchError::MissingTensor {
         file: checkpoint.path.clone(),
         what,
     };

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use super::engine::Trace;
-use super::text::TextCodec;
+use probe_engine::Trace;
+use probe_text::TextCodec;
 
 #[derive(Debug, Serialize)]
 pub struct Prediction {

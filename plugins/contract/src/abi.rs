@@ -1,0 +1,401 @@
+//! The C ABI between probe (the host) and a plugin (a cdylib).
+//!
+//! Only `#[repr(C)]` structs, function pointers and Arrow C Data Interface
+//! structs cross it; never a Rust type whose layout the compiler may change.
+//!
+//! Handshake, in this order:
+//! 1. the host resolves [`ABI_VERSION_SYMBOL`], calls it, and refuses the
+//!    library unless it returns [`ABI_MAJOR`];
+//! 2. the host resolves [`PLUGIN_API_SYMBOL`] and reads the [`PluginApi`]
+//!    table it returns (static, owned by the plugin);
+//! 3. for each checkpoint the host calls `work_items`, then `run` with a
+//!    [`HostApi`] table (owned by the host, valid for the call).
+//!
+//! # Versions
+//! A major version changes what a published field means or where it sits;
+//! hosts and plugins of different majors refuse each other, naming both.
+//! A minor version only appends functions at the end of a table. A plugin
+//! built against a newer minor than the host runs, until it calls a function
+//! the host's table lacks: the SDK checks the table's `size` before every
+//! call added after x.0 and fails that call with both versions named
+//! ([`HostApi::provides`]). A plugin built against an older minor runs on a
+//! newer host unchanged.
+//!
+//! | version | what changed |
+//! |---|---|
+//! | 2.0 | one typed contract crate; `forward` and `forward_from` cut (`forward_batch` is the one way to run, with raw start residuals); tensor roles as a role plus a `bias` flag |
+//! | 2.1 | `HostApi::run_info`: the device and threads forward passes run with |
+
+use std::ffi::{c_char, c_void};
+use std::mem::offset_of;
+
+/// The major version: both sides must agree on it.
+pub const ABI_MAJOR: u32 = 2;
+/// The minor version this side was built with.
+pub const ABI_MINOR: u32 = 1;
+/// This side's version.
+pub const ABI_VERSION: AbiVersion = AbiVersion {
+    major: ABI_MAJOR,
+    minor: ABI_MINOR,
+};
+
+/// `extern "C" fn() -> u32`: the ABI major version the plugin was built for.
+pub const ABI_VERSION_SYMBOL: &[u8] = b"probe_plugin_abi_version";
+/// `extern "C" fn() -> *const PluginApi`.
+pub const PLUGIN_API_SYMBOL: &[u8] = b"probe_plugin_api";
+
+/// An ABI version, `major.minor`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AbiVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl std::fmt::Display for AbiVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// Status codes of calls across the boundary.
+pub const STATUS_OK: i32 = 0;
+/// The callee failed and reported why through `HostApi::set_error` (plugin)
+/// or `HostApi::last_error` (host).
+pub const STATUS_ERROR: i32 = 1;
+/// The callee panicked; the panic was caught at the boundary.
+pub const STATUS_PANIC: i32 = 2;
+/// The run stopped because the host asked it to (Ctrl-C).
+pub const STATUS_CANCELLED: i32 = 3;
+
+/// The Arrow C Data Interface's `ArrowSchema`, opaque here: each side
+/// creates and reads it with its own Arrow implementation (the SDK and the
+/// host use polars-arrow's, whose layout is the interface's).
+#[repr(C)]
+pub struct ArrowSchema {
+    _opaque: [u8; 0],
+    _not_send: std::marker::PhantomData<(*mut u8, std::marker::PhantomPinned)>,
+}
+
+/// The Arrow C Data Interface's `ArrowArray`, opaque like [`ArrowSchema`].
+#[repr(C)]
+pub struct ArrowArray {
+    _opaque: [u8; 0],
+    _not_send: std::marker::PhantomData<(*mut u8, std::marker::PhantomPinned)>,
+}
+
+/// A borrowed UTF-8 string: pointer and length, no terminator.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StrRef {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+impl StrRef {
+    pub fn new(s: &str) -> Self {
+        Self {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    pub const fn empty() -> Self {
+        Self {
+            ptr: std::ptr::null(),
+            len: 0,
+        }
+    }
+
+    /// The text; invalid UTF-8 is replaced, a null pointer reads as empty.
+    ///
+    /// # Safety
+    /// A non-null `ptr` must point to `len` readable bytes for the lifetime `'a`.
+    pub unsafe fn as_str<'a>(&self) -> std::borrow::Cow<'a, str> {
+        if self.ptr.is_null() || self.len == 0 {
+            return std::borrow::Cow::Borrowed("");
+        }
+        // SAFETY: non-null, and the caller promises `len` readable bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
+        String::from_utf8_lossy(bytes)
+    }
+}
+
+/// One tensor of the checkpoint as the host's schema places it. The strings
+/// and the shape are owned by the host and live as long as the run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TensorInfoC {
+    pub name: StrRef,
+    /// A [`crate::Role`]'s name: `q`, `embed`, …
+    pub role: StrRef,
+    /// A bias vector of that role rather than its weight.
+    pub bias: bool,
+    /// A [`crate::Dtype`]'s name: `F32`, `BF16`, …
+    pub dtype: StrRef,
+    /// Block index, or -1 outside the blocks.
+    pub layer: i64,
+    pub shape: *const u64,
+    pub ndim: usize,
+}
+
+impl TensorInfoC {
+    pub const fn empty() -> Self {
+        Self {
+            name: StrRef::empty(),
+            role: StrRef::empty(),
+            bias: false,
+            dtype: StrRef::empty(),
+            layer: -1,
+            shape: std::ptr::null(),
+            ndim: 0,
+        }
+    }
+}
+
+/// f32 values lent by the host: borrowed from the mapping when the stored
+/// data already is aligned F32, converted otherwise. Give it back with
+/// `HostApi::release_f32`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct F32Buffer {
+    pub data: *const f32,
+    pub len: usize,
+    /// Host-private; null when borrowed from the mapping.
+    pub owner: *mut c_void,
+}
+
+impl F32Buffer {
+    pub const fn empty() -> Self {
+        Self {
+            data: std::ptr::null(),
+            len: 0,
+            owner: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// Log levels for `HostApi::log`.
+pub const LOG_INFO: u32 = 1;
+pub const LOG_WARN: u32 = 2;
+
+/// A forward pass's result, owned by the host.
+#[repr(C)]
+pub struct ForwardResultC {
+    /// JSON of a [`crate::ForwardMeta`], valid until release.
+    pub meta_json: StrRef,
+    /// Host-private.
+    pub handle: *mut c_void,
+}
+
+impl ForwardResultC {
+    pub const fn empty() -> Self {
+        Self {
+            meta_json: StrRef::empty(),
+            handle: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// What the host offers a plugin during a call. Owned by the host; `ctx` is
+/// opaque to the plugin and every function is safe to call from any thread.
+/// Every function returns (never unwinds); those returning a status set the
+/// message `last_error` reads when they fail.
+#[repr(C)]
+pub struct HostApi {
+    /// `size_of::<HostApi>()` as the host was built: which functions exist.
+    pub size: usize,
+    pub abi: AbiVersion,
+    pub ctx: *const c_void,
+    /// The message of the last failed host call on this thread, valid until
+    /// this thread's next host call.
+    pub last_error: unsafe extern "C" fn(ctx: *const c_void) -> StrRef,
+    /// The plugin's reason for returning STATUS_ERROR (copied by the host).
+    pub set_error: unsafe extern "C" fn(ctx: *const c_void, message: StrRef),
+    /// A [`crate::ModelInfo`] as JSON, valid for the call.
+    pub model_json: unsafe extern "C" fn(ctx: *const c_void) -> StrRef,
+    pub tensor_count: unsafe extern "C" fn(ctx: *const c_void) -> usize,
+    pub tensor_info:
+        unsafe extern "C" fn(ctx: *const c_void, index: usize, out: *mut TensorInfoC) -> i32,
+    pub tensor_f32:
+        unsafe extern "C" fn(ctx: *const c_void, index: usize, out: *mut F32Buffer) -> i32,
+    pub release_f32: unsafe extern "C" fn(ctx: *const c_void, buffer: *mut F32Buffer),
+    /// `done` of `total` units finished; `message` says on what.
+    pub progress: unsafe extern "C" fn(ctx: *const c_void, done: u64, total: u64, message: StrRef),
+    /// True once the user asked to stop: the plugin should return soon.
+    pub is_cancelled: unsafe extern "C" fn(ctx: *const c_void) -> bool,
+    pub log: unsafe extern "C" fn(ctx: *const c_void, level: u32, message: StrRef),
+    /// Hand the host a companion table (written beside the main output as
+    /// `OUT_STEM.NAME.EXT`). The host moves the structs out: on return their
+    /// `release` is null and the plugin must not release them.
+    pub emit_table: unsafe extern "C" fn(
+        ctx: *const c_void,
+        name: StrRef,
+        schema: *mut ArrowSchema,
+        array: *mut ArrowArray,
+    ) -> i32,
+    /// Token ids of `text` with the checkpoint's tokenizer (under its chat
+    /// template when `chat`), written as a JSON array to `out_json`; the
+    /// string stays valid until this thread's next host call.
+    pub tokenize: unsafe extern "C" fn(
+        ctx: *const c_void,
+        text: StrRef,
+        chat: bool,
+        out_json: *mut StrRef,
+    ) -> i32,
+    /// Run `n` forward passes in one call. `requests_json` is a JSON array of
+    /// `n` [`crate::ForwardRequest`]s; `starts[i]` (`start_lens[i]` floats)
+    /// is request `i`'s start residual `[T, hidden]`, or null to start from
+    /// the embedding. The host stacks sequences that run the same block
+    /// (with as many blocks left) into one session run. On success
+    /// `out[0..n]` holds one result per request, each read with
+    /// `forward_output` and freed with `release_forward`; on failure nothing
+    /// was written.
+    pub forward_batch: unsafe extern "C" fn(
+        ctx: *const c_void,
+        requests_json: StrRef,
+        starts: *const *const f32,
+        start_lens: *const usize,
+        n: usize,
+        out: *mut ForwardResultC,
+    ) -> i32,
+    /// One array of a forward result (a [`crate::OutputKind`] code; `index`
+    /// picks the stage or block run), lent until `release_forward`: do not
+    /// pass it to `release_f32`.
+    pub forward_output: unsafe extern "C" fn(
+        ctx: *const c_void,
+        result: *const ForwardResultC,
+        kind: u32,
+        index: usize,
+        out: *mut F32Buffer,
+    ) -> i32,
+    pub release_forward: unsafe extern "C" fn(ctx: *const c_void, result: *mut ForwardResultC),
+    /// The logit lens: final norm and unembedding applied to `t` residual rows
+    /// (`len = t × hidden`). The logits `[t, vocab]` come back in `out`;
+    /// give them back with `release_f32`.
+    pub lens: unsafe extern "C" fn(
+        ctx: *const c_void,
+        residual: *const f32,
+        len: usize,
+        t: usize,
+        out: *mut F32Buffer,
+    ) -> i32,
+    /// Write the checkpoint with its blocks renamed into a new folder, as a
+    /// [`crate::WriteReordered`] request in JSON. Whole or not at all.
+    pub write_reordered: unsafe extern "C" fn(ctx: *const c_void, request_json: StrRef) -> i32,
+    /// 2.1: a [`crate::RunInfo`] as JSON (device, threads), valid for the call.
+    pub run_info: unsafe extern "C" fn(ctx: *const c_void) -> StrRef,
+}
+
+/// Where each function of [`HostApi`] after 2.0 begins, and the minor that
+/// added it: the SDK checks these before calling.
+pub mod since {
+    use super::*;
+
+    /// A function that a minor version appended to [`HostApi`].
+    #[derive(Clone, Copy, Debug)]
+    pub struct Appended {
+        pub name: &'static str,
+        pub minor: u32,
+        /// Byte offset of the field in the table.
+        pub offset: usize,
+    }
+
+    pub const RUN_INFO: Appended = Appended {
+        name: "run_info",
+        minor: 1,
+        offset: offset_of!(HostApi, run_info),
+    };
+}
+
+/// The size of a 2.0 host table: every field before the first appended one.
+pub const HOST_API_SIZE_2_0: usize = offset_of!(HostApi, run_info);
+
+impl HostApi {
+    /// Whether this table (as its `size` says) holds the appended function.
+    pub fn provides(&self, function: since::Appended) -> bool {
+        let end = function.offset + std::mem::size_of::<unsafe extern "C" fn()>();
+        self.size >= end
+    }
+
+    /// `Ok` when the table holds `function`, else the error a plugin reports:
+    /// both versions and what to do.
+    pub fn require(&self, function: since::Appended) -> Result<(), String> {
+        if self.provides(function) {
+            return Ok(());
+        }
+        Err(format!(
+            "this plugin calls `{}` (plugin ABI {}.{}), which this probe (plugin ABI {}) lacks: update probe, or rebuild the plugin against an SDK of ABI {}",
+            function.name,
+            ABI_MAJOR,
+            function.minor,
+            self.abi,
+            self.abi,
+        ))
+    }
+}
+
+/// What a plugin offers. Static, owned by the plugin.
+#[repr(C)]
+pub struct PluginApi {
+    /// `size_of::<PluginApi>()` as the plugin was built.
+    pub size: usize,
+    /// The version the plugin was built against.
+    pub abi: AbiVersion,
+    /// NUL-terminated static strings.
+    pub name: *const c_char,
+    pub version: *const c_char,
+    pub summary: *const c_char,
+    pub description: *const c_char,
+    /// JSON array of [`crate::ParamSpec`]s.
+    pub params_json: *const c_char,
+    /// How many independent work items this checkpoint gives, with these
+    /// parameters (`--shard` splits them).
+    pub work_items: unsafe extern "C" fn(
+        host: *const HostApi,
+        params_json: StrRef,
+        out_count: *mut usize,
+    ) -> i32,
+    /// Run on the given work items (ascending indices) and write the result
+    /// table as one Arrow struct array. Producer-owned: the host calls the
+    /// `release` callbacks of `out_schema` and `out_array` when done.
+    pub run: unsafe extern "C" fn(
+        host: *const HostApi,
+        params_json: StrRef,
+        items: *const usize,
+        n_items: usize,
+        out_schema: *mut ArrowSchema,
+        out_array: *mut ArrowArray,
+    ) -> i32,
+}
+
+// SAFETY: the tables hold function pointers and raw pointers to 'static
+// (plugin) or call-long (host) data that is never written through them;
+// every function in them is documented safe to call from any thread.
+unsafe impl Sync for PluginApi {}
+// SAFETY: as above.
+unsafe impl Sync for HostApi {}
+// SAFETY: as above; `ctx` points to a host context that is itself Sync.
+unsafe impl Send for HostApi {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_2_0_table_lacks_run_info_and_says_which_versions() {
+        assert!(HOST_API_SIZE_2_0 < std::mem::size_of::<HostApi>());
+        assert_eq!(since::RUN_INFO.offset, HOST_API_SIZE_2_0);
+        assert_eq!(
+            since::RUN_INFO.offset + std::mem::size_of::<usize>(),
+            std::mem::size_of::<HostApi>(),
+            "run_info is the last field; a new appended function needs its own `since` entry"
+        );
+    }
+
+    #[test]
+    fn versions_print_as_major_dot_minor() {
+        assert_eq!(ABI_VERSION.to_string(), format!("{ABI_MAJOR}.{ABI_MINOR}"));
+        assert!(AbiVersion { major: 2, minor: 0 } < AbiVersion { major: 2, minor: 1 });
+    }
+}

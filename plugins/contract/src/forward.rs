@@ -1,0 +1,200 @@
+//! A forward pass as it crosses the boundary: the request a plugin sends
+//! (JSON, its start residual as raw floats beside it) and the description of
+//! the result the host keeps (JSON; the arrays are read one by one).
+
+use serde::{Deserialize, Serialize};
+
+/// How an edit changes the residual row at its (stage, position).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum EditChange {
+    /// Put these `hidden` values in place of the row (activation patching).
+    Replace(Vec<f32>),
+    /// Add these `hidden` values to the row (steering).
+    Add(Vec<f32>),
+}
+
+/// A change to the residual stream at one (stage, position).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Edit {
+    /// 0 = the embedding output, s = after the s-th block run.
+    pub stage: usize,
+    pub position: usize,
+    pub change: EditChange,
+}
+
+impl Edit {
+    pub fn replace(stage: usize, position: usize, values: Vec<f32>) -> Self {
+        Self {
+            stage,
+            position,
+            change: EditChange::Replace(values),
+        }
+    }
+
+    pub fn add(stage: usize, position: usize, values: Vec<f32>) -> Self {
+        Self {
+            stage,
+            position,
+            change: EditChange::Add(values),
+        }
+    }
+}
+
+/// One forward pass to run. The host refuses fields it does not know, so a
+/// plugin never asks for something an older host would silently ignore.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardRequest {
+    pub tokens: Vec<u32>,
+    /// Blocks to run in this order (skip by leaving out); `None` = all.
+    #[serde(default)]
+    pub blocks: Option<Vec<usize>>,
+    #[serde(default)]
+    pub edits: Vec<Edit>,
+    /// Keep the residual after the embedding and after every block.
+    #[serde(default)]
+    pub residuals: bool,
+    /// Keep each block's attention and MLP updates.
+    #[serde(default)]
+    pub updates: bool,
+    /// Keep attention probabilities `[heads, T, T]` per block.
+    #[serde(default)]
+    pub attention: bool,
+    /// Compute logits `[T, vocab]` (and the loss) from the final residual.
+    #[serde(default)]
+    pub logits: bool,
+    /// Compute the loss without handing the logits back (they are large).
+    #[serde(default)]
+    pub loss: bool,
+    /// With `loss` (and not `logits`): the softmax runs over these token ids
+    /// and the text's own tokens only. That loss is below the model's, but it
+    /// costs a fraction of the head's product: a screen for comparing many
+    /// runs of one text, to be confirmed with the full loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_vocab: Option<Vec<u32>>,
+    /// Start from this residual `[T, hidden]` instead of the embedding's
+    /// output: cache a prefix of blocks and run only what follows. It never
+    /// travels in the JSON: `forward_batch` passes it as raw floats.
+    #[serde(skip)]
+    pub start: Option<Vec<f32>>,
+}
+
+impl ForwardRequest {
+    /// The request's own consistency, before any model is involved.
+    pub fn check(&self) -> Result<(), String> {
+        if self.tokens.is_empty() {
+            return Err("no tokens".into());
+        }
+        if self.loss_vocab.is_some() && (self.logits || !self.loss) {
+            return Err("`loss_vocab` restricts the loss: ask for `loss` and not `logits`".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the host says about a finished forward pass; the arrays themselves
+/// are read with `HostApi::forward_output`. Readers ignore fields they do
+/// not know, so a newer host can say more.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ForwardMeta {
+    pub tokens: Vec<u32>,
+    /// The blocks run, in order.
+    pub blocks: Vec<usize>,
+    pub hidden: usize,
+    pub heads: usize,
+    pub vocab: usize,
+    /// Mean next-token cross-entropy (nats), when logits or the loss were asked for.
+    pub loss: Option<f64>,
+    /// Per predicting position (`T − 1` values).
+    pub token_losses: Option<Vec<f64>>,
+    /// Residual arrays kept (embedding output + one per block run).
+    pub stages: usize,
+    /// Block runs with attention and MLP updates kept.
+    pub updates: usize,
+    /// Block runs with attention probabilities kept.
+    pub attention: usize,
+    pub has_logits: bool,
+}
+
+/// The arrays of a forward result, for `HostApi::forward_output`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputKind {
+    /// The residual `[T, hidden]` at stage `index` (0 = embedding output).
+    Residual = 1,
+    /// What block run `index` added through attention `[T, hidden]`.
+    AttnUpdate = 2,
+    /// What block run `index` added through its MLP `[T, hidden]`.
+    MlpUpdate = 3,
+    /// Attention probabilities of block run `index` `[heads, T, T]`.
+    Attention = 4,
+    /// The residual after the last block run `[T, hidden]`.
+    Final = 5,
+    /// Logits from the final residual `[T, vocab]`.
+    Logits = 6,
+}
+
+impl OutputKind {
+    pub const ALL: [OutputKind; 6] = [
+        OutputKind::Residual,
+        OutputKind::AttnUpdate,
+        OutputKind::MlpUpdate,
+        OutputKind::Attention,
+        OutputKind::Final,
+        OutputKind::Logits,
+    ];
+
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    pub fn from_code(code: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.code() == code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_residual_never_travels_in_the_json() {
+        let request = ForwardRequest {
+            tokens: vec![1, 2],
+            edits: vec![Edit::add(1, 0, vec![0.5])],
+            start: Some(vec![1.0; 4]),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&request).unwrap();
+        assert!(!json.contains("start"), "{json}");
+        assert!(json.contains(r#""change":{"add":[0.5]}"#), "{json}");
+        let back: ForwardRequest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.start, None);
+        assert_eq!(back.edits, request.edits);
+    }
+
+    #[test]
+    fn unknown_request_fields_are_refused() {
+        let err = serde_json::from_str::<ForwardRequest>(r#"{"tokens":[1],"logit":true}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `logit`"), "{err}");
+        let bad = ForwardRequest {
+            tokens: vec![1],
+            loss_vocab: Some(vec![3]),
+            logits: true,
+            ..Default::default()
+        };
+        assert!(bad.check().unwrap_err().contains("loss_vocab"));
+    }
+
+    #[test]
+    fn output_kinds_round_trip() {
+        for kind in OutputKind::ALL {
+            assert_eq!(OutputKind::from_code(kind.code()), Some(kind));
+        }
+        assert_eq!(OutputKind::from_code(0), None);
+    }
+}

@@ -1,0 +1,28 @@
+//! The JSON messages besides forward passes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `HostApi::write_reordered`: write the checkpoint into `dir` with every
+/// tensor of block `b` renamed to block `new_index[b]`; the per-block config
+/// moves along, the tokenizer files are copied, `metadata` becomes the
+/// safetensors `__metadata__`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteReordered {
+    pub dir: PathBuf,
+    pub new_index: Vec<usize>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `HostApi::run_info` (ABI 2.1): how this run's forward passes execute.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// `cpu` or `cuda`.
+    pub device: String,
+    /// ONNX Runtime's intra-op threads; 0 = every core.
+    pub threads: usize,
+}

@@ -1,0 +1,435 @@
+//! What a plugin learns about the model: its family, every tensor's role and
+//! dtype, and the model-level facts. The enums cross the boundary as the
+//! strings users see in tables (`llama`, `q`, `BF16`); their predicates live
+//! here so host and plugins answer "is this a norm?" the same way.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Strings in, enums out, for the three enums below.
+macro_rules! string_serde {
+    ($ty:ty, $what:literal) => {
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                <$ty>::parse(&text).ok_or_else(|| {
+                    serde::de::Error::custom(format!(concat!("unknown ", $what, " `{}`"), text))
+                })
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+/// Architecture families probe knows by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// Llama, Mistral, SmolLM and other `model.layers.{i}.self_attn.q_proj` models.
+    Llama,
+    /// Llama layout with q/k/v biases.
+    Qwen2,
+    /// Llama layout with q/k norms.
+    Qwen3,
+    /// Four norms per block, q/k norms, scaled embeddings.
+    Gemma3,
+    /// `h.{i}.attn.c_attn`: fused QKV stored transposed (Conv1D).
+    Gpt2,
+    /// BERT encoders (MiniLM).
+    Bert,
+    /// The small GPTs of the parameter-golf challenge (`blocks.{i}.attn.c_q`, banks).
+    ParamGolf,
+    /// Anything else: 2-D tensors are still analysable, layers parsed from names.
+    Unknown,
+}
+
+impl Family {
+    pub const ALL: [Family; 8] = [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma3,
+        Family::Gpt2,
+        Family::Bert,
+        Family::ParamGolf,
+        Family::Unknown,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3",
+            Self::Gpt2 => "gpt2",
+            Self::Bert => "bert",
+            Self::ParamGolf => "paramgolf",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.as_str() == name)
+    }
+
+    /// Decoder-only models predict tokens, so they have an output embedding.
+    pub fn is_decoder(&self) -> bool {
+        !matches!(self, Self::Bert)
+    }
+
+    /// Whether 2-D weights are stored (in, out) — GPT-2's Conv1D — rather
+    /// than Linear's (out, in).
+    pub fn stores_transposed(&self) -> bool {
+        matches!(self, Self::Gpt2)
+    }
+}
+
+string_serde!(Family, "family");
+
+/// What a tensor does in the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Embed,
+    PosEmbed,
+    TypeEmbed,
+    EmbedNorm,
+    LmHead,
+    FinalNorm,
+    Q,
+    K,
+    V,
+    Qkv,
+    O,
+    Gate,
+    Up,
+    Down,
+    AttnNorm,
+    MlpNorm,
+    PostAttnNorm,
+    PostMlpNorm,
+    QNorm,
+    KNorm,
+    AttnScale,
+    MlpScale,
+    ResidMix,
+    QGain,
+    SkipWeights,
+    SkipGates,
+    QoBank,
+    KvBank,
+    MlpUpBank,
+    MlpDownBank,
+    Pooler,
+    /// Non-parameter buffers some checkpoints carry (GPT-2's causal mask).
+    Buffer,
+    Other,
+}
+
+impl Role {
+    pub const ALL: [Role; 33] = [
+        Role::Embed,
+        Role::PosEmbed,
+        Role::TypeEmbed,
+        Role::EmbedNorm,
+        Role::LmHead,
+        Role::FinalNorm,
+        Role::Q,
+        Role::K,
+        Role::V,
+        Role::Qkv,
+        Role::O,
+        Role::Gate,
+        Role::Up,
+        Role::Down,
+        Role::AttnNorm,
+        Role::MlpNorm,
+        Role::PostAttnNorm,
+        Role::PostMlpNorm,
+        Role::QNorm,
+        Role::KNorm,
+        Role::AttnScale,
+        Role::MlpScale,
+        Role::ResidMix,
+        Role::QGain,
+        Role::SkipWeights,
+        Role::SkipGates,
+        Role::QoBank,
+        Role::KvBank,
+        Role::MlpUpBank,
+        Role::MlpDownBank,
+        Role::Pooler,
+        Role::Buffer,
+        Role::Other,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Embed => "embed",
+            Role::PosEmbed => "pos_embed",
+            Role::TypeEmbed => "type_embed",
+            Role::EmbedNorm => "embed_norm",
+            Role::LmHead => "lm_head",
+            Role::FinalNorm => "final_norm",
+            Role::Q => "q",
+            Role::K => "k",
+            Role::V => "v",
+            Role::Qkv => "qkv",
+            Role::O => "o",
+            Role::Gate => "gate",
+            Role::Up => "up",
+            Role::Down => "down",
+            Role::AttnNorm => "attn_norm",
+            Role::MlpNorm => "mlp_norm",
+            Role::PostAttnNorm => "post_attn_norm",
+            Role::PostMlpNorm => "post_mlp_norm",
+            Role::QNorm => "q_norm",
+            Role::KNorm => "k_norm",
+            Role::AttnScale => "attn_scale",
+            Role::MlpScale => "mlp_scale",
+            Role::ResidMix => "resid_mix",
+            Role::QGain => "q_gain",
+            Role::SkipWeights => "skip_weights",
+            Role::SkipGates => "skip_gates",
+            Role::QoBank => "qo_bank",
+            Role::KvBank => "kv_bank",
+            Role::MlpUpBank => "mlp_up_bank",
+            Role::MlpDownBank => "mlp_down_bank",
+            Role::Pooler => "pooler",
+            Role::Buffer => "buffer",
+            Role::Other => "other",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
+    /// Every kind of normalisation gain.
+    pub fn is_norm(&self) -> bool {
+        matches!(
+            self,
+            Role::EmbedNorm
+                | Role::FinalNorm
+                | Role::AttnNorm
+                | Role::MlpNorm
+                | Role::PostAttnNorm
+                | Role::PostMlpNorm
+                | Role::QNorm
+                | Role::KNorm
+        )
+    }
+
+    /// Several layers' matrices stacked in one tensor.
+    pub fn is_bank(&self) -> bool {
+        matches!(
+            self,
+            Role::QoBank | Role::KvBank | Role::MlpUpBank | Role::MlpDownBank
+        )
+    }
+
+    /// A role whose weight is a matrix an analysis of weights looks at (when
+    /// it is 2-D): not a norm gain, a scale, a mixing vector or a buffer.
+    pub fn is_weight_matrix(&self) -> bool {
+        !self.is_norm()
+            && !matches!(
+                self,
+                Role::Buffer
+                    | Role::ResidMix
+                    | Role::SkipWeights
+                    | Role::SkipGates
+                    | Role::AttnScale
+                    | Role::MlpScale
+                    | Role::QGain
+            )
+    }
+
+    /// The role as written in tables: `q`, or `q_bias` for a bias.
+    pub fn table_name(&self, bias: bool) -> String {
+        if bias {
+            format!("{}_bias", self.as_str())
+        } else {
+            self.as_str().to_string()
+        }
+    }
+}
+
+string_serde!(Role, "role");
+
+/// A stored element type, named as safetensors names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U64,
+    U32,
+    U16,
+    U8,
+    Bool,
+    /// FP8, FP6, FP4 and complex types: listed, never analysed.
+    Other(&'static str),
+}
+
+/// Names of the types probe lists but never reads.
+const OTHER_DTYPES: [&str; 10] = [
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ",
+    "F6_E2M3",
+    "F6_E3M2",
+    "F4",
+    "C64",
+    "unknown",
+];
+
+impl Dtype {
+    const NAMED: [Dtype; 13] = [
+        Dtype::F64,
+        Dtype::F32,
+        Dtype::F16,
+        Dtype::BF16,
+        Dtype::I64,
+        Dtype::I32,
+        Dtype::I16,
+        Dtype::I8,
+        Dtype::U64,
+        Dtype::U32,
+        Dtype::U16,
+        Dtype::U8,
+        Dtype::Bool,
+    ];
+
+    /// The name safetensors uses for this dtype.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::F64 => "F64",
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::BF16 => "BF16",
+            Self::I64 => "I64",
+            Self::I32 => "I32",
+            Self::I16 => "I16",
+            Self::I8 => "I8",
+            Self::U64 => "U64",
+            Self::U32 => "U32",
+            Self::U16 => "U16",
+            Self::U8 => "U8",
+            Self::Bool => "BOOL",
+            Self::Other(name) => name,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Dtype> {
+        Self::NAMED
+            .into_iter()
+            .find(|d| d.as_str() == name)
+            .or_else(|| {
+                OTHER_DTYPES
+                    .iter()
+                    .find(|other| **other == name)
+                    .map(|other| Dtype::Other(other))
+            })
+    }
+
+    /// Floating-point dtypes the analyses read (converted to f32 on request).
+    pub fn is_float(&self) -> bool {
+        matches!(self, Self::F64 | Self::F32 | Self::F16 | Self::BF16)
+    }
+}
+
+string_serde!(Dtype, "dtype");
+
+/// Model facts the host knows about one checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The checkpoint's name (its file or folder).
+    pub label: String,
+    pub family: Family,
+    /// Blocks, from the tensor names.
+    pub num_layers: usize,
+    pub hidden_size: Option<usize>,
+    pub vocab_size: Option<usize>,
+    pub tied_embeddings: bool,
+    /// `config.json`, when the checkpoint has one.
+    pub config: Option<serde_json::Value>,
+    /// The safetensors `__metadata__` of the checkpoint's files (e.g. the
+    /// permutation `probe shuffle` records).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// One tensor as the host places it (read from a [`crate::abi::TensorInfoC`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    /// Its place in the checkpoint's name-sorted tensor list; pass it back to
+    /// the host to read the values.
+    pub index: usize,
+    pub name: String,
+    pub role: Role,
+    /// A bias vector of `role` rather than its weight.
+    pub bias: bool,
+    pub dtype: Dtype,
+    /// Block index; `None` outside the blocks.
+    pub layer: Option<usize>,
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    /// The role as written in tables (`q`, `q_bias`).
+    pub fn role_name(&self) -> String {
+        self.role.table_name(self.bias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_cross_as_the_strings_in_tables() {
+        for role in Role::ALL {
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+            let json = serde_json::to_string(&role).unwrap();
+            assert_eq!(json, format!("\"{}\"", role.as_str()));
+            assert_eq!(serde_json::from_str::<Role>(&json).unwrap(), role);
+        }
+        for family in Family::ALL {
+            assert_eq!(Family::parse(family.as_str()), Some(family));
+        }
+        for name in ["F32", "BF16", "BOOL", "F8_E4M3", "unknown"] {
+            assert_eq!(Dtype::parse(name).unwrap().as_str(), name);
+        }
+        assert_eq!(Dtype::parse("F12"), None);
+        let err = serde_json::from_str::<Role>("\"gatee\"").unwrap_err();
+        assert!(err.to_string().contains("unknown role `gatee`"), "{err}");
+    }
+
+    #[test]
+    fn predicates() {
+        assert!(Role::QNorm.is_norm() && !Role::QNorm.is_weight_matrix());
+        assert!(Role::Q.is_weight_matrix() && Role::QoBank.is_weight_matrix());
+        assert!(!Role::Buffer.is_weight_matrix() && !Role::ResidMix.is_weight_matrix());
+        assert_eq!(Role::Q.table_name(true), "q_bias");
+        assert!(Dtype::BF16.is_float() && !Dtype::I8.is_float());
+        assert!(!Family::Bert.is_decoder() && Family::Gpt2.stores_transposed());
+    }
+}
