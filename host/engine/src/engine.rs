@@ -272,6 +272,9 @@ impl<'c> Engine<'c> {
     pub fn open(checkpoint: &'c Checkpoint, options: EngineOptions) -> Result<Self, ForwardError> {
         let schema = Schema::of(checkpoint);
         let (arch, map) = Arch::of(checkpoint, &schema)?;
+        // Load ONNX Runtime before any of its API is touched (the model
+        // editor below included): a missing library is an error, not a panic.
+        runtime::environment()?;
 
         let mut values = HashMap::new();
         let names = map
