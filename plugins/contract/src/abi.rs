@@ -48,7 +48,9 @@ pub const PLUGIN_API_SYMBOL: &[u8] = b"probe_plugin_api";
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AbiVersion {
+    /// Changes when a published field changes place or meaning.
     pub major: u32,
+    /// Grows when functions are appended.
     pub minor: u32,
 }
 
@@ -88,11 +90,14 @@ pub struct ArrowArray {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct StrRef {
+    /// First byte; null for an empty string.
     pub ptr: *const u8,
+    /// Length in bytes.
     pub len: usize,
 }
 
 impl StrRef {
+    /// Borrow `s` (valid while `s` is).
     pub fn new(s: &str) -> Self {
         Self {
             ptr: s.as_ptr(),
@@ -100,6 +105,7 @@ impl StrRef {
         }
     }
 
+    /// The empty string.
     pub const fn empty() -> Self {
         Self {
             ptr: std::ptr::null(),
@@ -126,6 +132,7 @@ impl StrRef {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct TensorInfoC {
+    /// The stored tensor name.
     pub name: StrRef,
     /// A [`crate::Role`]'s name: `q`, `embed`, …
     pub role: StrRef,
@@ -135,11 +142,14 @@ pub struct TensorInfoC {
     pub dtype: StrRef,
     /// Block index, or -1 outside the blocks.
     pub layer: i64,
+    /// Dimensions, outermost first (`ndim` of them).
     pub shape: *const u64,
+    /// Number of dimensions.
     pub ndim: usize,
 }
 
 impl TensorInfoC {
+    /// All fields empty, ready to be written by `tensor_info`.
     pub const fn empty() -> Self {
         Self {
             name: StrRef::empty(),
@@ -159,13 +169,16 @@ impl TensorInfoC {
 #[repr(C)]
 #[derive(Debug)]
 pub struct F32Buffer {
+    /// First value; null when empty.
     pub data: *const f32,
+    /// Number of values.
     pub len: usize,
     /// Host-private; null when borrowed from the mapping.
     pub owner: *mut c_void,
 }
 
 impl F32Buffer {
+    /// An empty buffer, ready to be written by the host.
     pub const fn empty() -> Self {
         Self {
             data: std::ptr::null(),
@@ -177,6 +190,7 @@ impl F32Buffer {
 
 /// Log levels for `HostApi::log`.
 pub const LOG_INFO: u32 = 1;
+/// A warning (always shown).
 pub const LOG_WARN: u32 = 2;
 
 /// A forward pass's result, owned by the host.
@@ -189,6 +203,7 @@ pub struct ForwardResultC {
 }
 
 impl ForwardResultC {
+    /// An empty result, ready to be written by the host.
     pub const fn empty() -> Self {
         Self {
             meta_json: StrRef::empty(),
@@ -205,7 +220,9 @@ impl ForwardResultC {
 pub struct HostApi {
     /// `size_of::<HostApi>()` as the host was built: which functions exist.
     pub size: usize,
+    /// The version the host was built with.
     pub abi: AbiVersion,
+    /// The host's context: pass it to every function of this table.
     pub ctx: *const c_void,
     /// The message of the last failed host call on this thread, valid until
     /// this thread's next host call.
@@ -214,16 +231,21 @@ pub struct HostApi {
     pub set_error: unsafe extern "C" fn(ctx: *const c_void, message: StrRef),
     /// A [`crate::ModelInfo`] as JSON, valid for the call.
     pub model_json: unsafe extern "C" fn(ctx: *const c_void) -> StrRef,
+    /// How many tensors the checkpoint has.
     pub tensor_count: unsafe extern "C" fn(ctx: *const c_void) -> usize,
+    /// Describe tensor `index` (name order) into `out`.
     pub tensor_info:
         unsafe extern "C" fn(ctx: *const c_void, index: usize, out: *mut TensorInfoC) -> i32,
+    /// Lend tensor `index`'s values as f32 into `out`; give them back with `release_f32`.
     pub tensor_f32:
         unsafe extern "C" fn(ctx: *const c_void, index: usize, out: *mut F32Buffer) -> i32,
+    /// Give back a buffer from `tensor_f32` or `lens`.
     pub release_f32: unsafe extern "C" fn(ctx: *const c_void, buffer: *mut F32Buffer),
     /// `done` of `total` units finished; `message` says on what.
     pub progress: unsafe extern "C" fn(ctx: *const c_void, done: u64, total: u64, message: StrRef),
     /// True once the user asked to stop: the plugin should return soon.
     pub is_cancelled: unsafe extern "C" fn(ctx: *const c_void) -> bool,
+    /// A log line (`LOG_INFO` or `LOG_WARN`).
     pub log: unsafe extern "C" fn(ctx: *const c_void, level: u32, message: StrRef),
     /// Hand the host a companion table (written beside the main output as
     /// `OUT_STEM.NAME.EXT`). The host moves the structs out: on return their
@@ -269,6 +291,7 @@ pub struct HostApi {
         index: usize,
         out: *mut F32Buffer,
     ) -> i32,
+    /// Free a forward result and every array it lent.
     pub release_forward: unsafe extern "C" fn(ctx: *const c_void, result: *mut ForwardResultC),
     /// The logit lens: final norm and unembedding applied to `t` residual rows
     /// (`len = t × hidden`). The logits `[t, vocab]` come back in `out`;
@@ -295,12 +318,15 @@ pub mod since {
     /// A function that a minor version appended to [`HostApi`].
     #[derive(Clone, Copy, Debug)]
     pub struct Appended {
+        /// The function's field name.
         pub name: &'static str,
+        /// The minor version that appended it.
         pub minor: u32,
         /// Byte offset of the field in the table.
         pub offset: usize,
     }
 
+    /// `HostApi::run_info`, appended in 2.1.
     pub const RUN_INFO: Appended = Appended {
         name: "run_info",
         minor: 1,
@@ -344,8 +370,11 @@ pub struct PluginApi {
     pub abi: AbiVersion,
     /// NUL-terminated static strings.
     pub name: *const c_char,
+    /// The plugin's own version.
     pub version: *const c_char,
+    /// One line for `probe plugins`.
     pub summary: *const c_char,
+    /// What it measures, for `probe plugins info`.
     pub description: *const c_char,
     /// JSON array of [`crate::ParamSpec`]s.
     pub params_json: *const c_char,

@@ -20,11 +20,14 @@ pub enum EditChange {
 pub struct Edit {
     /// 0 = the embedding output, s = after the s-th block run.
     pub stage: usize,
+    /// Token position (0-based) of the row to change.
     pub position: usize,
+    /// What happens to that row.
     pub change: EditChange,
 }
 
 impl Edit {
+    /// Put `values` in place of the row at (stage, position): activation patching.
     pub fn replace(stage: usize, position: usize, values: Vec<f32>) -> Self {
         Self {
             stage,
@@ -33,6 +36,7 @@ impl Edit {
         }
     }
 
+    /// Add `values` to the row at (stage, position): steering.
     pub fn add(stage: usize, position: usize, values: Vec<f32>) -> Self {
         Self {
             stage,
@@ -47,11 +51,13 @@ impl Edit {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardRequest {
+    /// The token ids to run.
     pub tokens: Vec<u32>,
     /// Blocks to run in this order (skip by leaving out); `None` = all.
     #[serde(default)]
     pub blocks: Option<Vec<usize>>,
     #[serde(default)]
+    /// Changes to the residual stream between blocks.
     pub edits: Vec<Edit>,
     /// Keep the residual after the embedding and after every block.
     #[serde(default)]
@@ -99,11 +105,15 @@ impl ForwardRequest {
 /// not know, so a newer host can say more.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ForwardMeta {
+    /// The token ids that ran.
     pub tokens: Vec<u32>,
     /// The blocks run, in order.
     pub blocks: Vec<usize>,
+    /// Width of the residual stream.
     pub hidden: usize,
+    /// Attention heads per block.
     pub heads: usize,
+    /// Vocabulary size (columns of the logits).
     pub vocab: usize,
     /// Mean next-token cross-entropy (nats), when logits or the loss were asked for.
     pub loss: Option<f64>,
@@ -115,6 +125,7 @@ pub struct ForwardMeta {
     pub updates: usize,
     /// Block runs with attention probabilities kept.
     pub attention: usize,
+    /// Whether logits were kept (`OutputKind::Logits`).
     pub has_logits: bool,
 }
 
@@ -137,6 +148,7 @@ pub enum OutputKind {
 }
 
 impl OutputKind {
+    /// Every kind.
     pub const ALL: [OutputKind; 6] = [
         OutputKind::Residual,
         OutputKind::AttnUpdate,
@@ -146,10 +158,12 @@ impl OutputKind {
         OutputKind::Logits,
     ];
 
+    /// The number that crosses the ABI.
     pub fn code(self) -> u32 {
         self as u32
     }
 
+    /// The kind of a number that crossed the ABI.
     pub fn from_code(code: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.code() == code)
     }

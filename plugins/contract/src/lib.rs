@@ -20,6 +20,8 @@
 //! Interface structs appear in the tables as opaque types; each side reads
 //! them with its own Arrow implementation.
 
+#![warn(missing_docs)]
+
 pub mod abi;
 pub mod forward;
 pub mod guard;

@@ -12,9 +12,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WriteReordered {
+    /// The folder to write (created; must not hold a checkpoint already).
     pub dir: PathBuf,
+    /// For each stored block `b`, the block it becomes.
     pub new_index: Vec<usize>,
     #[serde(default)]
+    /// Key-value pairs for the safetensors `__metadata__`.
     pub metadata: BTreeMap<String, String>,
 }
 

@@ -56,6 +56,7 @@ pub enum Family {
 }
 
 impl Family {
+    /// Every family, in declaration order.
     pub const ALL: [Family; 8] = [
         Family::Llama,
         Family::Qwen2,
@@ -67,6 +68,7 @@ impl Family {
         Family::Unknown,
     ];
 
+    /// The name users see (`llama`, `gemma3`, …).
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Llama => "llama",
@@ -80,6 +82,7 @@ impl Family {
         }
     }
 
+    /// The family of a name `as_str` gives; `None` for any other text.
     pub fn parse(name: &str) -> Option<Family> {
         Family::ALL.into_iter().find(|f| f.as_str() == name)
     }
@@ -101,43 +104,76 @@ string_serde!(Family, "family");
 /// What a tensor does in the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
+    /// Token embedding (input).
     Embed,
+    /// Learned position embedding (GPT-2, BERT).
     PosEmbed,
+    /// Token-type embedding (BERT).
     TypeEmbed,
+    /// Norm right after the embeddings (BERT).
     EmbedNorm,
+    /// Output embedding (unembedding); absent when tied to `Embed`.
     LmHead,
+    /// Norm before the output head.
     FinalNorm,
+    /// Query projection.
     Q,
+    /// Key projection.
     K,
+    /// Value projection.
     V,
+    /// Fused query/key/value projection (GPT-2 `c_attn`, `qkv_proj`).
     Qkv,
+    /// Attention output projection.
     O,
+    /// Gate projection of a gated MLP.
     Gate,
+    /// Up (first) projection of the MLP.
     Up,
+    /// Down (output) projection of the MLP.
     Down,
+    /// Norm before attention (after it in BERT, see `PostAttnNorm`).
     AttnNorm,
+    /// Norm before the MLP.
     MlpNorm,
+    /// Norm of attention's output (Gemma 3) or of the sum after attention (BERT).
     PostAttnNorm,
+    /// Norm of the MLP's output (Gemma 3) or of the sum after the MLP (BERT).
     PostMlpNorm,
+    /// Per-head norm of the queries (Qwen 3, Gemma 3).
     QNorm,
+    /// Per-head norm of the keys.
     KNorm,
+    /// Learned scale of attention's output (parameter-golf models).
     AttnScale,
+    /// Learned scale of the MLP's output.
     MlpScale,
+    /// Mixing weights of the residual with the embedding output.
     ResidMix,
+    /// Per-head query gain.
     QGain,
+    /// Weights of U-Net style skip connections between blocks.
     SkipWeights,
+    /// Gates of those skip connections.
     SkipGates,
+    /// Several blocks' q and o matrices stacked in one tensor.
     QoBank,
+    /// Several blocks' k and v matrices stacked in one tensor.
     KvBank,
+    /// Several blocks' MLP up matrices stacked.
     MlpUpBank,
+    /// Several blocks' MLP down matrices stacked.
     MlpDownBank,
+    /// BERT's pooler.
     Pooler,
     /// Non-parameter buffers some checkpoints carry (GPT-2's causal mask).
     Buffer,
+    /// A tensor whose role probe does not recognise (still listed).
     Other,
 }
 
 impl Role {
+    /// Every role, in declaration order.
     pub const ALL: [Role; 33] = [
         Role::Embed,
         Role::PosEmbed,
@@ -174,6 +210,7 @@ impl Role {
         Role::Other,
     ];
 
+    /// The name used in tables and parameters (`q`, `attn_norm`, …).
     pub fn as_str(&self) -> &'static str {
         match self {
             Role::Embed => "embed",
@@ -212,6 +249,7 @@ impl Role {
         }
     }
 
+    /// The role of a name `as_str` gives; `None` for any other text.
     pub fn parse(name: &str) -> Option<Role> {
         Role::ALL.into_iter().find(|r| r.as_str() == name)
     }
@@ -270,18 +308,31 @@ string_serde!(Role, "role");
 /// A stored element type, named as safetensors names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dtype {
+    /// 64-bit float.
     F64,
+    /// 32-bit float.
     F32,
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
+    /// 64-bit signed integer.
     I64,
+    /// 32-bit signed integer.
     I32,
+    /// 16-bit signed integer.
     I16,
+    /// 8-bit signed integer.
     I8,
+    /// 64-bit unsigned integer.
     U64,
+    /// 32-bit unsigned integer.
     U32,
+    /// 16-bit unsigned integer.
     U16,
+    /// 8-bit unsigned integer.
     U8,
+    /// Boolean (one byte).
     Bool,
     /// FP8, FP6, FP4 and complex types: listed, never analysed.
     Other(&'static str),
@@ -338,6 +389,7 @@ impl Dtype {
         }
     }
 
+    /// The dtype of a safetensors name (`F32`, `BF16`, `F8_E4M3`, …); `None` for unknown text.
     pub fn parse(name: &str) -> Option<Dtype> {
         Self::NAMED
             .into_iter()
@@ -363,11 +415,15 @@ string_serde!(Dtype, "dtype");
 pub struct ModelInfo {
     /// The checkpoint's name (its file or folder).
     pub label: String,
+    /// Its architecture family.
     pub family: Family,
     /// Blocks, from the tensor names.
     pub num_layers: usize,
+    /// Width of the residual stream, when known.
     pub hidden_size: Option<usize>,
+    /// Rows of the token embedding, when known.
     pub vocab_size: Option<usize>,
+    /// Whether the output head reuses the token embedding.
     pub tied_embeddings: bool,
     /// `config.json`, when the checkpoint has one.
     pub config: Option<serde_json::Value>,
@@ -383,13 +439,17 @@ pub struct TensorInfo {
     /// Its place in the checkpoint's name-sorted tensor list; pass it back to
     /// the host to read the values.
     pub index: usize,
+    /// The stored tensor name.
     pub name: String,
+    /// What it does in the model.
     pub role: Role,
     /// A bias vector of `role` rather than its weight.
     pub bias: bool,
+    /// How it is stored (values reach a plugin as f32 whatever this is).
     pub dtype: Dtype,
     /// Block index; `None` outside the blocks.
     pub layer: Option<usize>,
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
 }
 

@@ -21,8 +21,11 @@ use crate::model::Role;
 pub enum ParamKind {
     /// `true`/`false` (also `1`/`0`, `yes`/`no`).
     Bool,
+    /// A whole number (`i64`).
     Int,
+    /// A finite number (`f64`).
     Float,
+    /// Any text, or one of `choices`.
     Str,
     /// Comma-separated words: `q,k,v`.
     List,
@@ -37,6 +40,7 @@ pub enum ParamKind {
 }
 
 impl ParamKind {
+    /// The kind's name in `probe plugins info`.
     pub fn as_str(&self) -> &'static str {
         match self {
             ParamKind::Bool => "bool",
@@ -54,10 +58,13 @@ impl ParamKind {
 /// A parameter a plugin accepts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ParamSpec {
+    /// What the user types before `=`.
     pub name: String,
+    /// How the value is parsed.
     pub kind: ParamKind,
     /// As the user would type it; `None`: absent unless given.
     pub default: Option<String>,
+    /// One line for `probe plugins info`.
     pub help: String,
     /// For `str`: the accepted values; for `roles`: the accepted roles
     /// (empty: any).
@@ -66,6 +73,7 @@ pub struct ParamSpec {
 }
 
 impl ParamSpec {
+    /// A parameter of any kind; `default` as the user would type it (`None`: absent unless given).
     pub fn new(name: &str, kind: ParamKind, default: Option<&str>, help: &str) -> Self {
         Self {
             name: name.into(),
@@ -100,27 +108,55 @@ impl ParamSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// Why parameters were refused.
 pub enum ParamError {
     #[error("unknown parameter `{name}` (this plugin takes: {known})")]
-    Unknown { name: String, known: String },
-    #[error("parameter `{name}` is given twice")]
-    Duplicate { name: String },
-    #[error("`{given}` is not key=value")]
-    NotKeyValue { given: String },
-    #[error("parameter `{name}`: expected {expected}, got `{value}`")]
-    Invalid {
+    /// A name the plugin does not take.
+    Unknown {
+        /// The name given.
         name: String,
+        /// The names the plugin takes.
+        known: String,
+    },
+    #[error("parameter `{name}` is given twice")]
+    /// The same name given twice.
+    Duplicate {
+        /// The parameter.
+        name: String,
+    },
+    #[error("`{given}` is not key=value")]
+    /// An argument without `=`.
+    NotKeyValue {
+        /// The argument.
+        given: String,
+    },
+    #[error("parameter `{name}`: expected {expected}, got `{value}`")]
+    /// A value that does not parse as its kind.
+    Invalid {
+        /// The parameter.
+        name: String,
+        /// What it takes.
         expected: String,
+        /// What was given.
         value: String,
     },
     #[error("parameter `{name}` is missing or has the wrong type")]
-    Missing { name: String },
+    /// A value the plugin asked for that is neither given nor defaulted.
+    Missing {
+        /// The parameter.
+        name: String,
+    },
     #[error("parameters are not a JSON object: {0}")]
+    /// The parameters a plugin received are not a JSON object.
     Malformed(String),
     #[error("parameter `{name}` selects what {model} lacks: {problem}")]
+    /// A `roles` or `layers` selection names what the model lacks.
     NotInModel {
+        /// The parameter.
         name: String,
+        /// The checkpoint.
         model: String,
+        /// What it lacks.
         problem: String,
     },
 }
@@ -262,6 +298,7 @@ pub struct Params {
 }
 
 impl Params {
+    /// Parse the JSON the host passes.
     pub fn from_json(text: &str) -> Result<Self, ParamError> {
         match serde_json::from_str(text) {
             Ok(Value::Object(values)) => Ok(Self { values }),
@@ -270,14 +307,17 @@ impl Params {
         }
     }
 
+    /// The JSON the host passes.
     pub fn to_json(&self) -> String {
         Value::Object(self.values.clone()).to_string()
     }
 
+    /// From values `resolve` produced.
     pub fn from_map(values: Map<String, Value>) -> Self {
         Self { values }
     }
 
+    /// A value as JSON; `None` when absent or null.
     pub fn raw(&self, name: &str) -> Option<&Value> {
         self.values.get(name).filter(|v| !v.is_null())
     }
@@ -286,24 +326,28 @@ impl Params {
         ParamError::Missing { name: name.into() }
     }
 
+    /// A `bool` parameter.
     pub fn bool(&self, name: &str) -> Result<bool, ParamError> {
         self.raw(name)
             .and_then(Value::as_bool)
             .ok_or_else(|| Self::missing(name))
     }
 
+    /// An `int` parameter.
     pub fn int(&self, name: &str) -> Result<i64, ParamError> {
         self.raw(name)
             .and_then(Value::as_i64)
             .ok_or_else(|| Self::missing(name))
     }
 
+    /// A `float` parameter.
     pub fn float(&self, name: &str) -> Result<f64, ParamError> {
         self.raw(name)
             .and_then(Value::as_f64)
             .ok_or_else(|| Self::missing(name))
     }
 
+    /// A `str` parameter.
     pub fn str(&self, name: &str) -> Result<&str, ParamError> {
         self.raw(name)
             .and_then(Value::as_str)
@@ -348,6 +392,7 @@ impl Params {
 pub struct ModelParts {
     /// The checkpoint's label, for messages.
     pub label: String,
+    /// Its number of blocks.
     pub num_layers: usize,
     /// Roles of the model's weights (biases count under their role).
     pub roles: BTreeSet<Role>,

@@ -33,11 +33,15 @@ pub use probe_contract::ForwardRequest;
 /// What a forward pass produced, copied out of the host. Row-major.
 #[derive(Clone, Debug, Default)]
 pub struct ForwardOutput {
+    /// The token ids that ran.
     pub tokens: Vec<u32>,
     /// The blocks run, in order.
     pub blocks: Vec<usize>,
+    /// Width of the residual stream.
     pub hidden: usize,
+    /// Attention heads per block.
     pub heads: usize,
+    /// Vocabulary size (columns of the logits).
     pub vocab: usize,
     /// Mean next-token cross-entropy (nats), with logits or `loss`.
     pub loss: Option<f64>,

@@ -25,6 +25,8 @@
 //! export_plugin!(Norms);
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod forward;
 pub mod matrices;
 pub mod table;
@@ -47,6 +49,7 @@ use abi::{F32Buffer, HostApi, PluginApi, StrRef, TensorInfoC};
 pub use polars;
 use polars::prelude::*;
 
+/// Everything a plugin usually needs: `use probe_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::forward::{ForwardOutput, ForwardRequest};
     pub use crate::matrices::{Matrix, MatrixValues};
@@ -64,13 +67,16 @@ pub enum PluginError {
     #[error("{0}")]
     Host(String),
     #[error(transparent)]
+    /// A parameter could not be read.
     Params(#[from] ParamError),
     #[error(transparent)]
+    /// Building the result table failed.
     Polars(#[from] PolarsError),
     /// The user asked to stop.
     #[error("cancelled")]
     Cancelled,
     #[error("{0}")]
+    /// Anything else, in the plugin's words.
     Other(String),
 }
 

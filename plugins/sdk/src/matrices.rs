@@ -21,7 +21,12 @@ pub enum Part {
     /// A contiguous block of elements (a bank slab or a block of rows).
     Span(Range<usize>),
     /// Columns `start..start + len` of a stored row-major (rows × cols) tensor.
-    Columns { start: usize, len: usize },
+    Columns {
+        /// First column.
+        start: usize,
+        /// Number of columns.
+        len: usize,
+    },
 }
 
 /// One logical weight matrix.
@@ -31,16 +36,20 @@ pub struct Matrix {
     pub name: String,
     /// The stored tensor it comes from.
     pub tensor: TensorInfo,
+    /// Block index; `None` outside the blocks.
     pub layer: Option<usize>,
     /// q, k, v, o, gate, up, down, embed, lm_head, … (a bank slab or a fused
     /// part has the role of what it holds).
     pub role: Role,
     /// Shape in Linear's convention: (out features, in features).
     pub rows: usize,
+    /// In features.
     pub cols: usize,
     /// Stored orientation of the values `Host::matrix_f32` hands out.
     pub stored_rows: usize,
+    /// Columns of the values `matrix_f32` hands out.
     pub stored_cols: usize,
+    /// Where the values come from inside the tensor.
     pub part: Part,
 }
 
@@ -53,7 +62,9 @@ impl Matrix {
 
 /// A matrix's values: lent by the host (possibly a sub-range), or copied.
 pub enum MatrixValues<'a> {
+    /// Borrowed from the host: the tensor and the range of it this matrix is.
     Lent(F32Tensor<'a>, Range<usize>),
+    /// Copied out (a column block of a Conv1D tensor).
     Owned(Vec<f32>),
 }
 

@@ -16,29 +16,48 @@ use polars_arrow::ffi::{ArrowArray, ArrowSchema};
 /// tests' broken plugin, for breaking — the struct field by field.
 #[repr(C)]
 pub struct RawSchema {
+    /// Format string (NUL-terminated).
     pub format: *const c_char,
+    /// Field name, or null.
     pub name: *const c_char,
+    /// Metadata, or null.
     pub metadata: *const c_char,
+    /// Nullable, dictionary-ordered, map-keys-sorted flags.
     pub flags: i64,
+    /// Number of children.
     pub n_children: i64,
+    /// `n_children` child schemas.
     pub children: *mut *mut RawSchema,
+    /// Dictionary schema, or null.
     pub dictionary: *mut RawSchema,
+    /// Frees what the producer owns; null once released.
     pub release: Option<unsafe extern "C" fn(*mut RawSchema)>,
+    /// Producer-private.
     pub private_data: *mut c_void,
 }
 
 /// Mirror of `ArrowArray`.
 #[repr(C)]
 pub struct RawArray {
+    /// Rows.
     pub length: i64,
+    /// Nulls, or -1 if not computed.
     pub null_count: i64,
+    /// Rows skipped at the start.
     pub offset: i64,
+    /// Number of buffers.
     pub n_buffers: i64,
+    /// Number of children.
     pub n_children: i64,
+    /// `n_buffers` buffer pointers.
     pub buffers: *mut *const c_void,
+    /// `n_children` child arrays.
     pub children: *mut *mut RawArray,
+    /// Dictionary array, or null.
     pub dictionary: *mut RawArray,
+    /// Frees what the producer owns; null once released.
     pub release: Option<unsafe extern "C" fn(*mut RawArray)>,
+    /// Producer-private.
     pub private_data: *mut c_void,
 }
 
@@ -47,6 +66,7 @@ const _: () = assert!(std::mem::size_of::<RawArray>() == std::mem::size_of::<Arr
 
 /// Columns and rows a table may have (limits, not expectations).
 pub const MAX_COLUMNS: i64 = 10_000;
+/// The most rows a table may have.
 pub const MAX_ROWS: i64 = 1 << 34;
 const MAX_DEPTH: usize = 8;
 
