@@ -248,22 +248,42 @@ impl Checkpoint {
         if let Some(index) = index {
             check_index_consistency(index, files, &tensors)?;
         }
+        let config = read_config(&dir, in_run)?;
+        Ok(Self::assemble(
+            label,
+            path.to_path_buf(),
+            dir,
+            shards,
+            tensors,
+            config,
+        ))
+    }
+
+    /// The checkpoint of parsed shards: tensors sorted by name (never file
+    /// order) and indexed by it.
+    fn assemble(
+        label: String,
+        path: PathBuf,
+        dir: PathBuf,
+        shards: Vec<Shard>,
+        mut tensors: Vec<TensorEntry>,
+        config: Option<serde_json::Value>,
+    ) -> Self {
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         let by_name = tensors
             .iter()
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        let config = read_config(&dir, in_run)?;
-        Ok(Self {
+        Self {
             label,
-            path: path.to_path_buf(),
+            path,
             dir,
             shards,
             tensors,
             by_name,
             config,
-        })
+        }
     }
 
     /// A single-file checkpoint from bytes in memory (the same checks as a
@@ -275,26 +295,19 @@ impl Checkpoint {
         config_json: Option<&[u8]>,
     ) -> Result<Self, StoreError> {
         let path = PathBuf::from(name);
-        let (shard, mut tensors) = parse_shard(&path, 0, ShardBytes::Owned(bytes))?;
+        let (shard, tensors) = parse_shard(&path, 0, ShardBytes::Owned(bytes))?;
         limits::check_tensor_count(&path, tensors.len())?;
-        tensors.sort_by(|a, b| a.name.cmp(&b.name));
-        let by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
         let config = config_json
             .map(|bytes| parse_config(&PathBuf::from("config.json"), bytes))
             .transpose()?;
-        Ok(Self {
-            label: name.to_string(),
+        Ok(Self::assemble(
+            name.to_string(),
             path,
-            dir: PathBuf::from("."),
-            shards: vec![shard],
+            PathBuf::from("."),
+            vec![shard],
             tensors,
-            by_name,
             config,
-        })
+        ))
     }
 
     /// Every tensor, sorted by name.

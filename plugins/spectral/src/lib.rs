@@ -184,21 +184,14 @@ fn power_sigma_from_gram(
     }
 }
 
-/// The roles whose weights are matrices `Host::matrices` hands out.
-const MATRIX_ROLES: [Role; 12] = [
-    Role::Embed,
-    Role::PosEmbed,
-    Role::TypeEmbed,
-    Role::LmHead,
-    Role::Q,
-    Role::K,
-    Role::V,
-    Role::Qkv,
-    Role::O,
-    Role::Gate,
-    Role::Up,
-    Role::Down,
-];
+/// The roles of the matrices `Host::matrices` hands out (banks come out
+/// split into the roles of their slabs).
+fn matrix_roles() -> Vec<Role> {
+    Role::ALL
+        .into_iter()
+        .filter(|r| r.is_weight_matrix() && !r.is_bank())
+        .collect()
+}
 
 fn selected(host: &Host, params: &Params) -> Result<Vec<Matrix>, PluginError> {
     let roles = params.roles("roles");
@@ -292,7 +285,7 @@ stable rank alone, for models too big to decompose.";
         vec![
             ParamSpec::roles(
                 "roles",
-                &MATRIX_ROLES,
+                &matrix_roles(),
                 "only these roles, e.g. q,k,v (default: all)",
             ),
             ParamSpec::layers("layers", "only these layers, e.g. 0-5,8 (default: all)"),
