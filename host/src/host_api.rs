@@ -297,8 +297,8 @@ unsafe extern "C" fn run_info(ctx: *const c_void) -> StrRef {
 }
 
 unsafe extern "C" fn tensor_count(ctx: *const c_void) -> usize {
-    // SAFETY: the table's own ctx.
     host_call("tensor_count", 0, || {
+        // SAFETY: the table's own ctx.
         unsafe { context(ctx) }.checkpoint.tensors().len()
     })
 }
