@@ -422,6 +422,111 @@ mod tests {
         );
     }
 
+    /// A host table with every function a stub, as a host of `size` bytes
+    /// would present it.
+    fn stub_table(size: usize, minor: u32) -> HostApi {
+        unsafe extern "C" fn text(_: *const c_void) -> StrRef {
+            StrRef::empty()
+        }
+        unsafe extern "C" fn message(_: *const c_void, _: StrRef) {}
+        unsafe extern "C" fn count(_: *const c_void) -> usize {
+            0
+        }
+        unsafe extern "C" fn info(_: *const c_void, _: usize, _: *mut TensorInfoC) -> i32 {
+            STATUS_ERROR
+        }
+        unsafe extern "C" fn values(_: *const c_void, _: usize, _: *mut F32Buffer) -> i32 {
+            STATUS_ERROR
+        }
+        unsafe extern "C" fn release(_: *const c_void, _: *mut F32Buffer) {}
+        unsafe extern "C" fn progress(_: *const c_void, _: u64, _: u64, _: StrRef) {}
+        unsafe extern "C" fn cancelled(_: *const c_void) -> bool {
+            false
+        }
+        unsafe extern "C" fn log(_: *const c_void, _: u32, _: StrRef) {}
+        unsafe extern "C" fn emit(
+            _: *const c_void,
+            _: StrRef,
+            _: *mut ArrowSchema,
+            _: *mut ArrowArray,
+        ) -> i32 {
+            STATUS_ERROR
+        }
+        unsafe extern "C" fn tokenize(_: *const c_void, _: StrRef, _: bool, _: *mut StrRef) -> i32 {
+            STATUS_ERROR
+        }
+        unsafe extern "C" fn batch(
+            _: *const c_void,
+            _: StrRef,
+            _: *const *const f32,
+            _: *const usize,
+            _: usize,
+            _: *mut ForwardResultC,
+        ) -> i32 {
+            STATUS_ERROR
+        }
+        unsafe extern "C" fn output(
+            _: *const c_void,
+            _: *const ForwardResultC,
+            _: u32,
+            _: usize,
+            _: *mut F32Buffer,
+        ) -> i32 {
+            STATUS_ERROR
+        }
+        unsafe extern "C" fn release_result(_: *const c_void, _: *mut ForwardResultC) {}
+        unsafe extern "C" fn lens(
+            _: *const c_void,
+            _: *const f32,
+            _: usize,
+            _: usize,
+            _: *mut F32Buffer,
+        ) -> i32 {
+            STATUS_ERROR
+        }
+        unsafe extern "C" fn write(_: *const c_void, _: StrRef) -> i32 {
+            STATUS_ERROR
+        }
+        HostApi {
+            size,
+            abi: AbiVersion {
+                major: ABI_MAJOR,
+                minor,
+            },
+            ctx: std::ptr::null(),
+            last_error: text,
+            set_error: message,
+            model_json: text,
+            tensor_count: count,
+            tensor_info: info,
+            tensor_f32: values,
+            release_f32: release,
+            progress,
+            is_cancelled: cancelled,
+            log,
+            emit_table: emit,
+            tokenize,
+            forward_batch: batch,
+            forward_output: output,
+            release_forward: release_result,
+            lens,
+            write_reordered: write,
+            run_info: text,
+        }
+    }
+
+    #[test]
+    fn a_newer_plugin_on_an_older_host_fails_the_call_naming_both_versions() {
+        let old = stub_table(HOST_API_SIZE_2_0, 0);
+        assert!(!old.provides(since::RUN_INFO));
+        assert_eq!(
+            old.require(since::RUN_INFO).unwrap_err(),
+            "this plugin calls `run_info` (plugin ABI 2.1), which this probe (plugin ABI 2.0) lacks: update probe, or rebuild the plugin against an SDK of ABI 2.0"
+        );
+        let current = stub_table(std::mem::size_of::<HostApi>(), ABI_MINOR);
+        assert!(current.require(since::RUN_INFO).is_ok());
+    }
+
     #[test]
     fn versions_print_as_major_dot_minor() {
         assert_eq!(ABI_VERSION.to_string(), format!("{ABI_MAJOR}.{ABI_MINOR}"));
