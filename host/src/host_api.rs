@@ -16,7 +16,10 @@ use polars::prelude::DataFrame;
 use probe_contract::abi::{
     self, ArrowArray, ArrowSchema, F32Buffer, ForwardResultC, HostApi, StrRef, TensorInfoC,
 };
-use probe_contract::{ForwardMeta, ForwardRequest, ModelInfo, OutputKind, RunInfo, WriteReordered};
+use probe_contract::{
+    EncodeRequest, ForwardMeta, ForwardRequest, LensRequest, ModelInfo, OutputKind, RunInfo,
+    TextMode, WriteReordered,
+};
 use probe_sdk::table::{c_array_out, c_schema_out};
 
 use crate::forward::text::TextCodec;
@@ -107,6 +110,7 @@ impl<'a> RunContext<'a> {
             tied_embeddings: schema.tied_embeddings,
             config: checkpoint.config.clone(),
             metadata: checkpoint.user_metadata(),
+            chat_template: probe_text::has_chat_template(&checkpoint.dir),
         };
         let run = RunInfo {
             device: engine_options.device.as_str().to_string(),
@@ -164,6 +168,8 @@ impl<'a> RunContext<'a> {
             lens,
             write_reordered,
             run_info,
+            encode,
+            lens_reduce,
         }
     }
 
@@ -463,11 +469,26 @@ unsafe extern "C" fn emit_table(
 }
 
 thread_local! {
-    /// The last token ids `tokenize` returned on this thread, as JSON.
-    static TOKENS_JSON: RefCell<String> = const { RefCell::new(String::new()) };
+    /// The last JSON reply (`tokenize`, `encode`, `lens_reduce`) on this thread.
+    static REPLY_JSON: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
 impl<'a> RunContext<'a> {
+    /// Token ids of `text` with the checkpoint's tokenizer, loaded on first use.
+    fn encode(&self, text: &str, mode: TextMode) -> Result<Vec<u32>, String> {
+        let codec = self
+            .codec
+            .get_or_init(|| TextCodec::open(&self.checkpoint.dir).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(Clone::clone)?;
+        match mode {
+            TextMode::Plain => codec.encode(text),
+            TextMode::Chat => codec.encode_chat(text),
+            TextMode::Continuation => codec.encode_continuation(text),
+        }
+        .map_err(|e| e.to_string())
+    }
+
     /// Run `body` with the engine, building it on first use.
     fn with_engine<T>(
         &self,
@@ -493,32 +514,53 @@ unsafe extern "C" fn tokenize(
     host_call("tokenize", abi::STATUS_ERROR, || {
         // SAFETY: the table's own ctx; the text is lent for the call.
         let (run, text) = unsafe { (context(ctx), lent(text)) };
-        if out_json.is_null() {
-            return fail("tokenize: null output");
-        }
-        let codec = run
-            .codec
-            .get_or_init(|| TextCodec::open(&run.checkpoint.dir).map_err(|e| e.to_string()));
-        let codec = match codec {
-            Ok(codec) => codec,
-            Err(message) => return fail(message.clone()),
-        };
-        let ids = if chat {
-            codec.encode_chat(&text)
+        let mode = if chat {
+            TextMode::Chat
         } else {
-            codec.encode(&text)
+            TextMode::Plain
         };
-        match ids {
-            Ok(ids) => TOKENS_JSON.with(|slot| {
-                let mut slot = slot.borrow_mut();
-                *slot = serde_json::to_string(&ids).unwrap_or_default();
-                // SAFETY: non-null place for one string; the thread-local
-                // holds the text until this thread's next `tokenize`.
-                unsafe { out_json.write(StrRef::new(slot.as_str())) };
-                abi::STATUS_OK
-            }),
-            Err(e) => fail(e.to_string()),
-        }
+        let ids = run.encode(&text, mode);
+        // SAFETY: `out_json` is the caller's place for one string, or null.
+        unsafe { reply_json(out_json, ids) }
+    })
+}
+
+unsafe extern "C" fn encode(
+    ctx: *const c_void,
+    request_json: StrRef,
+    out_json: *mut StrRef,
+) -> i32 {
+    host_call("encode", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx; the JSON is lent for the call.
+        let (run, json) = unsafe { (context(ctx), lent(request_json)) };
+        let ids = serde_json::from_str::<EncodeRequest>(&json)
+            .map_err(|e| format!("encode: bad request: {e}"))
+            .and_then(|request| run.encode(&request.text, request.mode));
+        // SAFETY: `out_json` is the caller's place for one string, or null.
+        unsafe { reply_json(out_json, ids) }
+    })
+}
+
+/// Write `value` as JSON to `out` through this thread's reply slot, or fail
+/// with the message.
+///
+/// # Safety
+/// `out` is null or a place for one string.
+unsafe fn reply_json<T: serde::Serialize>(out: *mut StrRef, value: Result<T, String>) -> i32 {
+    if out.is_null() {
+        return fail("null output");
+    }
+    let value = match value {
+        Ok(value) => value,
+        Err(message) => return fail(message),
+    };
+    REPLY_JSON.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        *slot = serde_json::to_string(&value).unwrap_or_default();
+        // SAFETY: non-null place for one string (the caller's promise); the
+        // thread-local holds the text until this thread's next reply.
+        unsafe { out.write(StrRef::new(slot.as_str())) };
+        abi::STATUS_OK
     })
 }
 
@@ -722,6 +764,40 @@ unsafe extern "C" fn lens(
             }
             Err(message) => fail(message),
         }
+    })
+}
+
+unsafe extern "C" fn lens_reduce(
+    ctx: *const c_void,
+    residual: *const f32,
+    len: usize,
+    t: usize,
+    request_json: StrRef,
+    out_json: *mut StrRef,
+) -> i32 {
+    host_call("lens_reduce", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx; the JSON is lent for the call.
+        let (run, json) = unsafe { (context(ctx), lent(request_json)) };
+        if residual.is_null() && len > 0 {
+            return fail("lens_reduce: null residual");
+        }
+        let values = if len == 0 {
+            &[][..]
+        } else {
+            // SAFETY: non-null, `len` floats lent for the call.
+            unsafe { std::slice::from_raw_parts(residual, len) }
+        };
+        let reply = serde_json::from_str::<LensRequest>(&json)
+            .map_err(|e| format!("lens_reduce: bad request: {e}"))
+            .and_then(|request| {
+                run.with_engine(|engine| {
+                    engine
+                        .lens_reduce(values, t, &request)
+                        .map_err(|e| e.to_string())
+                })
+            });
+        // SAFETY: `out_json` is the caller's place for one string, or null.
+        unsafe { reply_json(out_json, reply) }
     })
 }
 

@@ -13,6 +13,7 @@ pub const REGISTRY: &[(&str, ChartsFn)] = &[
     ("spectral", spectral),
     ("vshape", vshape),
     ("shuffle", shuffle),
+    ("contrastive", contrastive),
 ];
 
 /// The charts for one table: its plugin's, else a metric by layer.
@@ -388,6 +389,94 @@ fn shuffle(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportErr
         log_y: false,
         points_only: true,
     }])
+}
+
+/// contrastive: the mean of each measure per layer, one line per
+/// relationship; the cosine chart marks the layers where the synonym and
+/// antonym curves cross (the `crossover` companion) with a vertical line.
+fn contrastive(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let frame = &table.frame;
+    if frame.column("relationship").is_err() {
+        return default(table, options);
+    }
+    let layers = ints(table, frame, "layer")?;
+    let relationships = strings(frame, "relationship").unwrap_or_default();
+    let order = ["synonym", "antonym", "style", "unrelated"];
+    let curves = |name: &str| -> Result<Vec<(String, Vec<(f64, f64)>)>, ReportError> {
+        let values = floats(table, frame, name)?;
+        let mut per: BTreeMap<(usize, String), BTreeMap<i64, Vec<f64>>> = BTreeMap::new();
+        for i in 0..frame.height() {
+            if let (Some(l), Some(v)) = (layers[i], values[i]) {
+                let rank = order
+                    .iter()
+                    .position(|r| *r == relationships[i])
+                    .unwrap_or(order.len());
+                per.entry((rank, relationships[i].clone()))
+                    .or_default()
+                    .entry(l)
+                    .or_default()
+                    .push(v);
+            }
+        }
+        Ok(per
+            .into_iter()
+            .map(|((_, name), by_layer)| {
+                let points = by_layer
+                    .into_iter()
+                    .map(|(l, v)| (l as f64, mean(&v)))
+                    .collect();
+                (name, points)
+            })
+            .collect())
+    };
+    let mut cosine = curves("cosine")?;
+    let (lo, hi) = cosine
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.1))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| {
+            (lo.min(y), hi.max(y))
+        });
+    if let Some((_, crossover)) = table.companions.iter().find(|(n, _)| n == "crossover") {
+        for layer in ints(table, crossover, "layer")?.into_iter().flatten() {
+            cosine.push((
+                format!("crossover at layer {layer}"),
+                vec![(layer as f64, lo), (layer as f64, hi)],
+            ));
+        }
+    }
+    let mut charts = vec![ChartSpec::Lines {
+        title: "mean cosine at the first differing token, per relationship".into(),
+        x_label: "layer (−1 = embedding)".into(),
+        y_label: "cosine".into(),
+        series: cosine,
+        log_y: false,
+        points_only: false,
+    }];
+    for (name, title, log_y) in [
+        (
+            "kl_sym",
+            "mean logit-lens KL (symmetric), per relationship",
+            true,
+        ),
+        (
+            "cka",
+            "mean linear CKA over the completion tokens, per relationship",
+            false,
+        ),
+    ] {
+        let series = curves(name)?;
+        if series.iter().any(|(_, p)| !p.is_empty()) {
+            charts.push(ChartSpec::Lines {
+                title: title.into(),
+                x_label: "layer (−1 = embedding)".into(),
+                y_label: format!("{name}{}", if log_y { " (log)" } else { "" }),
+                series,
+                log_y,
+                points_only: false,
+            });
+        }
+    }
+    Ok(charts)
 }
 
 /// Any other table: its first numeric metric by layer (mean per layer), or

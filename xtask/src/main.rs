@@ -125,6 +125,7 @@ pub const BUILTIN_PLUGINS: &[&str] = &[
     "probe-plugin-spectral",
     "probe-plugin-vshape",
     "probe-plugin-shuffle",
+    "probe-plugin-contrastive",
 ];
 
 /// Build probe and the built-in plugins, and copy the plugins into

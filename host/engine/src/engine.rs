@@ -10,6 +10,7 @@ use ort::session::{
 };
 use ort::value::TensorRef;
 
+use probe_contract::{LensReply, LensRequest};
 use probe_store::schema::Schema;
 use probe_store::store::Checkpoint;
 
@@ -776,6 +777,55 @@ impl<'c> Engine<'c> {
     /// the logit lens. Returns logits `[T, vocab]`.
     pub fn lens(&mut self, residual: &[f32], t: usize) -> Result<Vec<f32>, ForwardError> {
         self.head_over_rows(residual, t, false)
+    }
+
+    /// The logit lens reduced here (entropy, top-k, target rank and
+    /// probability, KL between rows; see [`crate::lens`]): the logits of
+    /// the `t` rows never leave the engine whole.
+    pub fn lens_reduce(
+        &mut self,
+        residual: &[f32],
+        t: usize,
+        request: &LensRequest,
+    ) -> Result<LensReply, ForwardError> {
+        let hidden = self.arch.hidden;
+        let vocab = self.arch.vocab;
+        let problem = |problem: String| ForwardError::Request {
+            file: self.checkpoint.path.clone(),
+            problem,
+        };
+        if Some(residual.len()) != t.checked_mul(hidden) {
+            return Err(problem(format!(
+                "a residual of {} values is not {t} × {hidden}",
+                residual.len()
+            )));
+        }
+        request.check(t).map_err(problem)?;
+        if let Some(&id) = request
+            .targets
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= vocab)
+        {
+            return Err(problem(format!(
+                "target id {id} is outside the vocabulary of {vocab}"
+            )));
+        }
+        crate::lens::reduce(t, vocab, request, |rows| {
+            let mut gathered = Vec::with_capacity(rows.len() * hidden);
+            for &row in rows {
+                gathered.extend_from_slice(&residual[row * hidden..(row + 1) * hidden]);
+            }
+            let logits = self.head_over_rows(&gathered, rows.len(), false)?;
+            if logits.len() != rows.len() * vocab {
+                return Err(ForwardError::Runtime(format!(
+                    "the head gave {} logits for {} rows of a vocabulary of {vocab}",
+                    logits.len(),
+                    rows.len()
+                )));
+            }
+            Ok(logits)
+        })
     }
 
     /// The head over the token ids `ids` (ascending, unique, in range) only:

@@ -3,12 +3,14 @@
 //! The graphs are generated from the checkpoint's architecture
 //! ([`probe_store::arch`]) by [`graph`]; [`engine::Engine`] runs them with
 //! the weights borrowed from the mapping and hands back the residual stream
-//! between blocks. [`runtime`] finds and loads the ONNX Runtime library.
+//! between blocks; [`lens`] reduces the logit lens where the logits are
+//! made. [`runtime`] finds and loads the ONNX Runtime library.
 
 #![forbid(unsafe_code)]
 
 pub mod engine;
 pub mod graph;
+pub mod lens;
 pub mod runtime;
 
 pub use probe_store::arch;

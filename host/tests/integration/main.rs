@@ -3,6 +3,7 @@
 
 mod big;
 mod boundary;
+mod contrastive;
 mod forward;
 mod fuzz_corpus;
 mod inspect;

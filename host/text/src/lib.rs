@@ -113,6 +113,12 @@ impl TextCodec {
         self.encode_with(text, true)
     }
 
+    /// Token ids of `text` without any special token: a continuation
+    /// appended to an encoded prompt (a completion to force-decode).
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, TextError> {
+        self.encode_with(text, false)
+    }
+
     fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>, TextError> {
         let encoding = self
             .tokenizer
@@ -163,6 +169,15 @@ impl TextCodec {
             .decode(&[id], false)
             .unwrap_or_else(|_| self.tokenizer.id_to_token(id).unwrap_or_default())
     }
+}
+
+/// Whether the checkpoint in `dir` has a chat template: a
+/// `tokenizer_config.json` with a `chat_template` text. Reads that file only.
+pub fn has_chat_template(dir: &Path) -> bool {
+    std::fs::read(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+        .is_some_and(|config| config.get("chat_template").is_some_and(Value::is_string))
 }
 
 /// The fuzz target `tokenizer_json`: bytes as `tokenizer.json` (and the same

@@ -25,6 +25,7 @@
 //! |---|---|
 //! | 2.0 | one typed contract crate; `forward` and `forward_from` cut (`forward_batch` is the one way to run, with raw start residuals); tensor roles as a role plus a `bias` flag |
 //! | 2.1 | `HostApi::run_info`: the device and threads forward passes run with |
+//! | 2.2 | `HostApi::encode` (a text as a prompt, a chat message or a continuation without special tokens) and `HostApi::lens_reduce` (the logit lens reduced in the host: entropy, top-k, target rank, KL between rows) |
 
 use std::ffi::{c_char, c_void};
 use std::mem::offset_of;
@@ -32,7 +33,7 @@ use std::mem::offset_of;
 /// The major version: both sides must agree on it.
 pub const ABI_MAJOR: u32 = 2;
 /// The minor version this side was built with.
-pub const ABI_MINOR: u32 = 1;
+pub const ABI_MINOR: u32 = 2;
 /// This side's version.
 pub const ABI_VERSION: AbiVersion = AbiVersion {
     major: ABI_MAJOR,
@@ -308,6 +309,25 @@ pub struct HostApi {
     pub write_reordered: unsafe extern "C" fn(ctx: *const c_void, request_json: StrRef) -> i32,
     /// 2.1: a [`crate::RunInfo`] as JSON (device, threads), valid for the call.
     pub run_info: unsafe extern "C" fn(ctx: *const c_void) -> StrRef,
+    /// 2.2: token ids of a [`crate::EncodeRequest`] (JSON), written as a JSON
+    /// array to `out_json`; valid until this thread's next host call.
+    pub encode: unsafe extern "C" fn(
+        ctx: *const c_void,
+        request_json: StrRef,
+        out_json: *mut StrRef,
+    ) -> i32,
+    /// 2.2: the logit lens over `t` residual rows (`len = t × hidden`),
+    /// reduced in the host as a [`crate::LensRequest`] (JSON) asks; the
+    /// [`crate::LensReply`] is written as JSON to `out_json`, valid until
+    /// this thread's next host call.
+    pub lens_reduce: unsafe extern "C" fn(
+        ctx: *const c_void,
+        residual: *const f32,
+        len: usize,
+        t: usize,
+        request_json: StrRef,
+        out_json: *mut StrRef,
+    ) -> i32,
 }
 
 /// Where each function of [`HostApi`] after 2.0 begins, and the minor that
@@ -332,6 +352,23 @@ pub mod since {
         minor: 1,
         offset: offset_of!(HostApi, run_info),
     };
+
+    /// `HostApi::encode`, appended in 2.2.
+    pub const ENCODE: Appended = Appended {
+        name: "encode",
+        minor: 2,
+        offset: offset_of!(HostApi, encode),
+    };
+
+    /// `HostApi::lens_reduce`, appended in 2.2.
+    pub const LENS_REDUCE: Appended = Appended {
+        name: "lens_reduce",
+        minor: 2,
+        offset: offset_of!(HostApi, lens_reduce),
+    };
+
+    /// Every appended function, in table order.
+    pub const ALL: [Appended; 3] = [RUN_INFO, ENCODE, LENS_REDUCE];
 }
 
 /// The size of a 2.0 host table: every field before the first appended one.
@@ -415,10 +452,18 @@ mod tests {
     fn a_2_0_table_lacks_run_info_and_says_which_versions() {
         assert!(HOST_API_SIZE_2_0 < std::mem::size_of::<HostApi>());
         assert_eq!(since::RUN_INFO.offset, HOST_API_SIZE_2_0);
+        let last = since::ALL[since::ALL.len() - 1];
         assert_eq!(
-            since::RUN_INFO.offset + std::mem::size_of::<usize>(),
+            last.offset + std::mem::size_of::<usize>(),
             std::mem::size_of::<HostApi>(),
-            "run_info is the last field; a new appended function needs its own `since` entry"
+            "a new appended function needs its own `since` entry, last in `since::ALL`"
+        );
+        for pair in since::ALL.windows(2) {
+            assert!(pair[0].offset < pair[1].offset && pair[0].minor <= pair[1].minor);
+        }
+        assert_eq!(
+            last.minor, ABI_MINOR,
+            "the last function appended sets the minor"
         );
     }
 
@@ -487,6 +532,19 @@ mod tests {
         unsafe extern "C" fn write(_: *const c_void, _: StrRef) -> i32 {
             STATUS_ERROR
         }
+        unsafe extern "C" fn encode(_: *const c_void, _: StrRef, _: *mut StrRef) -> i32 {
+            STATUS_ERROR
+        }
+        unsafe extern "C" fn lens_reduce(
+            _: *const c_void,
+            _: *const f32,
+            _: usize,
+            _: usize,
+            _: StrRef,
+            _: *mut StrRef,
+        ) -> i32 {
+            STATUS_ERROR
+        }
         HostApi {
             size,
             abi: AbiVersion {
@@ -512,6 +570,8 @@ mod tests {
             lens,
             write_reordered: write,
             run_info: text,
+            encode,
+            lens_reduce,
         }
     }
 
@@ -524,7 +584,13 @@ mod tests {
             "this plugin calls `run_info` (plugin ABI 2.1), which this probe (plugin ABI 2.0) lacks: update probe, or rebuild the plugin against an SDK of ABI 2.0"
         );
         let current = stub_table(std::mem::size_of::<HostApi>(), ABI_MINOR);
-        assert!(current.require(since::RUN_INFO).is_ok());
+        assert!(since::ALL.iter().all(|&f| current.require(f).is_ok()));
+        let a_2_1 = stub_table(since::ENCODE.offset, 1);
+        assert!(a_2_1.provides(since::RUN_INFO));
+        assert_eq!(
+            a_2_1.require(since::LENS_REDUCE).unwrap_err(),
+            "this plugin calls `lens_reduce` (plugin ABI 2.2), which this probe (plugin ABI 2.1) lacks: update probe, or rebuild the plugin against an SDK of ABI 2.1"
+        );
     }
 
     #[test]

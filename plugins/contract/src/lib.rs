@@ -11,7 +11,10 @@
 //!   predicates (they cross as the strings users see in tables), the model
 //!   facts and the tensor descriptions a plugin reads;
 //! - [`forward`]: the forward request and the description of its result;
-//! - [`messages`]: the other JSON messages (`write_reordered`, run facts);
+//! - [`lens`]: the reduced logit lens (entropy, top-k, target rank, KL
+//!   between rows), computed in the host;
+//! - [`messages`]: the other JSON messages (`write_reordered`, run facts,
+//!   text encoding);
 //! - [`params`]: parameter specs, the user's `--param` text parsed into typed
 //!   values, and the check of a selection against a model;
 //! - [`guard`]: the one helper that turns a panic into an error message.
@@ -25,12 +28,14 @@
 pub mod abi;
 pub mod forward;
 pub mod guard;
+pub mod lens;
 pub mod messages;
 pub mod model;
 pub mod params;
 
 pub use abi::AbiVersion;
 pub use forward::{Edit, EditChange, ForwardMeta, ForwardRequest, OutputKind};
-pub use messages::{RunInfo, WriteReordered};
+pub use lens::{LensReply, LensRequest, LensRow};
+pub use messages::{EncodeRequest, RunInfo, TextMode, WriteReordered};
 pub use model::{Dtype, Family, ModelInfo, Role, TensorInfo};
 pub use params::{ParamError, ParamKind, ParamSpec, Params};

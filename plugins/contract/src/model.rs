@@ -431,6 +431,10 @@ pub struct ModelInfo {
     /// permutation `probe shuffle` records).
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Whether the tokenizer has a chat template (`tokenizer_config.json`),
+    /// so [`crate::TextMode::Chat`] can be used (ABI 2.2; false from older hosts).
+    #[serde(default)]
+    pub chat_template: bool,
 }
 
 /// One tensor as the host places it (read from a [`crate::abi::TensorInfoC`]).

@@ -23,7 +23,7 @@
 //!
 //! [`Edit`]: crate::Edit
 
-use probe_contract::{ForwardMeta, OutputKind};
+use probe_contract::{EncodeRequest, ForwardMeta, LensReply, LensRequest, OutputKind, TextMode};
 
 use crate::abi::{self, F32Buffer, ForwardResultC, StrRef};
 use crate::{Host, PluginError};
@@ -69,6 +69,31 @@ impl ForwardOutput {
     }
 }
 
+/// A prompt and its completion as one token sequence ([`Host::sequence`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    /// The prompt's tokens, then the completion's.
+    pub tokens: Vec<u32>,
+    /// How many of `tokens` are the prompt's (chat template included).
+    pub prompt_len: usize,
+}
+
+impl Sequence {
+    /// The completion's tokens.
+    pub fn completion(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// The positions whose next-token prediction is a completion token:
+    /// `prompt_len − 1 .. len − 1` (empty without a prompt or a completion).
+    pub fn scored_positions(&self) -> std::ops::Range<usize> {
+        if self.prompt_len == 0 {
+            return 0..0;
+        }
+        self.prompt_len - 1..self.tokens.len() - 1
+    }
+}
+
 impl Host<'_> {
     /// Token ids of `text` with the model's tokenizer; `chat` wraps it as a
     /// user message in the model's chat template.
@@ -86,6 +111,61 @@ impl Host<'_> {
         }
         serde_json::from_str(&self.host_json(out))
             .map_err(|e| PluginError::Host(format!("token ids: {e}")))
+    }
+
+    /// Token ids of `text`, framed as `mode` says: a text on its own (with
+    /// the tokenizer's special tokens), a user message under the chat
+    /// template, or a continuation without any special token.
+    /// Needs a host of plugin ABI 2.2.
+    ///
+    /// ```ignore
+    /// let completion = host.encode(" Paris.", TextMode::Continuation)?;
+    /// ```
+    pub fn encode(&self, text: &str, mode: TextMode) -> Result<Vec<u32>, PluginError> {
+        self.api
+            .require(abi::since::ENCODE)
+            .map_err(PluginError::Host)?;
+        let request = serde_json::to_string(&EncodeRequest {
+            text: text.to_string(),
+            mode,
+        })
+        .map_err(|e| PluginError::Other(e.to_string()))?;
+        let mut out = StrRef::empty();
+        // SAFETY: `require` checked that the host's table holds this field;
+        // the JSON is read during the call and `out` is a valid place to write.
+        let status = unsafe { (self.api.encode)(self.api.ctx, StrRef::new(&request), &mut out) };
+        if status != abi::STATUS_OK {
+            return Err(self.last_error());
+        }
+        serde_json::from_str(&self.host_json(out))
+            .map_err(|e| PluginError::Host(format!("token ids: {e}")))
+    }
+
+    /// A prompt and its completion as one token sequence, the way every
+    /// forward-pass plugin builds it so their tables join:
+    /// `encode(prompt) ++ encode(completion, Continuation)`, the prompt
+    /// under the chat template when `chat` and the model has one.
+    /// Needs a host of plugin ABI 2.2.
+    ///
+    /// ```ignore
+    /// let seq = host.sequence("The capital of France is", " Paris.", false)?;
+    /// for p in seq.scored_positions() { /* position p predicts seq.tokens[p + 1] */ }
+    /// ```
+    pub fn sequence(
+        &self,
+        prompt: &str,
+        completion: &str,
+        chat: bool,
+    ) -> Result<Sequence, PluginError> {
+        let mode = if chat && self.model()?.chat_template {
+            TextMode::Chat
+        } else {
+            TextMode::Plain
+        };
+        let mut tokens = self.encode(prompt, mode)?;
+        let prompt_len = tokens.len();
+        tokens.extend(self.encode(completion, TextMode::Continuation)?);
+        Ok(Sequence { tokens, prompt_len })
     }
 
     /// Run one forward pass (a batch of one).
@@ -210,6 +290,48 @@ impl Host<'_> {
             loss: meta.loss,
             token_losses: meta.token_losses,
         })
+    }
+
+    /// The logit lens over `t` residual rows (`residual.len() == t ×
+    /// hidden`), reduced in the host as `request` asks: per row the entropy,
+    /// the top-k tokens and a target's rank and probability, and KL between
+    /// pairs of rows. The `[t, vocab]` logits never cross the boundary.
+    /// Needs a host of plugin ABI 2.2.
+    ///
+    /// ```ignore
+    /// // KL between the lens at two rows, both directions.
+    /// let rows = [a.as_slice(), b.as_slice()].concat();
+    /// let reply = host.lens_reduce(&rows, 2, &LensRequest { kl_pairs: vec![(0, 1), (1, 0)], ..Default::default() })?;
+    /// ```
+    pub fn lens_reduce(
+        &self,
+        residual: &[f32],
+        t: usize,
+        request: &LensRequest,
+    ) -> Result<LensReply, PluginError> {
+        self.api
+            .require(abi::since::LENS_REDUCE)
+            .map_err(PluginError::Host)?;
+        let json = serde_json::to_string(request).map_err(|e| PluginError::Other(e.to_string()))?;
+        let mut out = StrRef::empty();
+        // SAFETY: `require` checked that the host's table holds this field;
+        // the residual and the JSON are read during the call and `out` is a
+        // valid place to write.
+        let status = unsafe {
+            (self.api.lens_reduce)(
+                self.api.ctx,
+                residual.as_ptr(),
+                residual.len(),
+                t,
+                StrRef::new(&json),
+                &mut out,
+            )
+        };
+        if status != abi::STATUS_OK {
+            return Err(self.last_error());
+        }
+        serde_json::from_str(&self.host_json(out))
+            .map_err(|e| PluginError::Host(format!("lens result: {e}")))
     }
 
     /// Write the checkpoint into `dir` with every tensor of block `b`

@@ -41,8 +41,8 @@ pub use probe_contract::abi;
 /// Parameter specs and the typed values a plugin reads.
 pub use probe_contract::params;
 pub use probe_contract::{
-    Dtype, Edit, EditChange, Family, ModelInfo, ParamError, ParamKind, ParamSpec, Params, Role,
-    RunInfo, TensorInfo,
+    Dtype, Edit, EditChange, Family, LensReply, LensRequest, LensRow, ModelInfo, ParamError,
+    ParamKind, ParamSpec, Params, Role, RunInfo, TensorInfo, TextMode,
 };
 
 use abi::{F32Buffer, HostApi, PluginApi, StrRef, TensorInfoC};
@@ -51,11 +51,12 @@ use polars::prelude::*;
 
 /// Everything a plugin usually needs: `use probe_sdk::prelude::*;`.
 pub mod prelude {
-    pub use crate::forward::{ForwardOutput, ForwardRequest};
+    pub use crate::forward::{ForwardOutput, ForwardRequest, Sequence};
     pub use crate::matrices::{Matrix, MatrixValues};
     pub use crate::{export_plugin, Host, Plugin, PluginError};
     pub use crate::{
-        Dtype, Edit, Family, ModelInfo, ParamKind, ParamSpec, Params, Role, RunInfo, TensorInfo,
+        Dtype, Edit, Family, LensReply, LensRequest, LensRow, ModelInfo, ParamKind, ParamSpec,
+        Params, Role, RunInfo, TensorInfo, TextMode,
     };
     pub use polars::prelude::*;
 }
