@@ -7,6 +7,8 @@ use polars::prelude::*;
 use crate::{ChartSpec, Options, ReportError, Table};
 
 type ChartsFn = fn(&Table, &Options) -> Result<Vec<ChartSpec>, ReportError>;
+/// One named line of a [`ChartSpec::Lines`]: its `(x, y)` points.
+type Series = (String, Vec<(f64, f64)>);
 
 /// Plugin name → its charts. A new plugin adds one line here.
 pub const REGISTRY: &[(&str, ChartsFn)] = &[
@@ -214,7 +216,7 @@ fn spectral(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportEr
                     }
                 }
             }
-            let series: Vec<(String, Vec<(f64, f64)>)> = role_order(curves.keys().cloned())
+            let series: Vec<Series> = role_order(curves.keys().cloned())
                 .into_iter()
                 .map(|role| {
                     let mut points = curves[&role].clone();
@@ -402,7 +404,7 @@ fn contrastive(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, Repor
     let layers = ints(table, frame, "layer")?;
     let relationships = strings(frame, "relationship").unwrap_or_default();
     let order = ["synonym", "antonym", "style", "unrelated"];
-    let curves = |name: &str| -> Result<Vec<(String, Vec<(f64, f64)>)>, ReportError> {
+    let curves = |name: &str| -> Result<Vec<Series>, ReportError> {
         let values = floats(table, frame, name)?;
         let mut per: BTreeMap<(usize, String), BTreeMap<i64, Vec<f64>>> = BTreeMap::new();
         for i in 0..frame.height() {

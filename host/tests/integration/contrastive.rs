@@ -55,13 +55,7 @@ const FIXTURE_SET: &str = r#"{"groups": [
 ]}"#;
 
 fn f64s(frame: &DataFrame, name: &str) -> Vec<Option<f64>> {
-    frame
-        .column(name)
-        .unwrap()
-        .f64()
-        .unwrap()
-        .into_iter()
-        .collect()
+    frame.column(name).unwrap().f64().unwrap().iter().collect()
 }
 
 fn i64s(frame: &DataFrame, name: &str) -> Vec<i64> {
@@ -70,7 +64,7 @@ fn i64s(frame: &DataFrame, name: &str) -> Vec<i64> {
         .unwrap()
         .i64()
         .unwrap()
-        .into_iter()
+        .iter()
         .map(Option::unwrap)
         .collect()
 }
@@ -81,7 +75,7 @@ fn strs(frame: &DataFrame, name: &str) -> Vec<String> {
         .unwrap()
         .str()
         .unwrap()
-        .into_iter()
+        .iter()
         .map(|s| s.unwrap().to_string())
         .collect()
 }
@@ -120,7 +114,7 @@ fn cka_features(x: &[Vec<f64>], y: &[Vec<f64>]) -> f64 {
         let mut total = 0.0;
         for p in 0..w_b {
             for q in 0..w_a {
-                let s: f64 = (0..a.len()).map(|n| b[n][p] * a[n][q]).sum();
+                let s: f64 = a.iter().zip(b).map(|(ra, rb)| rb[p] * ra[q]).sum();
                 total += s * s;
             }
         }
@@ -149,8 +143,9 @@ fn every_measure_matches_a_direct_computation_on_a_fixture() {
     let codec = TextCodec::open(&checkpoint.dir).unwrap();
     let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
     let groups: serde_json::Value = serde_json::from_str(FIXTURE_SET).unwrap();
-    let mut residuals: BTreeMap<(String, String), (Vec<u32>, usize, Vec<Vec<f32>>)> =
-        BTreeMap::new();
+    // (group, label) → (tokens, prompt length, residual per stage).
+    type Pass = (Vec<u32>, usize, Vec<Vec<f32>>);
+    let mut residuals: BTreeMap<(String, String), Pass> = BTreeMap::new();
     for group in groups["groups"].as_array().unwrap() {
         let prompt = codec.encode(group["prompt"].as_str().unwrap()).unwrap();
         for c in group["completions"].as_array().unwrap() {
@@ -223,7 +218,7 @@ fn every_measure_matches_a_direct_computation_on_a_fixture() {
         close(measures[0][r], want_cosine, 1e-9, "cosine");
         close(measures[1][r], want_distance, 1e-9, "distance");
         // The full-vocabulary lens of each row, its KL both ways.
-        let lens = |v: &[f64]| -> Vec<f64> {
+        let mut lens = |v: &[f64]| -> Vec<f64> {
             let residual: Vec<f32> = v.iter().map(|&x| x as f32).collect();
             log_softmax(&engine.lens(&residual, 1).unwrap())
         };
