@@ -675,6 +675,7 @@ fn run_requests(
                 loss: request.loss || request.logits,
             },
             loss_vocab: request.loss_vocab.as_deref(),
+            branches: request.branches.as_ref(),
         })
         .collect();
     run.with_engine(|engine| {

@@ -61,6 +61,8 @@ pub fn build_release(root: &Path) -> Result<PathBuf> {
             "probe-plugin-spectral",
             "--package",
             "probe-plugin-shuffle",
+            "--package",
+            "probe-plugin-contrastive",
         ])
         .current_dir(root)
         .status()?;
@@ -182,6 +184,96 @@ pub fn spectral(root: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// `cargo xtask bench contrastive`: the contrastive plugin on SmolLM2 over
+/// the whole built-in set (every group, chat template on), against an
+/// independent numpy f64 computation of the same table
+/// (`plugins/contrastive/reference/contrastive_reference.py`: its own
+/// tokenization through the `tokenizers` package, its own forward pass and
+/// measures) on the same threads, in the same run; the line records the
+/// largest difference between the two tables as well as the times.
+pub fn contrastive(root: &Path) -> Result<()> {
+    let probe = build_release(root)?;
+    let plugin = root.join("target/release/libprobe_plugin_contrastive.so");
+    let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
+    if !model.join(".complete").exists() {
+        bail!("{} is missing: run `cargo xtask models`", model.display());
+    }
+    let site = root.join(".cache/py");
+    if !site.join("tokenizers").exists() || !site.join("jinja2").exists() {
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--target"])
+            .arg(&site)
+            .args(REFERENCE_PACKAGES)
+            .status()?;
+        if !status.success() {
+            bail!("pip install {} failed", REFERENCE_PACKAGES.join(" "));
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let set = root.join("probes/contrastive.json");
+    let groups = serde_json::from_slice::<serde_json::Value>(&std::fs::read(&set)?)?["groups"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("contrastive.csv");
+    let runs = 3;
+    let ours = time_command(runs, || {
+        let mut c = Command::new(&probe);
+        c.args(["run", "--quiet", "--threads", &threads, "--plugin"])
+            .arg(&plugin)
+            .arg(&model)
+            .arg("--out")
+            .arg(&out);
+        c
+    })?;
+    let script = root.join("plugins/contrastive/reference/contrastive_reference.py");
+    let reference = |extra: &[&std::ffi::OsStr]| -> Command {
+        let mut c = Command::new("python3");
+        c.arg(&script).arg(&model).arg(&set).args(extra);
+        c.env("PYTHONPATH", &site);
+        for var in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+            c.env(var, &threads);
+        }
+        c
+    };
+    let diff_path = dir.join("contrastive-diff.json");
+    let numpy = time_command(1, || {
+        reference(&[
+            "--time".as_ref(),
+            "--probe".as_ref(),
+            out.as_os_str(),
+            "--diff".as_ref(),
+            diff_path.as_os_str(),
+        ])
+    })
+    .context("the numpy reference failed or disagrees with probe's table (above)")?;
+    let diff: serde_json::Value = serde_json::from_slice(&std::fs::read(&diff_path)?)?;
+    let worst = |column: &str| diff["max_abs_diff"][column].as_f64().unwrap_or(f64::NAN);
+    let line = format!(
+        "| {} | {} | contrastive, SmolLM2-135M, the built-in set ({groups} groups, {} rows), chat template, {threads} threads, median of {runs} | probe {:.1} s (whole run), peak RSS {:.0} MB | numpy f64 reference (tokenizers, own forward and measures) {:.1} s (computation alone), peak RSS {:.0} MB; tables agree to cosine {:.1e}, distance {:.1e}, cka {:.1e}, kl {:.1e} nats (max abs) | {:.2}× |",
+        today(),
+        machine(),
+        diff["rows"],
+        ours.median.as_secs_f64(),
+        ours.peak_rss_kb as f64 / 1024.0,
+        numpy.inner_seconds.unwrap_or(f64::NAN),
+        numpy.peak_rss_kb as f64 / 1024.0,
+        worst("cosine"),
+        worst("distance"),
+        worst("cka"),
+        worst("kl_ab").max(worst("kl_ba")),
+        numpy.inner_seconds.unwrap_or(numpy.median.as_secs_f64()) / ours.median.as_secs_f64(),
+    );
+    println!("{line}");
+    record(root, &line)
+}
+
+/// Python packages the contrastive reference needs besides numpy.
+const REFERENCE_PACKAGES: [&str; 2] = ["tokenizers==0.23.3", "jinja2==3.1.6"];
 
 /// `cargo xtask bench forward`: tokens per second of a full forward pass on
 /// SmolLM2 with every block's residual captured, against llama.cpp (the

@@ -10,7 +10,7 @@ use ort::session::{
 };
 use ort::value::TensorRef;
 
-use probe_contract::{LensReply, LensRequest};
+use probe_contract::{Branches, LensReply, LensRequest};
 use probe_store::schema::Schema;
 use probe_store::store::Checkpoint;
 
@@ -83,6 +83,10 @@ pub struct Request<'a> {
     /// fraction of the head's cost, for callers that compare many runs of one
     /// text (the ids a model finds likely carry nearly all the mass).
     pub loss_vocab: Option<&'a [u32]>,
+    /// The tokens are a prefix and continuations of it that attend to the
+    /// prefix and themselves only (the contract's `Branches`): several
+    /// completions of one prompt in one pass, the prompt computed once.
+    pub branches: Option<&'a Branches>,
 }
 
 /// What a forward pass produced. Matrices are row-major.
@@ -436,25 +440,38 @@ impl<'c> Engine<'c> {
             .iter()
             .map(|r| rope_table(&r.inv_freq, longest))
             .collect();
-        let mut masks: HashMap<(Attention, usize), Vec<f32>> = HashMap::new();
+        let mut masks: HashMap<MaskKey, Vec<f32>> = HashMap::new();
         loop {
             let left = |p: &Pending| p.trace.blocks.len() - p.done;
             let most = pending.iter().map(left).max().unwrap_or(0);
             if most == 0 {
                 break;
             }
-            // The requests this round, by the block each runs next and their
-            // length (a stack holds sequences of one length).
-            let mut by_block: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+            // The requests this round, by the block each runs next, their
+            // length and layout (a stack shares one mask and one position
+            // table, so it holds sequences of one length and layout).
+            type Key<'r> = (usize, usize, Option<&'r Branches>);
+            let mut by_block: BTreeMap<Key<'_>, Vec<usize>> = BTreeMap::new();
             for (i, p) in pending.iter().enumerate() {
                 if left(p) == most {
-                    let key = (p.trace.blocks[p.done], requests[i].tokens.len());
+                    let request = &requests[i];
+                    let key = (
+                        p.trace.blocks[p.done],
+                        request.tokens.len(),
+                        request.branches,
+                    );
                     by_block.entry(key).or_default().push(i);
                 }
             }
-            for ((block, t), members) in by_block {
+            for ((block, t, layout), members) in by_block {
                 for stack in members.chunks((STACK_TOKENS / t).max(1)) {
-                    self.run_block(block, t, stack, requests, &mut pending, &tables, &mut masks)?;
+                    let run = StackRun {
+                        block,
+                        t,
+                        layout,
+                        stack,
+                    };
+                    self.run_block(run, requests, &mut pending, &tables, &mut masks)?;
                 }
             }
         }
@@ -496,10 +513,33 @@ impl<'c> Engine<'c> {
                 self.arch.vocab
             )));
         }
-        if let Some(max) = self.arch.max_positions {
-            if t > max {
+        if let Some(branches) = request.branches {
+            branches.check(t).map_err(&bad)?;
+            if request.capture.logits || request.capture.loss {
+                return Err(bad(
+                    "a branched sequence has no one next token for its prefix's last row: no logits or loss"
+                        .into(),
+                ));
+            }
+            if self
+                .arch
+                .blocks
+                .iter()
+                .any(|b| b.attention == Attention::Bidirectional)
+            {
                 return Err(bad(format!(
-                    "{t} tokens exceed the {max} learned positions"
+                    "branches need a causal model; {} attends both ways",
+                    self.arch.family
+                )));
+            }
+        }
+        if let Some(max) = self.arch.max_positions {
+            let positions = request.branches.map_or(t, |b| {
+                b.prefix + b.lengths.iter().max().copied().unwrap_or(0)
+            });
+            if positions > max {
+                return Err(bad(format!(
+                    "{positions} positions exceed the {max} learned positions"
                 )));
             }
         }
@@ -563,7 +603,10 @@ impl<'c> Engine<'c> {
         let tokens = request.tokens;
         let t = tokens.len();
         let ids: Vec<i64> = tokens.iter().map(|&id| id as i64).collect();
-        let positions: Vec<i64> = (0..t as i64).collect();
+        let positions: Vec<i64> = match request.branches {
+            Some(branches) => branches.positions().into_iter().map(|p| p as i64).collect(),
+            None => (0..t as i64).collect(),
+        };
         let type_ids = vec![0i64; t];
         let fail = ort_error(self.checkpoint, "running the embedding");
         let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
@@ -599,19 +642,22 @@ impl<'c> Engine<'c> {
     }
 
     /// Run `block` once on the residuals of the requests in `stack` (all of
-    /// `t` tokens), stacked along the token axis, and advance each of them by
-    /// that block.
-    #[allow(clippy::too_many_arguments)]
+    /// `t` tokens laid out alike), stacked along the token axis, and advance
+    /// each of them by that block.
     fn run_block(
         &mut self,
-        block: usize,
-        t: usize,
-        stack: &[usize],
+        run: StackRun<'_, '_>,
         requests: &[Request<'_>],
         pending: &mut [Pending],
         tables: &[(Vec<f32>, Vec<f32>)],
-        masks: &mut HashMap<(Attention, usize), Vec<f32>>,
+        masks: &mut HashMap<MaskKey, Vec<f32>>,
     ) -> Result<(), ForwardError> {
+        let StackRun {
+            block,
+            t,
+            layout,
+            stack,
+        } = run;
         let hidden = self.arch.hidden;
         let fail = ort_error(self.checkpoint, &format!("running block {block}"));
         let kind = self.arch.blocks[block];
@@ -626,8 +672,11 @@ impl<'c> Engine<'c> {
             ),
         };
         let mask = masks
-            .entry((kind.attention, t))
-            .or_insert_with(|| attention_mask(kind.attention, t));
+            .entry((kind.attention, t, layout.cloned()))
+            .or_insert_with(|| match layout {
+                Some(branches) => branched_mask(kind.attention, branches),
+                None => attention_mask(kind.attention, t),
+            });
         let wants = |f: fn(&Capture) -> bool| stack.iter().any(|&i| f(&requests[i].capture));
         let (updates, attention) = (wants(|c| c.updates), wants(|c| c.attention));
         let mut selector = OutputSelector::no_default().with(io::OUT);
@@ -646,10 +695,26 @@ impl<'c> Engine<'c> {
                 .map_err(&fail)?
                 .into(),
         ));
+        // Branched layouts gather their rows' positions from the table.
+        let gathered: (Vec<f32>, Vec<f32>);
         if let Some(rope) = kind.rope {
             // The first t rows: positions restart in every sequence.
-            let (cos, sin) = &tables[rope];
             let dh = self.arch.head_dim;
+            let (cos, sin) = match layout {
+                Some(branches) => {
+                    let (cos, sin) = &tables[rope];
+                    let gather = |table: &[f32]| -> Vec<f32> {
+                        branches
+                            .positions()
+                            .iter()
+                            .flat_map(|&p| table[p * dh..(p + 1) * dh].iter().copied())
+                            .collect()
+                    };
+                    gathered = (gather(cos), gather(sin));
+                    (&gathered.0, &gathered.1)
+                }
+                None => (&tables[rope].0, &tables[rope].1),
+            };
             inputs.push((
                 io::COS.into(),
                 TensorRef::from_array_view(([t, dh], &cos[..t * dh]))
@@ -954,6 +1019,43 @@ pub fn rope_table(inv_freq: &[f64], t: usize) -> (Vec<f32>, Vec<f32>) {
         }
     }
     (cos, sin)
+}
+
+/// A stacked block run: which block, the stack's length and layout, and the
+/// requests in it.
+struct StackRun<'s, 'r> {
+    block: usize,
+    t: usize,
+    layout: Option<&'r Branches>,
+    stack: &'s [usize],
+}
+
+/// Masks are cached per attention kind, length and layout.
+type MaskKey = (Attention, usize, Option<Branches>);
+
+/// The additive `[T, T]` mask of a branched sequence: a row attends to the
+/// prefix and to its own branch (never another branch), and within those
+/// by position, as `attention` allows.
+pub fn branched_mask(attention: Attention, branches: &Branches) -> Vec<f32> {
+    let (positions, owners) = (branches.positions(), branches.owners());
+    let t = positions.len();
+    let mut mask = vec![0.0f32; t * t];
+    for i in 0..t {
+        for j in 0..t {
+            let related = owners[j].is_none() || owners[j] == owners[i];
+            let (pi, pj) = (positions[i], positions[j]);
+            let allowed = related
+                && match attention {
+                    Attention::Bidirectional => true,
+                    Attention::Causal => pj <= pi,
+                    Attention::Sliding { window } => pj <= pi && pi - pj < window,
+                };
+            if !allowed {
+                mask[i * t + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    mask
 }
 
 /// Additive `[T, T]` mask: 0 where query `i` may attend to key `j`, −∞ elsewhere.

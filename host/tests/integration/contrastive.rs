@@ -10,7 +10,10 @@ use probe::forward::{text::TextCodec, Capture, Engine, EngineOptions, Request};
 use probe::store::Checkpoint;
 
 use crate::real_models::real_model;
-use crate::util::{copy_dir, fixture, read_parquet, run_plugin, run_plugin_to, tempdir};
+use crate::util::{
+    column_i64, column_opt_f64, column_str, copy_dir, fixture, read_parquet, run_plugin,
+    run_plugin_to, tempdir,
+};
 
 const PLUGIN: &str = "probe-plugin-contrastive";
 
@@ -53,32 +56,6 @@ const FIXTURE_SET: &str = r#"{"groups": [
   {"id": "short", "relationship": "style", "prompt": "is it",
    "completions": [{"label": "yes", "text": "yes sir"}, {"label": "no", "text": "no sir"}]}
 ]}"#;
-
-fn f64s(frame: &DataFrame, name: &str) -> Vec<Option<f64>> {
-    frame.column(name).unwrap().f64().unwrap().iter().collect()
-}
-
-fn i64s(frame: &DataFrame, name: &str) -> Vec<i64> {
-    frame
-        .column(name)
-        .unwrap()
-        .i64()
-        .unwrap()
-        .iter()
-        .map(Option::unwrap)
-        .collect()
-}
-
-fn strs(frame: &DataFrame, name: &str) -> Vec<String> {
-    frame
-        .column(name)
-        .unwrap()
-        .str()
-        .unwrap()
-        .iter()
-        .map(|s| s.unwrap().to_string())
-        .collect()
-}
 
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().fold(f64::MIN, |m, &z| m.max(z as f64));
@@ -138,7 +115,9 @@ fn every_measure_matches_a_direct_computation_on_a_fixture() {
     );
     let table = read_parquet(&out);
 
-    // The reference: the engine's residuals and full logits, measured here.
+    // The reference: the engine's residuals and full logits, measured here,
+    // one pass per completion (the plugin runs each group as one branched
+    // pass, so residuals agree to f32 rounding, not bit for bit).
     let checkpoint = Checkpoint::open(&model).unwrap();
     let codec = TextCodec::open(&checkpoint.dir).unwrap();
     let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
@@ -183,18 +162,18 @@ fn every_measure_matches_a_direct_computation_on_a_fixture() {
     // 3 + 1 + 1 pairs, each over the embedding and 3 blocks.
     assert_eq!(table.height(), 5 * 4);
     let (group, label_a, label_b) = (
-        strs(&table, "group"),
-        strs(&table, "label_a"),
-        strs(&table, "label_b"),
+        column_str(&table, "group"),
+        column_str(&table, "label_a"),
+        column_str(&table, "label_b"),
     );
     let (layer, divergence, shared, common) = (
-        i64s(&table, "layer"),
-        i64s(&table, "divergence_position"),
-        i64s(&table, "shared_prefix_tokens"),
-        i64s(&table, "common_tokens"),
+        column_i64(&table, "layer"),
+        column_i64(&table, "divergence_position"),
+        column_i64(&table, "shared_prefix_tokens"),
+        column_i64(&table, "common_tokens"),
     );
-    let measures =
-        ["cosine", "distance", "kl_ab", "kl_ba", "kl_sym", "cka"].map(|m| f64s(&table, m));
+    let measures = ["cosine", "distance", "kl_ab", "kl_ba", "kl_sym", "cka"]
+        .map(|m| column_opt_f64(&table, m));
     let mut checked_kl = 0;
     for r in 0..table.height() {
         let (ta, pa, ra) = &residuals[&(group[r].clone(), label_a[r].clone())];
@@ -215,8 +194,8 @@ fn every_measure_matches_a_direct_computation_on_a_fixture() {
                 "{what} row {r}: {got} vs {want}"
             );
         };
-        close(measures[0][r], want_cosine, 1e-9, "cosine");
-        close(measures[1][r], want_distance, 1e-9, "distance");
+        close(measures[0][r], want_cosine, 1e-6, "cosine");
+        close(measures[1][r], want_distance, 1e-6, "distance");
         // The full-vocabulary lens of each row, its KL both ways.
         let mut lens = |v: &[f64]| -> Vec<f64> {
             let residual: Vec<f32> = v.iter().map(|&x| x as f32).collect();
@@ -238,7 +217,7 @@ fn every_measure_matches_a_direct_computation_on_a_fixture() {
         } else {
             let x: Vec<Vec<f64>> = (*pa..pa + n).map(|p| row(&ra[stage], p)).collect();
             let y: Vec<Vec<f64>> = (*pa..pa + n).map(|p| row(&rb[stage], p)).collect();
-            close(measures[5][r], cka_features(&x, &y), 1e-9, "cka");
+            close(measures[5][r], cka_features(&x, &y), 1e-6, "cka");
         }
     }
     assert!(checked_kl >= 15, "the lens differs at most rows");
@@ -249,11 +228,11 @@ fn every_measure_matches_a_direct_computation_on_a_fixture() {
     // The summary: mean and sample std per (relationship, layer).
     let summary = read_parquet(&dir.path().join("traj.summary.parquet"));
     assert_eq!(summary.height(), 3 * 4);
-    let s_rel = strs(&summary, "relationship");
-    let s_layer = i64s(&summary, "layer");
-    let s_mean = f64s(&summary, "cosine_mean");
-    let s_std = f64s(&summary, "cosine_std");
-    let relationship = strs(&table, "relationship");
+    let s_rel = column_str(&summary, "relationship");
+    let s_layer = column_i64(&summary, "layer");
+    let s_mean = column_opt_f64(&summary, "cosine_mean");
+    let s_std = column_opt_f64(&summary, "cosine_std");
+    let relationship = column_str(&table, "relationship");
     for i in 0..summary.height() {
         let values: Vec<f64> = (0..table.height())
             .filter(|&r| relationship[r] == s_rel[i] && layer[r] == s_layer[i])
@@ -285,16 +264,7 @@ fn every_measure_matches_a_direct_computation_on_a_fixture() {
         .filter(|&l| (syn[l] - ant[l]).signum() != (syn[l - 1] - ant[l - 1]).signum())
         .map(|l| l as i64 - 1)
         .collect();
-    assert_eq!(
-        crossover
-            .column("layer")
-            .unwrap()
-            .i64()
-            .unwrap()
-            .into_no_null_iter()
-            .collect::<Vec<_>>(),
-        flips
-    );
+    assert_eq!(column_i64(&crossover, "layer"), flips);
 }
 
 #[test]
@@ -379,13 +349,13 @@ fn smollm2_covers_every_layer_and_its_embedding_cosine_is_the_weights() {
         &out,
     );
     let table = read_parquet(&out);
-    let layer = i64s(&table, "layer");
+    let layer = column_i64(&table, "layer");
     let pairs = table.height() / 31;
     assert_eq!(table.height(), pairs * 31, "layers −1 … 29 for every pair");
     assert_eq!(pairs, 3 + 1 + 1 + 3, "all pairs of the four groups");
     assert_eq!(layer[..31].to_vec(), (-1..30).collect::<Vec<i64>>());
     for name in ["cosine", "distance", "kl_ab", "kl_ba", "kl_sym", "cka"] {
-        let values = f64s(&table, name);
+        let values = column_opt_f64(&table, name);
         assert!(
             values.iter().all(|v| v.is_some_and(f64::is_finite)),
             "{name} has a null or NaN"
@@ -407,8 +377,8 @@ fn smollm2_covers_every_layer_and_its_embedding_cosine_is_the_weights() {
             .map(|&v| v as f64)
             .collect()
     };
-    let (token_a, token_b) = (i64s(&table, "token_a"), i64s(&table, "token_b"));
-    let cosine = f64s(&table, "cosine");
+    let (token_a, token_b) = (column_i64(&table, "token_a"), column_i64(&table, "token_b"));
+    let cosine = column_opt_f64(&table, "cosine");
     for r in (0..table.height()).filter(|&r| layer[r] == -1) {
         let (a, b) = (embedding(token_a[r]), embedding(token_b[r]));
         let want = dot(&a, &b) / (dot(&a, &a).sqrt() * dot(&b, &b).sqrt());
@@ -420,7 +390,7 @@ fn smollm2_covers_every_layer_and_its_embedding_cosine_is_the_weights() {
     }
     // The last layer's lens is the model's prediction: two different next
     // tokens' contexts give distributions apart.
-    let kl = f64s(&table, "kl_sym");
+    let kl = column_opt_f64(&table, "kl_sym");
     assert!((0..table.height())
         .filter(|&r| layer[r] == 29)
         .all(|r| kl[r].unwrap() > 0.0));
@@ -450,11 +420,11 @@ fn minilm_runs_without_a_lens_and_says_so_once() {
     );
     let table = read_parquet(&out);
     assert_eq!(table.height(), 8 * 7, "embedding and 6 blocks for 8 pairs");
-    assert!(f64s(&table, "kl_sym").iter().all(Option::is_none));
-    assert!(f64s(&table, "cosine")
+    assert!(column_opt_f64(&table, "kl_sym").iter().all(Option::is_none));
+    assert!(column_opt_f64(&table, "cosine")
         .iter()
         .all(|v| v.is_some_and(f64::is_finite)));
-    assert!(f64s(&table, "cka")
+    assert!(column_opt_f64(&table, "cka")
         .iter()
         .all(|v| v.is_some_and(f64::is_finite)));
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use probe::forward::{text::TextCodec, Capture, Edit, Engine, EngineOptions, Request, Trace};
 use probe::store::Checkpoint;
+use probe_contract::Branches;
 use serde_json::Value;
 
 use crate::real_models::real_model;
@@ -508,6 +509,119 @@ fn a_batch_gives_what_each_request_gives_alone_in_fewer_block_runs() {
             "{name}: {runs_batch} stacked runs for {runs_alone} alone"
         );
     }
+}
+
+#[test]
+fn branches_give_each_continuation_what_its_own_pass_gives() {
+    // Gemma 3's sliding window (4) is shorter than prefix + branch, and
+    // GPT-2's positions are learned: both must see the branch's positions
+    // continue from the prefix, not from the rows before it.
+    let families = [
+        "llama-tied-f32",
+        "qwen2-untied-f16",
+        "qwen3-tied-bf16",
+        "gemma3-tied-f32",
+        "gpt2-tied-f32",
+    ];
+    let prefix: Vec<u32> = vec![5, 9, 2, 7];
+    let continuations: [Vec<u32>; 3] = [vec![30, 1, 4], vec![11, 12, 13, 14, 15], vec![8]];
+    let branches = Branches {
+        prefix: prefix.len(),
+        lengths: continuations.iter().map(Vec::len).collect(),
+    };
+    let mut tokens = prefix.clone();
+    continuations.iter().for_each(|c| tokens.extend(c));
+    for name in families {
+        let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
+        let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+        let hidden = engine.arch.hidden;
+        let request = Request {
+            tokens: &tokens,
+            branches: Some(&branches),
+            capture: Capture {
+                residuals: true,
+                ..Capture::default()
+            },
+            ..Request::default()
+        };
+        // Two alike stack into one run per block.
+        let runs_before = engine.block_runs();
+        let both = engine
+            .run_batch(&[request.clone(), request.clone()])
+            .unwrap();
+        assert_eq!(
+            engine.block_runs() - runs_before,
+            engine.num_blocks(),
+            "{name}"
+        );
+        let branched = &both[0];
+        for (b, continuation) in continuations.iter().enumerate() {
+            let mut own = prefix.clone();
+            own.extend(continuation);
+            let alone = run(&mut engine, &own, everything());
+            let at = branches.start(b);
+            for (stage, (got, want)) in branched.residuals.iter().zip(&alone.residuals).enumerate()
+            {
+                let rows = |m: &[f32], from: usize, n: usize| {
+                    m[from * hidden..(from + n) * hidden].to_vec()
+                };
+                let pairs = [
+                    (rows(got, 0, prefix.len()), rows(want, 0, prefix.len())),
+                    (
+                        rows(got, at, continuation.len()),
+                        rows(want, prefix.len(), continuation.len()),
+                    ),
+                ];
+                for (g, w) in pairs {
+                    let worst = g
+                        .iter()
+                        .zip(&w)
+                        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                        .fold(0.0f32, f32::max);
+                    assert!(worst < 1e-4, "{name} branch {b} stage {stage}: {worst}");
+                }
+            }
+        }
+    }
+    // What branches cannot do: encoders, losses, layouts that do not add up.
+    let bert = Checkpoint::open(&fixture("bert-f32")).unwrap();
+    let mut engine = Engine::open(&bert, EngineOptions::default()).unwrap();
+    let error = engine
+        .run(&Request {
+            tokens: &tokens,
+            branches: Some(&branches),
+            ..Request::default()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("branches need a causal model; bert attends both ways"),
+        "{error}"
+    );
+    let llama = Checkpoint::open(&fixture("llama-tied-f32")).unwrap();
+    let mut engine = Engine::open(&llama, EngineOptions::default()).unwrap();
+    let error = engine
+        .run(&Request {
+            tokens: &tokens,
+            branches: Some(&branches),
+            capture: Capture {
+                loss: true,
+                ..Capture::default()
+            },
+            ..Request::default()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("no logits or loss"), "{error}");
+    let error = engine
+        .run(&Request {
+            tokens: &tokens[..10],
+            branches: Some(&branches),
+            ..Request::default()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("do not add up to the 10 tokens"), "{error}");
 }
 
 #[test]

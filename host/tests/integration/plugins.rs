@@ -6,7 +6,9 @@ use std::path::Path;
 
 use polars::prelude::*;
 
-use crate::util::{copy_dir, fixture, plugin_lib, probe, read_parquet, run_plugin, tempdir};
+use crate::util::{
+    column_f64, column_str, copy_dir, fixture, plugin_lib, probe, read_parquet, run_plugin, tempdir,
+};
 
 fn testkit() -> String {
     plugin_lib("probe-testkit").display().to_string()
@@ -37,25 +39,6 @@ fn expected_norms(model: &Path) -> Vec<(String, f64)> {
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
-}
-
-fn column_f64(df: &DataFrame, name: &str) -> Vec<f64> {
-    df.column(name)
-        .unwrap()
-        .f64()
-        .unwrap()
-        .into_no_null_iter()
-        .collect()
-}
-
-fn column_str(df: &DataFrame, name: &str) -> Vec<String> {
-    df.column(name)
-        .unwrap()
-        .str()
-        .unwrap()
-        .iter()
-        .map(|s| s.unwrap().to_string())
-        .collect()
 }
 
 #[test]

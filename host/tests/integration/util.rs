@@ -1,3 +1,4 @@
+use polars::prelude::DataFrame;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -184,7 +185,7 @@ fn newest_file(dir: &Path) -> Option<std::time::SystemTime> {
 }
 
 /// Read a parquet file into a frame.
-pub fn read_parquet(path: &Path) -> polars::prelude::DataFrame {
+pub fn read_parquet(path: &Path) -> DataFrame {
     use polars::prelude::*;
     ParquetReader::new(std::fs::File::open(path).unwrap())
         .finish()
@@ -214,4 +215,43 @@ where
     std::mem::forget(child);
     let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
     (code, usage.ru_maxrss)
+}
+
+/// A string column without nulls.
+pub fn column_str(frame: &DataFrame, name: &str) -> Vec<String> {
+    frame
+        .column(name)
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .map(|s| s.unwrap().to_string())
+        .collect()
+}
+
+/// A float column without nulls.
+pub fn column_f64(frame: &DataFrame, name: &str) -> Vec<f64> {
+    frame
+        .column(name)
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect()
+}
+
+/// A float column with its nulls.
+pub fn column_opt_f64(frame: &DataFrame, name: &str) -> Vec<Option<f64>> {
+    frame.column(name).unwrap().f64().unwrap().iter().collect()
+}
+
+/// An integer column without nulls.
+pub fn column_i64(frame: &DataFrame, name: &str) -> Vec<i64> {
+    frame
+        .column(name)
+        .unwrap()
+        .i64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect()
 }

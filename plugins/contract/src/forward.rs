@@ -46,6 +46,68 @@ impl Edit {
     }
 }
 
+/// Several continuations of one prefix in one sequence (2.2): the tokens
+/// are the prefix, then each branch's tokens in turn. A branch's rows attend
+/// to the prefix and to their own branch only, and its positions continue
+/// from the prefix's end, so every branch's rows are what a separate pass
+/// over `prefix ++ branch` gives — with the prefix computed once. Causal
+/// models only.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Branches {
+    /// Tokens shared by every branch, at the start of the sequence.
+    pub prefix: usize,
+    /// Each branch's length in tokens; they add up to the rest of the sequence.
+    pub lengths: Vec<usize>,
+}
+
+impl Branches {
+    /// The position (for rotary and learned position embeddings) of every
+    /// row of a sequence laid out this way.
+    pub fn positions(&self) -> Vec<usize> {
+        let mut positions: Vec<usize> = (0..self.prefix).collect();
+        for &len in &self.lengths {
+            positions.extend(self.prefix..self.prefix + len);
+        }
+        positions
+    }
+
+    /// Which part of the sequence each row belongs to: `None` for the
+    /// prefix, `Some(b)` for branch `b`.
+    pub fn owners(&self) -> Vec<Option<usize>> {
+        let mut owners = vec![None; self.prefix];
+        for (b, &len) in self.lengths.iter().enumerate() {
+            owners.extend(std::iter::repeat_n(Some(b), len));
+        }
+        owners
+    }
+
+    /// The first row of branch `b`.
+    pub fn start(&self, b: usize) -> usize {
+        self.prefix + self.lengths[..b].iter().sum::<usize>()
+    }
+
+    /// Whether this layout fits a sequence of `tokens` tokens.
+    pub fn check(&self, tokens: usize) -> Result<(), String> {
+        if self.prefix == 0 || self.lengths.is_empty() || self.lengths.contains(&0) {
+            return Err(
+                "`branches`: a prefix of at least one token and branches of at least one".into(),
+            );
+        }
+        let total = self
+            .lengths
+            .iter()
+            .try_fold(self.prefix, |a, &b| a.checked_add(b));
+        if total != Some(tokens) {
+            return Err(format!(
+                "`branches`: the prefix ({}) and the branches ({:?}) do not add up to the {tokens} tokens",
+                self.prefix, self.lengths
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One forward pass to run. The host refuses fields it does not know, so a
 /// plugin never asks for something an older host would silently ignore.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -85,6 +147,11 @@ pub struct ForwardRequest {
     /// travels in the JSON: `forward_batch` passes it as raw floats.
     #[serde(skip)]
     pub start: Option<Vec<f32>>,
+    /// The tokens are a prefix and several continuations of it, each
+    /// attending to the prefix and itself only (2.2; causal models only; no
+    /// loss, whose next tokens would be ambiguous).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branches: Option<Branches>,
 }
 
 impl ForwardRequest {
@@ -95,6 +162,12 @@ impl ForwardRequest {
         }
         if self.loss_vocab.is_some() && (self.logits || !self.loss) {
             return Err("`loss_vocab` restricts the loss: ask for `loss` and not `logits`".into());
+        }
+        if let Some(branches) = &self.branches {
+            branches.check(self.tokens.len())?;
+            if self.loss || self.logits {
+                return Err("`branches` has no next token for the prefix's last row: ask for no loss or logits".into());
+            }
         }
         Ok(())
     }

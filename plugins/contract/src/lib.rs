@@ -34,7 +34,7 @@ pub mod model;
 pub mod params;
 
 pub use abi::AbiVersion;
-pub use forward::{Edit, EditChange, ForwardMeta, ForwardRequest, OutputKind};
+pub use forward::{Branches, Edit, EditChange, ForwardMeta, ForwardRequest, OutputKind};
 pub use lens::{LensReply, LensRequest, LensRow};
 pub use messages::{EncodeRequest, RunInfo, TextMode, WriteReordered};
 pub use model::{Dtype, Family, ModelInfo, Role, TensorInfo};

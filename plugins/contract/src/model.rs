@@ -92,6 +92,14 @@ impl Family {
         !matches!(self, Self::Bert)
     }
 
+    /// Whether a position attends only to itself and earlier positions, so
+    /// tokens appended to a sequence never change the rows before them and
+    /// forward requests may carry `branches` (every family but the BERT
+    /// encoders).
+    pub fn is_causal(&self) -> bool {
+        !matches!(self, Self::Bert)
+    }
+
     /// Whether 2-D weights are stored (in, out) — GPT-2's Conv1D — rather
     /// than Linear's (out, in).
     pub fn stores_transposed(&self) -> bool {
@@ -495,5 +503,6 @@ mod tests {
         assert_eq!(Role::Q.table_name(true), "q_bias");
         assert!(Dtype::BF16.is_float() && !Dtype::I8.is_float());
         assert!(!Family::Bert.is_decoder() && Family::Gpt2.stores_transposed());
+        assert!(!Family::Bert.is_causal() && Family::Gemma3.is_causal());
     }
 }

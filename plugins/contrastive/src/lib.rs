@@ -49,21 +49,20 @@ struct Kept {
 }
 
 impl Kept {
-    fn from_output(out: ForwardOutput, prompt_len: usize) -> Self {
+    /// `sequence`'s completion rows from a pass whose rows `at..` hold them
+    /// (`at` = the prompt's length for a pass of its own; a branch's first
+    /// row in a branched pass).
+    fn from_output(out: &ForwardOutput, sequence: &Sequence, at: usize) -> Self {
         let hidden = out.hidden;
-        let stages = out
-            .residuals
-            .into_iter()
-            .map(|mut stage| {
-                stage.drain(..prompt_len * hidden);
-                stage.shrink_to_fit();
-                stage
-            })
-            .collect();
+        let rows = at * hidden..(at + sequence.completion().len()) * hidden;
         Kept {
-            tokens: out.tokens,
-            prompt_len,
-            stages,
+            tokens: sequence.tokens.clone(),
+            prompt_len: sequence.prompt_len,
+            stages: out
+                .residuals
+                .iter()
+                .map(|stage| stage[rows.clone()].to_vec())
+                .collect(),
             hidden,
         }
     }
@@ -79,11 +78,41 @@ impl Kept {
     }
 }
 
+/// The forward request of a group whose completions share their prompt's
+/// tokens on a causal model: one pass, the prompt once and each completion
+/// as a branch of it. `None` when they do not share them.
+fn branched_request(sequences: &[Sequence]) -> Option<ForwardRequest> {
+    let first = sequences.first()?;
+    let prompt = &first.tokens[..first.prompt_len];
+    if sequences
+        .iter()
+        .any(|s| &s.tokens[..s.prompt_len] != prompt)
+    {
+        return None;
+    }
+    let mut tokens = prompt.to_vec();
+    for s in sequences {
+        tokens.extend_from_slice(s.completion());
+    }
+    Some(ForwardRequest {
+        tokens,
+        residuals: true,
+        branches: Some(Branches {
+            prefix: prompt.len(),
+            lengths: sequences.iter().map(|s| s.completion().len()).collect(),
+        }),
+        ..Default::default()
+    })
+}
+
 /// A group with its completions encoded and every pair's divergence found.
 struct Prepared<'g> {
     index: usize,
     group: &'g Group,
     sequences: Vec<Sequence>,
+    /// The forward requests: one branched pass (causal models), else one
+    /// pass per completion.
+    requests: Vec<ForwardRequest>,
     /// `(i, j, divergence position)` for every pair i < j.
     pairs: Vec<(usize, usize, usize)>,
 }
@@ -94,6 +123,7 @@ fn prepare<'g>(
     index: usize,
     group: &'g Group,
     chat: bool,
+    causal: bool,
 ) -> Result<Prepared<'g>, PluginError> {
     let at = |problem: String| format!("{set_name}: group {index} (`{}`): {problem}", group.id);
     let sequences = group
@@ -115,10 +145,22 @@ fn prepare<'g>(
             pairs.push((i, j, d));
         }
     }
+    let requests = match branched_request(&sequences).filter(|_| causal) {
+        Some(request) => vec![request],
+        None => sequences
+            .iter()
+            .map(|s| ForwardRequest {
+                tokens: s.tokens.clone(),
+                residuals: true,
+                ..Default::default()
+            })
+            .collect(),
+    };
     Ok(Prepared {
         index,
         group,
         sequences,
+        requests,
         pairs,
     })
 }
@@ -394,6 +436,7 @@ impl Plugin for Contrastive {
             ));
         }
         let lens = model.family.is_decoder();
+        let causal = model.family.is_causal();
         if !lens {
             host.warn(&format!(
                 "{} is an encoder ({}): it has no unembedding, so no logit lens; kl_ab, kl_ba and kl_sym are null",
@@ -407,7 +450,7 @@ impl Plugin for Contrastive {
             .collect();
         let prepared = selected
             .iter()
-            .map(|&i| prepare(host, &set_name, i, &groups[i], chat))
+            .map(|&i| prepare(host, &set_name, i, &groups[i], chat, causal))
             .collect::<Result<Vec<_>, _>>()?;
         let per_token = (model.num_layers + 1) * model.hidden_size.unwrap_or(1);
         let mut rows = Rows::default();
@@ -421,9 +464,9 @@ impl Plugin for Contrastive {
             let mut floats = 0;
             while end < prepared.len() {
                 let need: usize = prepared[end]
-                    .sequences
+                    .requests
                     .iter()
-                    .map(|s| s.tokens.len() * per_token)
+                    .map(|r| r.tokens.len() * per_token)
                     .sum();
                 if end > start && floats + need > BATCH_FLOATS {
                     break;
@@ -433,27 +476,31 @@ impl Plugin for Contrastive {
             }
             let requests: Vec<ForwardRequest> = prepared[start..end]
                 .iter()
-                .flat_map(|p| &p.sequences)
-                .map(|s| ForwardRequest {
-                    tokens: s.tokens.clone(),
-                    residuals: true,
-                    ..Default::default()
-                })
+                .flat_map(|p| p.requests.iter().cloned())
                 .collect();
             let mut outputs = host.forward_batch(&requests)?.into_iter();
             for group in &prepared[start..end] {
-                let kept: Vec<Kept> = group
-                    .sequences
-                    .iter()
-                    .map(|s| {
-                        outputs
-                            .next()
-                            .map(|out| Kept::from_output(out, s.prompt_len))
-                            .ok_or_else(|| {
-                                PluginError::Host("forward_batch: missing result".into())
-                            })
-                    })
-                    .collect::<Result<_, _>>()?;
+                let mut next = || {
+                    outputs
+                        .next()
+                        .ok_or_else(|| PluginError::Host("forward_batch: missing result".into()))
+                };
+                let kept: Vec<Kept> = match &group.requests[0].branches {
+                    Some(branches) => {
+                        let out = next()?;
+                        group
+                            .sequences
+                            .iter()
+                            .enumerate()
+                            .map(|(b, s)| Kept::from_output(&out, s, branches.start(b)))
+                            .collect()
+                    }
+                    None => group
+                        .sequences
+                        .iter()
+                        .map(|s| Ok(Kept::from_output(&next()?, s, s.prompt_len)))
+                        .collect::<Result<_, PluginError>>()?,
+                };
                 short += measure(host, group, &kept, lens, &mut rows)?;
                 done += 1;
                 host.progress(done, prepared.len() as u64, "groups");

@@ -202,6 +202,14 @@ impl Host<'_> {
         &self,
         requests: &[ForwardRequest],
     ) -> Result<Vec<ForwardOutput>, PluginError> {
+        // `branches` came with 2.2 (with `encode`); an older host would
+        // refuse the field without naming versions.
+        if requests.iter().any(|r| r.branches.is_some()) && !self.api.provides(abi::since::ENCODE) {
+            return Err(PluginError::Host(format!(
+                "forward requests with `branches` need plugin ABI 2.2, which this probe (plugin ABI {}) lacks: update probe",
+                self.api.abi
+            )));
+        }
         let json =
             serde_json::to_string(requests).map_err(|e| PluginError::Other(e.to_string()))?;
         let starts: Vec<*const f32> = requests

@@ -41,8 +41,8 @@ pub use probe_contract::abi;
 /// Parameter specs and the typed values a plugin reads.
 pub use probe_contract::params;
 pub use probe_contract::{
-    Dtype, Edit, EditChange, Family, LensReply, LensRequest, LensRow, ModelInfo, ParamError,
-    ParamKind, ParamSpec, Params, Role, RunInfo, TensorInfo, TextMode,
+    Branches, Dtype, Edit, EditChange, Family, LensReply, LensRequest, LensRow, ModelInfo,
+    ParamError, ParamKind, ParamSpec, Params, Role, RunInfo, TensorInfo, TextMode,
 };
 
 use abi::{F32Buffer, HostApi, PluginApi, StrRef, TensorInfoC};
@@ -55,8 +55,8 @@ pub mod prelude {
     pub use crate::matrices::{Matrix, MatrixValues};
     pub use crate::{export_plugin, Host, Plugin, PluginError};
     pub use crate::{
-        Dtype, Edit, Family, LensReply, LensRequest, LensRow, ModelInfo, ParamKind, ParamSpec,
-        Params, Role, RunInfo, TensorInfo, TextMode,
+        Branches, Dtype, Edit, Family, LensReply, LensRequest, LensRow, ModelInfo, ParamKind,
+        ParamSpec, Params, Role, RunInfo, TensorInfo, TextMode,
     };
     pub use polars::prelude::*;
 }
