@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use polars::prelude::*;
 use probe::forward::{text::TextCodec, Capture, Engine, EngineOptions, Request};
 use probe::store::Checkpoint;
 

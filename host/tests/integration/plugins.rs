@@ -4,8 +4,6 @@
 
 use std::path::Path;
 
-use polars::prelude::*;
-
 use crate::util::{
     column_f64, column_str, copy_dir, fixture, plugin_lib, probe, read_parquet, run_plugin, tempdir,
 };
