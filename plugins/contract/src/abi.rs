@@ -25,7 +25,7 @@
 //! |---|---|
 //! | 2.0 | one typed contract crate; `forward` and `forward_from` cut (`forward_batch` is the one way to run, with raw start residuals); tensor roles as a role plus a `bias` flag |
 //! | 2.1 | `HostApi::run_info`: the device and threads forward passes run with |
-//! | 2.2 | `HostApi::encode` (a text as a prompt, a chat message or a continuation without special tokens) and `HostApi::lens_reduce` (the logit lens reduced in the host: entropy, top-k, target rank, KL between rows) |
+//! | 2.2 | `HostApi::encode` (a text as a prompt, a chat message or a continuation without special tokens) and `HostApi::lens_reduce` (the logit lens reduced in the host: entropy, top-k, target rank, KL between rows); `ForwardRequest::branches` (continuations of one prefix in one pass; the SDK refuses it on an older host, naming both versions) |
 
 use std::ffi::{c_char, c_void};
 use std::mem::offset_of;
