@@ -8,7 +8,7 @@ use probe::store::Checkpoint;
 use std::path::Path;
 
 use crate::real_models::real_model;
-use crate::util::{fixture, probe, tempdir};
+use crate::util::{column_i64, fixture, probe, tempdir};
 
 #[test]
 fn shuffled_blocks_run_in_their_true_order_give_the_original_model() {
@@ -139,7 +139,7 @@ fn the_shuffle_plugin_scores_its_methods_against_the_recorded_truth() {
     let methods = crate::util::read_parquet(&dir.path().join("order.methods.parquet"));
     assert_eq!(rows.height(), METHODS.len() * 4, "methods × 4 blocks");
     let truth = probe::shuffle::permutation(4, 5);
-    let column = |name: &str| i64_column(&rows, name);
+    let column = |name: &str| column_i64(&rows, name);
     let (stored, recovered, true_position) = (
         column("stored_index"),
         column("recovered_position"),
@@ -262,16 +262,6 @@ fn the_repaired_checkpoint_is_the_original() {
     assert_eq!(a.config, b.config, "gemma3's layer_types are back in order");
 }
 
-fn i64_column(table: &polars::prelude::DataFrame, name: &str) -> Vec<i64> {
-    table
-        .column(name)
-        .unwrap()
-        .i64()
-        .unwrap()
-        .into_no_null_iter()
-        .collect()
-}
-
 /// Shuffle a real model with `seed`, run the plugin's default pipeline and
 /// return (recovered position, true position) per stored block.
 fn recover(model: &Path, seed: u64) -> (Vec<i64>, Vec<i64>) {
@@ -289,7 +279,7 @@ fn recover(model: &Path, seed: u64) -> (Vec<i64>, Vec<i64>) {
     let out = dir.path().join("order.parquet");
     crate::util::run_plugin_to("probe-plugin-shuffle", &shuffled, &[], &out);
     let rows = crate::util::read_parquet(&out);
-    let column = |name: &str| i64_column(&rows, name);
+    let column = |name: &str| column_i64(&rows, name);
     (column("recovered_position"), column("true_position"))
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::real_models::real_model;
-use crate::util::{fixture, read_parquet, run_plugin_to, tempdir};
+use crate::util::{column_f64, column_i64, fixture, read_parquet, run_plugin_to, tempdir};
 
 /// Write F32 tensors as one safetensors file.
 fn write_checkpoint(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
@@ -93,25 +93,8 @@ fn parameter_golf_contributions_match_the_hand_computed_table() {
     let eff_mlp = [1.0 * 6.0, 0.5 * 2.0, 2.0 * 4.0];
     let totals = [7.0, 5.0, 8.25];
     let sum = 20.25;
-    let f64s = |name: &str| -> Vec<f64> {
-        table
-            .column(name)
-            .unwrap()
-            .f64()
-            .unwrap()
-            .into_no_null_iter()
-            .collect()
-    };
-    assert_eq!(
-        table
-            .column("layer")
-            .unwrap()
-            .i64()
-            .unwrap()
-            .into_no_null_iter()
-            .collect::<Vec<_>>(),
-        vec![0, 1, 2]
-    );
+    let f64s = |name: &str| column_f64(&table, name);
+    assert_eq!(column_i64(&table, "layer"), vec![0, 1, 2]);
     assert_eq!(f64s("eff_attn"), eff_attn);
     assert_eq!(f64s("eff_mlp"), eff_mlp);
     assert_eq!(f64s("eff_total"), totals);
