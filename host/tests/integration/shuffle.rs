@@ -297,15 +297,17 @@ fn the_default_pipeline_restores_minilm_for_20_seeds() {
 }
 
 /// SmolLM2 (30 blocks): `flow` alone misplaces nine; the loss-checked
-/// repair puts every one back, for every seed. (The pipeline never reads
-/// stored indices, so its answer in true positions should not depend on the
-/// seed; the test does not take that on trust.)
+/// repair puts every one back. The pipeline never reads stored indices, so
+/// its answer in true positions should not depend on the seed; two seeds
+/// check that here (the fixtures and MiniLM above take 20 each), and the
+/// 20-seed SmolLM2 sweep is `cargo xtask bench shuffle` — 15 s a seed in a
+/// debug build is a benchmark's cost, not a test's.
 #[test]
-fn the_default_pipeline_restores_smollm2_for_20_seeds() {
+fn the_default_pipeline_restores_smollm2_for_two_seeds() {
     let Some(model) = real_model("SmolLM2-135M-Instruct") else {
         return;
     };
-    for seed in 1..=20 {
+    for seed in [3, 17] {
         let (recovered, truth) = recover(&model, seed);
         assert_eq!(recovered, truth, "seed {seed}");
     }
