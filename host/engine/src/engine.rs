@@ -447,31 +447,16 @@ impl<'c> Engine<'c> {
             if most == 0 {
                 break;
             }
-            // The requests this round, by the block each runs next, their
-            // length and layout (a stack shares one mask and one position
-            // table, so it holds sequences of one length and layout).
-            type Key<'r> = (usize, usize, Option<&'r Branches>);
-            let mut by_block: BTreeMap<Key<'_>, Vec<usize>> = BTreeMap::new();
+            // The requests this round, by the block each runs next.
+            let mut by_block: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
             for (i, p) in pending.iter().enumerate() {
                 if left(p) == most {
-                    let request = &requests[i];
-                    let key = (
-                        p.trace.blocks[p.done],
-                        request.tokens.len(),
-                        request.branches,
-                    );
-                    by_block.entry(key).or_default().push(i);
+                    by_block.entry(p.trace.blocks[p.done]).or_default().push(i);
                 }
             }
-            for ((block, t, layout), members) in by_block {
-                for stack in members.chunks((STACK_TOKENS / t).max(1)) {
-                    let run = StackRun {
-                        block,
-                        t,
-                        layout,
-                        stack,
-                    };
-                    self.run_block(run, requests, &mut pending, &tables, &mut masks)?;
+            for (block, members) in by_block {
+                for stack in stacks_for_block(&members, requests) {
+                    self.run_block(block, &stack, requests, &mut pending, &tables, &mut masks)?;
                 }
             }
         }
@@ -641,27 +626,37 @@ impl<'c> Engine<'c> {
             .to_vec())
     }
 
-    /// Run `block` once on the residuals of the requests in `stack` (all of
-    /// `t` tokens laid out alike), stacked along the token axis, and advance
-    /// each of them by that block.
+    /// Run `block` once on the residuals of the requests in `stack`, stacked
+    /// along the token axis, and advance each of them by that block. When
+    /// they all have one length and layout, the graph sees `B` sequences of
+    /// `t` rows under one `[t, t]` mask; otherwise it sees one sequence of
+    /// all their rows under a block-diagonal mask made of each request's own
+    /// mask, with every row's position its own request's — attention never
+    /// crosses from one request to another either way.
     fn run_block(
         &mut self,
-        run: StackRun<'_, '_>,
+        block: usize,
+        stack: &[usize],
         requests: &[Request<'_>],
         pending: &mut [Pending],
         tables: &[(Vec<f32>, Vec<f32>)],
         masks: &mut HashMap<MaskKey, Vec<f32>>,
     ) -> Result<(), ForwardError> {
-        let StackRun {
-            block,
-            t,
-            layout,
-            stack,
-        } = run;
         let hidden = self.arch.hidden;
         let fail = ort_error(self.checkpoint, &format!("running block {block}"));
         let kind = self.arch.blocks[block];
-        let n = t * stack.len();
+        let shape = |i: usize| (requests[i].tokens.len(), requests[i].branches);
+        let uniform = stack.iter().all(|&i| shape(i) == shape(stack[0]));
+        // The sequences the mask spans: one shape for a uniform stack, every
+        // request's in turn for a packed one.
+        let spans: Vec<(usize, Option<&Branches>)> = if uniform {
+            vec![shape(stack[0])]
+        } else {
+            stack.iter().map(|&i| shape(i)).collect()
+        };
+        let t: usize = spans.iter().map(|&(len, _)| len).sum();
+        let lengths: Vec<usize> = stack.iter().map(|&i| requests[i].tokens.len()).collect();
+        let n: usize = lengths.iter().sum();
         let stacked: Cow<'_, [f32]> = match stack {
             [one] => Cow::Borrowed(&pending[*one].residual),
             _ => Cow::Owned(
@@ -671,12 +666,13 @@ impl<'c> Engine<'c> {
                     .collect(),
             ),
         };
+        let key: MaskKey = (
+            kind.attention,
+            spans.iter().map(|&(len, b)| (len, b.cloned())).collect(),
+        );
         let mask = masks
-            .entry((kind.attention, t, layout.cloned()))
-            .or_insert_with(|| match layout {
-                Some(branches) => branched_mask(kind.attention, branches),
-                None => attention_mask(kind.attention, t),
-            });
+            .entry(key)
+            .or_insert_with(|| packed_mask(kind.attention, &spans));
         let wants = |f: fn(&Capture) -> bool| stack.iter().any(|&i| f(&requests[i].capture));
         let (updates, attention) = (wants(|c| c.updates), wants(|c| c.attention));
         let mut selector = OutputSelector::no_default().with(io::OUT);
@@ -695,17 +691,23 @@ impl<'c> Engine<'c> {
                 .map_err(&fail)?
                 .into(),
         ));
-        // Branched layouts gather their rows' positions from the table.
+        // Plain sequences take the table's first t rows; branched and packed
+        // ones gather each row's position from it.
         let gathered: (Vec<f32>, Vec<f32>);
         if let Some(rope) = kind.rope {
-            // The first t rows: positions restart in every sequence.
             let dh = self.arch.head_dim;
-            let (cos, sin) = match layout {
-                Some(branches) => {
+            let (cos, sin) = match spans.as_slice() {
+                [(_, None)] => (&tables[rope].0, &tables[rope].1),
+                _ => {
+                    let positions: Vec<usize> = spans
+                        .iter()
+                        .flat_map(|&(len, b)| {
+                            b.map_or_else(|| (0..len).collect(), Branches::positions)
+                        })
+                        .collect();
                     let (cos, sin) = &tables[rope];
                     let gather = |table: &[f32]| -> Vec<f32> {
-                        branches
-                            .positions()
+                        positions
                             .iter()
                             .flat_map(|&p| table[p * dh..(p + 1) * dh].iter().copied())
                             .collect()
@@ -713,7 +715,6 @@ impl<'c> Engine<'c> {
                     gathered = (gather(cos), gather(sin));
                     (&gathered.0, &gathered.1)
                 }
-                None => (&tables[rope].0, &tables[rope].1),
             };
             inputs.push((
                 io::COS.into(),
@@ -754,9 +755,10 @@ impl<'c> Engine<'c> {
         } else {
             &[][..]
         };
-        let map = self.arch.heads * t * t;
-        for (s, &i) in stack.iter().enumerate() {
-            let rows = s * t * hidden..(s + 1) * t * hidden;
+        let heads = self.arch.heads;
+        let mut offset = 0;
+        for (s, (&i, &len)) in stack.iter().zip(&lengths).enumerate() {
+            let rows = offset * hidden..(offset + len) * hidden;
             let capture = requests[i].capture;
             let p = &mut pending[i];
             p.residual.clear();
@@ -768,10 +770,22 @@ impl<'c> Engine<'c> {
                 p.trace.mlp_updates.push(mlp_update[rows].to_vec());
             }
             if capture.attention {
-                p.trace
-                    .attention
-                    .push(probs[s * map..(s + 1) * map].to_vec());
+                p.trace.attention.push(if uniform {
+                    let map = heads * t * t;
+                    probs[s * map..(s + 1) * map].to_vec()
+                } else {
+                    // This request's diagonal block of every head's [n, n] map.
+                    let mut own = Vec::with_capacity(heads * len * len);
+                    for h in 0..heads {
+                        for r in offset..offset + len {
+                            let row = (h * n + r) * n;
+                            own.extend_from_slice(&probs[row + offset..row + offset + len]);
+                        }
+                    }
+                    own
+                });
             }
+            offset += len;
             p.done += 1;
             apply_edits(&mut p.residual, hidden, requests[i].edits, p.done);
             if capture.residuals {
@@ -1021,17 +1035,66 @@ pub fn rope_table(inv_freq: &[f64], t: usize) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-/// A stacked block run: which block, the stack's length and layout, and the
-/// requests in it.
-struct StackRun<'s, 'r> {
-    block: usize,
-    t: usize,
-    layout: Option<&'r Branches>,
-    stack: &'s [usize],
+/// Masks are cached per attention kind and the sequences they span.
+type MaskKey = (Attention, Vec<(usize, Option<Branches>)>);
+
+/// How the requests running `block` next (`members`, in request order) go
+/// into session runs. Requests of one length and layout stack as `B`
+/// sequences, `STACK_TOKENS / t` to a run (their attention is the cheapest:
+/// each sequence sees only its own rows); what is left over of every shape —
+/// short prompts of different lengths, branched groups each laid out its own
+/// way — is packed, in order, into runs of up to `STACK_TOKENS` rows, so the
+/// block's weights are read once per few hundred tokens whatever their shapes.
+fn stacks_for_block(members: &[usize], requests: &[Request<'_>]) -> Vec<Vec<usize>> {
+    let mut by_shape: BTreeMap<(usize, Option<&Branches>), Vec<usize>> = BTreeMap::new();
+    for &i in members {
+        let request = &requests[i];
+        by_shape
+            .entry((request.tokens.len(), request.branches))
+            .or_default()
+            .push(i);
+    }
+    let mut runs = Vec::new();
+    let mut rest = Vec::new();
+    for ((t, _), alike) in by_shape {
+        let full = (STACK_TOKENS / t).max(1);
+        for chunk in alike.chunks(full) {
+            if chunk.len() == full {
+                runs.push(chunk.to_vec());
+            } else {
+                rest.extend_from_slice(chunk);
+            }
+        }
+    }
+    rest.sort_unstable();
+    runs.extend(stacks(&rest, |i| requests[i].tokens.len(), STACK_TOKENS));
+    runs
 }
 
-/// Masks are cached per attention kind, length and layout.
-type MaskKey = (Attention, usize, Option<Branches>);
+/// The additive mask over sequences packed one after another (`spans`: each
+/// one's length and layout): each sequence's own mask on the diagonal, −∞
+/// between sequences.
+fn packed_mask(attention: Attention, spans: &[(usize, Option<&Branches>)]) -> Vec<f32> {
+    if let [(t, layout)] = spans {
+        return match layout {
+            Some(branches) => branched_mask(attention, branches),
+            None => attention_mask(attention, *t),
+        };
+    }
+    let n: usize = spans.iter().map(|&(t, _)| t).sum();
+    let mut mask = vec![f32::NEG_INFINITY; n * n];
+    let mut offset = 0;
+    for &span in spans {
+        let t = span.0;
+        let own = packed_mask(attention, &[span]);
+        for i in 0..t {
+            let row = (offset + i) * n + offset;
+            mask[row..row + t].copy_from_slice(&own[i * t..(i + 1) * t]);
+        }
+        offset += t;
+    }
+    mask
+}
 
 /// The additive `[T, T]` mask of a branched sequence: a row attends to the
 /// prefix and to its own branch (never another branch), and within those

@@ -511,6 +511,69 @@ fn a_batch_gives_what_each_request_gives_alone_in_fewer_block_runs() {
     }
 }
 
+/// Requests of different lengths and layouts (plain, branched two ways)
+/// share one session run per block — one sequence under a block-diagonal
+/// mask — and each gets what it gets alone: residuals, updates, its own
+/// block of the attention maps, logits. Gemma 3's window (4) is shorter than
+/// most of them; GPT-2's positions are learned; BERT attends both ways.
+#[test]
+fn requests_of_different_shapes_pack_into_one_run_per_block() {
+    let families = [
+        "llama-tied-f32",
+        "qwen2-untied-f16",
+        "qwen3-tied-bf16",
+        "gemma3-tied-f32",
+        "gpt2-tied-f32",
+        "bert-f32",
+    ];
+    let plain_a: Vec<u32> = vec![5, 9, 2, 7, 30];
+    let plain_b: Vec<u32> = (1..=9).collect();
+    let forked: Vec<u32> = vec![4, 4, 6, 11, 12, 3, 2];
+    let forked_at_3 = Branches {
+        prefix: 3,
+        lengths: vec![2, 2],
+    };
+    let forked_at_2 = Branches {
+        prefix: 2,
+        lengths: vec![4, 1],
+    };
+    for name in families {
+        let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
+        let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+        let causal = name != "bert-f32";
+        let plain = |tokens| Request {
+            tokens,
+            capture: Capture {
+                logits: causal,
+                loss: causal,
+                ..everything()
+            },
+            ..Request::default()
+        };
+        let branched = |branches| Request {
+            tokens: &forked,
+            branches: Some(branches),
+            capture: Capture {
+                logits: false,
+                loss: false,
+                ..everything()
+            },
+            ..Request::default()
+        };
+        let mut requests = vec![plain(&plain_a), plain(&plain_b)];
+        if causal {
+            requests.extend([branched(&forked_at_3), branched(&forked_at_2)]);
+        }
+        let alone: Vec<Trace> = requests.iter().map(|r| engine.run(r).unwrap()).collect();
+        let before = engine.block_runs();
+        let batch = engine.run_batch(&requests).unwrap();
+        assert_eq!(engine.block_runs() - before, engine.num_blocks(), "{name}");
+        for (i, (b, a)) in batch.iter().zip(&alone).enumerate() {
+            assert_same_trace(&format!("{name} request {i}"), b, a);
+        }
+    }
+}
+
 #[test]
 fn branches_give_each_continuation_what_its_own_pass_gives() {
     // Gemma 3's sliding window (4) is shorter than prefix + branch, and
