@@ -128,6 +128,7 @@ pub const BUILTIN_PLUGINS: &[&str] = &[
     "probe-plugin-vshape",
     "probe-plugin-shuffle",
     "probe-plugin-contrastive",
+    "probe-plugin-lens",
 ];
 
 /// Build probe and the built-in plugins, and copy the plugins into

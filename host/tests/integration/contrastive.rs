@@ -10,39 +10,11 @@ use probe::store::Checkpoint;
 
 use crate::real_models::real_model;
 use crate::util::{
-    column_i64, column_opt_f64, column_str, copy_dir, fixture, read_parquet, run_plugin,
+    column_i64, column_opt_f64, column_str, fixture_with_tokenizer, read_parquet, run_plugin,
     run_plugin_to, tempdir,
 };
 
 const PLUGIN: &str = "probe-plugin-contrastive";
-
-/// A llama fixture with a word-level tokenizer over the words below.
-fn fixture_with_tokenizer(dir: &Path) -> PathBuf {
-    let model = dir.join("llama");
-    copy_dir(&fixture("llama-tied-f32"), &model);
-    let words = [
-        "<unk>", "the", "cat", "sat", "on", "mat", "it", "was", "big", "large", "huge", "and",
-        "warm", "day", "very", "hot", "cold", "dry", "is", "yes", "no", "sir", ".",
-    ];
-    let vocab: serde_json::Map<String, serde_json::Value> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.to_string(), (i as u64 * 4 + 1).into()))
-        .collect();
-    let tokenizer = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-    model
-}
 
 const FIXTURE_SET: &str = r#"{"groups": [
   {"id": "size", "relationship": "synonym", "prompt": "the cat sat on the mat",

@@ -255,3 +255,32 @@ pub fn column_i64(frame: &DataFrame, name: &str) -> Vec<i64> {
         .into_no_null_iter()
         .collect()
 }
+
+/// A llama fixture with a word-level tokenizer over the words below (ids
+/// 1, 5, 9, … so that a wrong offset cannot pass).
+pub fn fixture_with_tokenizer(dir: &Path) -> PathBuf {
+    let model = dir.join("llama");
+    copy_dir(&fixture("llama-tied-f32"), &model);
+    let words = [
+        "<unk>", "the", "cat", "sat", "on", "mat", "it", "was", "big", "large", "huge", "and",
+        "warm", "day", "very", "hot", "cold", "dry", "is", "yes", "no", "sir", ".",
+    ];
+    let vocab: serde_json::Map<String, serde_json::Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), (i as u64 * 4 + 1).into()))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    model
+}

@@ -29,6 +29,7 @@
 
 pub mod forward;
 pub mod matrices;
+pub mod prompts;
 pub mod table;
 pub mod validate;
 
@@ -53,6 +54,7 @@ use polars::prelude::*;
 pub mod prelude {
     pub use crate::forward::{ForwardOutput, ForwardRequest, Sequence};
     pub use crate::matrices::{Matrix, MatrixValues};
+    pub use crate::prompts::{Prompt, PromptOptions, PromptSet};
     pub use crate::{export_plugin, Host, Plugin, PluginError};
     pub use crate::{
         Branches, Dtype, Edit, Family, LensReply, LensRequest, LensRow, ModelInfo, ParamKind,

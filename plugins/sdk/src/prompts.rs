@@ -1,0 +1,414 @@
+//! The prompt set every forward-pass plugin reads, so that their tables
+//! join: `probes/prompts.jsonl` (built in) or `--param prompts=FILE` in the
+//! same format, one JSON object a line:
+//!
+//! ```text
+//! {"category": "factual", "prompt": "The capital of France is"}
+//! {"category": "code", "prompt": "def add(a, b):\n    return", "completion": " a + b"}
+//! ```
+//!
+//! A prompt's token sequence is `encode(prompt) ++ encode(completion)`, the
+//! completion without special tokens ([`Host::sequence`]); where a line has
+//! no completion the model's own greedy one is generated
+//! ([`Host::prompt_sequences`]). The scored positions are those that predict
+//! a completion token ([`Sequence::scored_positions`]), and a set's loss is
+//! the mean over all its scored tokens ([`set_loss`]).
+//!
+//! ```ignore
+//! let set = PromptSet::from_params(params)?;
+//! let sequences = host.prompt_sequences(&set, &PromptOptions::from_params(params)?)?;
+//! ```
+
+use polars::prelude::*;
+use serde::Deserialize;
+
+use crate::forward::{ForwardRequest, Sequence};
+use crate::{Host, LensRequest, ParamKind, ParamSpec, Params, PluginError};
+
+/// The set shipped with probe.
+pub const BUILT_IN: &str = include_str!("../../../probes/prompts.jsonl");
+/// Its name in messages and metadata.
+pub const BUILT_IN_NAME: &str = "probes/prompts.jsonl";
+
+/// One line of a prompt set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prompt {
+    /// The prompt's 0-based line in its file (`prompt_index` in tables).
+    pub index: usize,
+    /// Its category (`factual`, `reasoning`, `code`, `linguistic`, `rare` in
+    /// the built-in set; any name in a user's).
+    pub category: String,
+    /// The text the model reads.
+    pub prompt: String,
+    /// The text scored after it; `None`: the model's own greedy completion.
+    pub completion: Option<String>,
+}
+
+/// A prompt set, read and checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromptSet {
+    /// The file it came from (or [`BUILT_IN_NAME`]).
+    pub name: String,
+    /// Its prompts, in file order.
+    pub prompts: Vec<Prompt>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    category: String,
+    prompt: String,
+    #[serde(default)]
+    completion: Option<String>,
+}
+
+impl PromptSet {
+    /// Read a set: `text` from the file `name`. Blank lines are skipped (a
+    /// prompt's index stays its line); every problem names the file and the
+    /// line, counted from 1 as editors do.
+    pub fn parse(name: &str, text: &str) -> Result<Self, PluginError> {
+        let mut prompts = Vec::new();
+        for (index, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at =
+                |problem: &str| PluginError::from(format!("{name}: line {}: {problem}", index + 1));
+            let parsed: Line = serde_json::from_str(line).map_err(|e| {
+                at(&format!(
+                    "not a prompt object {{\"category\", \"prompt\", \"completion\"?}}: {e}"
+                ))
+            })?;
+            if parsed.category.trim().is_empty() {
+                return Err(at("empty `category`"));
+            }
+            if parsed.prompt.is_empty() {
+                return Err(at("empty `prompt`"));
+            }
+            if parsed.completion.as_deref() == Some("") {
+                return Err(at(
+                    "empty `completion`: leave the field out for the model's own greedy completion",
+                ));
+            }
+            prompts.push(Prompt {
+                index,
+                category: parsed.category,
+                prompt: parsed.prompt,
+                completion: parsed.completion,
+            });
+        }
+        if prompts.is_empty() {
+            return Err(format!("{name}: no prompts (one JSON object a line)").into());
+        }
+        Ok(Self {
+            name: name.to_string(),
+            prompts,
+        })
+    }
+
+    /// The set `--param prompts` names, or the built-in one.
+    pub fn from_params(params: &Params) -> Result<Self, PluginError> {
+        let path = params.str("prompts")?;
+        if path.is_empty() {
+            return Self::parse(BUILT_IN_NAME, BUILT_IN);
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PluginError::from(format!("{path}: cannot read the prompt set: {e}")))?;
+        Self::parse(path, &text)
+    }
+}
+
+/// How a set's prompts become token sequences.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptOptions {
+    /// Encode each prompt as a user message under the model's chat template
+    /// (when it has one).
+    pub chat: bool,
+    /// How many tokens to generate where a line has no completion.
+    pub completion_tokens: usize,
+}
+
+impl PromptOptions {
+    /// From the parameters of [`prompt_params`].
+    pub fn from_params(params: &Params) -> Result<Self, PluginError> {
+        let completion_tokens = params.int("completion_tokens")?;
+        if !(1..=4096).contains(&completion_tokens) {
+            return Err(format!(
+                "parameter `completion_tokens`: {completion_tokens} is not between 1 and 4096"
+            )
+            .into());
+        }
+        Ok(Self {
+            chat: params.bool("chat")?,
+            completion_tokens: completion_tokens as usize,
+        })
+    }
+}
+
+/// The parameters every forward-pass plugin takes for its prompts:
+/// `prompts`, `chat`, `completion_tokens`.
+pub fn prompt_params() -> Vec<ParamSpec> {
+    vec![
+        ParamSpec::new(
+            "prompts",
+            ParamKind::Str,
+            Some(""),
+            "prompt set, JSONL {\"category\", \"prompt\", \"completion\"?} (default: probes/prompts.jsonl, built in)",
+        ),
+        ParamSpec::new(
+            "chat",
+            ParamKind::Bool,
+            Some("false"),
+            "encode each prompt as a user message under the model's chat template, when it has one",
+        ),
+        ParamSpec::new(
+            "completion_tokens",
+            ParamKind::Int,
+            Some("16"),
+            "tokens of greedy completion generated where a prompt has none",
+        ),
+    ]
+}
+
+/// The token ids that end a generation: `eos_token_id` of the model's
+/// `config.json` (a number or a list), when it has one.
+fn end_ids(host: &Host) -> Result<Vec<u32>, PluginError> {
+    let model = host.model()?;
+    let Some(value) = model.config.as_ref().and_then(|c| c.get("eos_token_id")) else {
+        return Ok(Vec::new());
+    };
+    let ids = match value {
+        serde_json::Value::Array(items) => items.iter().filter_map(|v| v.as_u64()).collect(),
+        other => other.as_u64().into_iter().collect::<Vec<_>>(),
+    };
+    Ok(ids.into_iter().map(|id| id as u32).collect())
+}
+
+/// Tokens one generation batch carries at most (each sequence's final
+/// residual comes back whole).
+const GENERATE_BATCH_TOKENS: usize = 4096;
+
+impl Host<'_> {
+    /// Every prompt of `set` as a token sequence, in set order: the given
+    /// completion where the line has one, else the model's greedy
+    /// completion of `options.completion_tokens` tokens (ending early at
+    /// the model's end-of-sequence token, which is kept). Generation runs
+    /// every open prompt in one batch per step; the engine packs them.
+    pub fn prompt_sequences(
+        &self,
+        set: &PromptSet,
+        options: &PromptOptions,
+    ) -> Result<Vec<Sequence>, PluginError> {
+        let mut sequences = set
+            .prompts
+            .iter()
+            .map(|p| {
+                self.sequence(
+                    &p.prompt,
+                    p.completion.as_deref().unwrap_or(""),
+                    options.chat,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut open: Vec<usize> = (0..sequences.len())
+            .filter(|&i| set.prompts[i].completion.is_none())
+            .collect();
+        if open.is_empty() {
+            return Ok(sequences);
+        }
+        let model = self.model()?;
+        if !model.family.is_causal() {
+            let first = &set.prompts[open[0]];
+            return Err(format!(
+                "{}: line {}: no completion, and a {} model cannot generate one: give every prompt a `completion`",
+                set.name,
+                first.index + 1,
+                model.family
+            )
+            .into());
+        }
+        let ends = end_ids(self)?;
+        for step in 0..options.completion_tokens {
+            self.check_cancelled()?;
+            self.progress(
+                step as u64,
+                options.completion_tokens as u64,
+                "generating completions",
+            );
+            let mut next = Vec::with_capacity(open.len());
+            for chunk in chunk_by_tokens(&open, |i| sequences[i].tokens.len()) {
+                let requests: Vec<ForwardRequest> = chunk
+                    .iter()
+                    .map(|&i| ForwardRequest {
+                        tokens: sequences[i].tokens.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
+                let outputs = self.forward_batch(&requests)?;
+                let hidden = outputs.first().map_or(0, |o| o.hidden);
+                let mut last_rows = Vec::with_capacity(chunk.len() * hidden);
+                for out in &outputs {
+                    last_rows.extend_from_slice(&out.output[out.output.len() - hidden..]);
+                }
+                let reply = self.lens_reduce(
+                    &last_rows,
+                    chunk.len(),
+                    &LensRequest {
+                        top_k: 1,
+                        ..Default::default()
+                    },
+                )?;
+                for row in reply.rows {
+                    let id = *row
+                        .top_ids
+                        .first()
+                        .ok_or_else(|| PluginError::Host("lens_reduce: no top-1 token".into()))?;
+                    next.push(id);
+                }
+            }
+            let mut still_open = Vec::with_capacity(open.len());
+            for (&i, id) in open.iter().zip(next) {
+                sequences[i].tokens.push(id);
+                if !ends.contains(&id) {
+                    still_open.push(i);
+                }
+            }
+            open = still_open;
+            if open.is_empty() {
+                break;
+            }
+        }
+        Ok(sequences)
+    }
+}
+
+/// Consecutive runs of `members` of at most [`GENERATE_BATCH_TOKENS`] tokens.
+fn chunk_by_tokens(members: &[usize], len: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    let mut total = 0;
+    for &i in members {
+        match chunks.last_mut() {
+            Some(last) if total + len(i) <= GENERATE_BATCH_TOKENS => {
+                last.push(i);
+                total += len(i);
+            }
+            _ => {
+                chunks.push(vec![i]);
+                total = len(i);
+            }
+        }
+    }
+    chunks
+}
+
+/// The mean cross-entropy over every scored token of the set (token-weighted:
+/// a long completion counts for more than a short one), from each
+/// sequence's per-position losses (`T − 1` values: position p predicts token
+/// p + 1). `None` when nothing is scored.
+pub fn set_loss(sequences: &[Sequence], token_losses: &[&[f64]]) -> Option<f64> {
+    let mut sum = 0.0;
+    let mut n = 0usize;
+    for (sequence, losses) in sequences.iter().zip(token_losses) {
+        for p in sequence.scored_positions() {
+            sum += losses[p];
+            n += 1;
+        }
+    }
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// The companion table of every input token, so anyone can re-run the exact
+/// sequences: `prompt_index, position, token_id, scored` (whether the
+/// position predicts a completion token).
+pub fn tokens_frame(set: &PromptSet, sequences: &[Sequence]) -> PolarsResult<DataFrame> {
+    let (mut index, mut position, mut token, mut scored) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (prompt, sequence) in set.prompts.iter().zip(sequences) {
+        let scored_range = sequence.scored_positions();
+        for (p, &id) in sequence.tokens.iter().enumerate() {
+            index.push(prompt.index as i64);
+            position.push(p as i64);
+            token.push(i64::from(id));
+            scored.push(scored_range.contains(&p));
+        }
+    }
+    df!(
+        "prompt_index" => index,
+        "position" => position,
+        "token_id" => token,
+        "scored" => scored,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_set_has_five_categories_and_no_completions() {
+        let set = PromptSet::parse(BUILT_IN_NAME, BUILT_IN).unwrap();
+        assert!(set.prompts.len() >= 50);
+        let mut categories: Vec<&str> = set.prompts.iter().map(|p| p.category.as_str()).collect();
+        categories.dedup();
+        assert_eq!(
+            categories,
+            ["factual", "reasoning", "code", "linguistic", "rare"]
+        );
+        assert!(set.prompts.iter().all(|p| p.completion.is_none()));
+        assert_eq!(set.prompts[3].index, 3);
+    }
+
+    #[test]
+    fn lines_keep_their_index_and_problems_name_their_line() {
+        let text = "{\"category\": \"a\", \"prompt\": \"x\"}\n\n{\"category\": \"b\", \"prompt\": \"y\", \"completion\": \" z\"}\n";
+        let set = PromptSet::parse("p.jsonl", text).unwrap();
+        assert_eq!(set.prompts[1].index, 2);
+        assert_eq!(set.prompts[1].completion.as_deref(), Some(" z"));
+        let cases = [
+            (
+                "{\"category\": \"a\"}",
+                "p.jsonl: line 1: not a prompt object",
+            ),
+            (
+                "{\"category\": \"a\", \"prompt\": \"x\", \"answer\": 1}",
+                "unknown field `answer`",
+            ),
+            (
+                "\n{\"category\": \" \", \"prompt\": \"x\"}",
+                "p.jsonl: line 2: empty `category`",
+            ),
+            (
+                "{\"category\": \"a\", \"prompt\": \"\"}",
+                "line 1: empty `prompt`",
+            ),
+            (
+                "{\"category\": \"a\", \"prompt\": \"x\", \"completion\": \"\"}",
+                "empty `completion`",
+            ),
+            ("[1, 2]", "line 1: not a prompt object"),
+            ("\n\n", "p.jsonl: no prompts"),
+        ];
+        for (text, wanted) in cases {
+            let error = PromptSet::parse("p.jsonl", text).unwrap_err().to_string();
+            assert!(error.contains(wanted), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_set_loss_weighs_every_scored_token_alike() {
+        // Prompt of 2 tokens + completion of 2: positions 1 and 2 are scored;
+        // prompt of 1 + completion of 1: position 0.
+        let a = Sequence {
+            tokens: vec![1, 2, 3, 4],
+            prompt_len: 2,
+        };
+        let b = Sequence {
+            tokens: vec![5, 6],
+            prompt_len: 1,
+        };
+        let losses_a = [9.0, 1.0, 2.0];
+        let losses_b = [6.0];
+        let loss = set_loss(&[a, b], &[&losses_a, &losses_b]).unwrap();
+        assert!((loss - 3.0).abs() < 1e-12, "{loss}");
+    }
+}
