@@ -16,6 +16,7 @@ pub const REGISTRY: &[(&str, ChartsFn)] = &[
     ("vshape", vshape),
     ("shuffle", shuffle),
     ("contrastive", contrastive),
+    ("lens", lens),
 ];
 
 /// The charts for one table: its plugin's, else a metric by layer.
@@ -530,4 +531,128 @@ fn default(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportErr
         log_y: false,
         points_only: false,
     }])
+}
+
+/// lens: for the first prompt, the target's lens probability as a heat map
+/// (layer × scored position); the crystallization layers of every position
+/// as a histogram stacked by category (the `positions` companion); the mean
+/// KL to the output and the share of positions whose target is the lens's
+/// top-1, per layer.
+fn lens(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let frame = &table.frame;
+    if frame.column("kl_to_final").is_err() {
+        return default(table, options);
+    }
+    let index = ints(table, frame, "prompt_index")?;
+    let positions = ints(table, frame, "position")?;
+    let layers = ints(table, frame, "layer")?;
+    let prob = floats(table, frame, "target_prob")?;
+    let rank = ints(table, frame, "target_rank")?;
+    let kl = floats(table, frame, "kl_to_final")?;
+    let Some(first) = index.iter().flatten().min().copied() else {
+        return Ok(Vec::new());
+    };
+    // Heat map of the first prompt: rows are layers from the top block down.
+    let mut cells: BTreeMap<(i64, i64), f64> = BTreeMap::new();
+    for i in 0..frame.height() {
+        if let (Some(ix), Some(p), Some(l), Some(v)) = (index[i], positions[i], layers[i], prob[i])
+        {
+            if ix == first {
+                cells.insert((l, p), v);
+            }
+        }
+    }
+    let mut row_layers: Vec<i64> = cells.keys().map(|k| k.0).collect();
+    row_layers.sort_unstable();
+    row_layers.dedup();
+    row_layers.reverse();
+    let mut columns: Vec<i64> = cells.keys().map(|k| k.1).collect();
+    columns.sort_unstable();
+    columns.dedup();
+    let mut charts = vec![ChartSpec::Heatmap {
+        title: format!("lens probability of the next token, prompt {first}"),
+        x_label: "position".into(),
+        y_label: "layer (−1 = embedding)".into(),
+        columns: columns.iter().map(i64::to_string).collect(),
+        rows: row_layers.iter().map(i64::to_string).collect(),
+        values: row_layers
+            .iter()
+            .map(|&l| {
+                columns
+                    .iter()
+                    .map(|&p| cells.get(&(l, p)).copied())
+                    .collect()
+            })
+            .collect(),
+    }];
+    if let Some((_, companion)) = table.companions.iter().find(|(n, _)| n == "positions") {
+        let crystal = ints(table, companion, "crystallization_layer")?;
+        let categories = strings(companion, "category").unwrap_or_default();
+        let (lo, hi) = layers
+            .iter()
+            .flatten()
+            .fold((i64::MAX, i64::MIN), |(lo, hi), &l| (lo.min(l), hi.max(l)));
+        if lo <= hi {
+            let bins: Vec<i64> = (lo..=hi).collect();
+            let mut names: Vec<String> = Vec::new();
+            for c in &categories {
+                if !names.contains(c) {
+                    names.push(c.clone());
+                }
+            }
+            let stacks = names
+                .iter()
+                .map(|name| {
+                    let mut counts = vec![0.0; bins.len()];
+                    for (c, l) in categories.iter().zip(&crystal) {
+                        if let (true, Some(l)) = (c == name, l) {
+                            counts[(l - lo) as usize] += 1.0;
+                        }
+                    }
+                    (name.clone(), counts)
+                })
+                .collect();
+            charts.push(ChartSpec::Bars {
+                title: "crystallization layer: where each next token enters the top 10 for good"
+                    .into(),
+                x_label: "layer (−1 = embedding)".into(),
+                y_label: "positions".into(),
+                categories: bins.iter().map(i64::to_string).collect(),
+                stacks,
+            });
+        }
+    }
+    // Per layer: the KLs, and 1 or 0 for "the target is the top-1".
+    let mut kls: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    let mut top1: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for i in 0..frame.height() {
+        if let (Some(l), Some(k), Some(r)) = (layers[i], kl[i], rank[i]) {
+            kls.entry(l).or_default().push(k);
+            top1.entry(l)
+                .or_default()
+                .push(if r == 0 { 1.0 } else { 0.0 });
+        }
+    }
+    let curve = |by_layer: &BTreeMap<i64, Vec<f64>>| -> Vec<(f64, f64)> {
+        by_layer.iter().map(|(&l, v)| (l as f64, mean(v))).collect()
+    };
+    // The last layer's KL is 0, which a log axis cannot show: leave it out.
+    let kl_points: Vec<(f64, f64)> = curve(&kls).into_iter().filter(|p| p.1 > 0.0).collect();
+    charts.push(ChartSpec::Lines {
+        title: "mean KL of the lens to the model's output".into(),
+        x_label: "layer (−1 = embedding)".into(),
+        y_label: "KL(output ‖ lens), nats".into(),
+        series: vec![("all positions".into(), kl_points)],
+        log_y: true,
+        points_only: false,
+    });
+    charts.push(ChartSpec::Lines {
+        title: "share of positions whose next token is the lens's top-1".into(),
+        x_label: "layer (−1 = embedding)".into(),
+        y_label: "share".into(),
+        series: vec![("all positions".into(), curve(&top1))],
+        log_y: false,
+        points_only: false,
+    });
+    Ok(charts)
 }

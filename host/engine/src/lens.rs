@@ -13,38 +13,20 @@ use rayon::prelude::*;
 /// vocabulary, 64 rows of Gemma 3's 262 k).
 pub const CHUNK_FLOATS: usize = 1 << 24;
 
-/// The softmax of one row of logits, in f64: its log-normaliser.
-fn log_sum_exp(logits: &[f32]) -> f64 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z)) as f64;
-    max + logits
-        .iter()
-        .map(|&z| (z as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-}
-
-/// Entropy, top-k and the target's rank and probability of one row.
+/// Entropy, top-k and the target's rank and probability of one row, and
+/// the row's log-normaliser (log Σ exp z). One exponential per logit: with
+/// e = exp(z − max), S = Σ e and U = Σ e (z − max), log Σ exp z = max + ln S
+/// and H = −Σ p ln p = ln S − U / S.
 pub fn row_stats(logits: &[f32], top_k: usize, target: Option<u32>) -> (LensRow, f64) {
-    let lse = log_sum_exp(logits);
-    // H = −Σ p (z − lse) = lse − Σ p z.
-    let mean_logit: f64 = logits
-        .iter()
-        .map(|&z| (z as f64 - lse).exp() * z as f64)
-        .sum();
-    let entropy = (lse - mean_logit).max(0.0);
-    let k = top_k.min(logits.len());
-    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
-    // Most probable first; equal logits by lower id, so the order is total.
-    let order = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
-    if k > 0 && k < ids.len() {
-        ids.select_nth_unstable_by(k - 1, order);
-    }
-    ids.truncate(k);
-    ids.sort_unstable_by(order);
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z)) as f64;
+    let (sum, weighted) = logits.iter().fold((0.0f64, 0.0f64), |(s, u), &z| {
+        let shifted = z as f64 - max;
+        let e = shifted.exp();
+        (s + e, u + e * shifted)
+    });
+    let lse = max + sum.ln();
+    let entropy = (sum.ln() - weighted / sum).max(0.0);
+    let ids = top_ids(logits, top_k);
     let top_probs = ids
         .iter()
         .map(|&id| (logits[id as usize] as f64 - lse).exp())
@@ -67,17 +49,46 @@ pub fn row_stats(logits: &[f32], top_k: usize, target: Option<u32>) -> (LensRow,
     (row, lse)
 }
 
-/// KL(p ‖ q) in nats for two rows of logits and their log-normalisers.
-pub fn kl_divergence(p: &[f32], p_lse: f64, q: &[f32], q_lse: f64) -> f64 {
-    let kl: f64 = p
+/// The `k` most probable ids, most probable first; equal logits by lower
+/// id, so the order is total. One scan for k = 1 (the common case), a
+/// selection for more.
+fn top_ids(logits: &[f32], k: usize) -> Vec<u32> {
+    let k = k.min(logits.len());
+    if k == 1 {
+        let best =
+            (1..logits.len()).fold(0, |best, v| if logits[v] > logits[best] { v } else { best });
+        return vec![best as u32];
+    }
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let order = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k > 0 && k < ids.len() {
+        ids.select_nth_unstable_by(k - 1, order);
+    }
+    ids.truncate(k);
+    ids.sort_unstable_by(order);
+    ids
+}
+
+/// p = softmax(z) of one row, from its log-normaliser.
+pub fn probabilities(logits: &[f32], lse: f64) -> Vec<f64> {
+    logits.iter().map(|&z| (z as f64 - lse).exp()).collect()
+}
+
+/// KL(p ‖ q) in nats from p's probabilities and both rows' logits and
+/// log-normalisers: Σ p (ln p − ln q) = Σ p (z_p − z_q) + (lse_q − lse_p),
+/// with no exponential (p is computed once per row however many pairs it is
+/// the first of).
+pub fn kl_divergence(p: &[f64], p_logits: &[f32], p_lse: f64, q: &[f32], q_lse: f64) -> f64 {
+    let dot: f64 = p
         .iter()
-        .zip(q)
-        .map(|(&zp, &zq)| {
-            let log_p = zp as f64 - p_lse;
-            log_p.exp() * (log_p - (zq as f64 - q_lse))
-        })
+        .zip(p_logits.iter().zip(q))
+        .map(|(&pi, (&zp, &zq))| pi * (zp as f64 - zq as f64))
         .sum();
-    kl.max(0.0)
+    (dot + q_lse - p_lse).max(0.0)
 }
 
 /// Rows in chunks: each KL pair's two rows in one chunk, at most
@@ -146,14 +157,26 @@ pub fn reduce<E>(
             })
             .collect();
         let local = |row: usize| chunk.iter().position(|&r| r == row).unwrap_or(0);
-        let answers: Vec<(usize, f64)> = request
+        let pairs: Vec<(usize, usize, usize)> = request
             .kl_pairs
-            .par_iter()
+            .iter()
             .enumerate()
             .filter(|(_, &(i, _))| chunk_of_row[i] == c)
-            .map(|(p, &(i, j))| {
-                let (a, b) = (local(i), local(j));
+            .map(|(p, &(i, j))| (p, local(i), local(j)))
+            .collect();
+        // The probabilities of every row that is a pair's first, once.
+        let mut firsts: Vec<usize> = pairs.iter().map(|&(_, a, _)| a).collect();
+        firsts.sort_unstable();
+        firsts.dedup();
+        let probs: Vec<Vec<f64>> = firsts
+            .par_iter()
+            .map(|&a| probabilities(&logits[a * vocab..(a + 1) * vocab], stats[a].1))
+            .collect();
+        let answers: Vec<(usize, f64)> = pairs
+            .par_iter()
+            .map(|&(p, a, b)| {
                 let value = kl_divergence(
+                    &probs[firsts.binary_search(&a).unwrap_or(0)],
                     &logits[a * vocab..(a + 1) * vocab],
                     stats[a].1,
                     &logits[b * vocab..(b + 1) * vocab],
@@ -203,9 +226,20 @@ mod tests {
         assert!((row.target_prob.unwrap() - 0.2).abs() < 1e-6);
         // KL(p ‖ uniform) = ln 4 − H(p).
         let (_, u_lse) = row_stats(&[0.0; 4], 0, None);
-        let kl = kl_divergence(&z, lse, &[0.0; 4], u_lse);
+        let p_z = probabilities(&z, lse);
+        let kl = kl_divergence(&p_z, &z, lse, &[0.0; 4], u_lse);
         assert!((kl - (4f64.ln() - h)).abs() < 1e-6);
-        assert!(kl_divergence(&z, lse, &z, lse).abs() < 1e-12);
+        assert!(kl_divergence(&p_z, &z, lse, &z, lse).abs() < 1e-12);
+        // KL(uniform ‖ p) = Σ ¼ ln(¼ / p_i).
+        let uniform = probabilities(&[0.0; 4], u_lse);
+        let want: f64 = p.iter().map(|&pi: &f64| 0.25 * (0.25 / pi).ln()).sum();
+        let kl = kl_divergence(&uniform, &[0.0; 4], u_lse, &z, lse);
+        assert!((kl - want).abs() < 1e-6, "{kl} vs {want}");
+        // Top-k beyond 1 and ties: most probable first, equal ones by id.
+        let (row, _) = row_stats(&[1.0, 3.0, 3.0, 0.5, 2.0], 3, None);
+        assert_eq!(row.top_ids, vec![1, 2, 4]);
+        let (row, _) = row_stats(&[1.0, 3.0, 3.0, 0.5, 2.0], 1, None);
+        assert_eq!(row.top_ids, vec![1]);
     }
 
     #[test]
@@ -236,7 +270,9 @@ mod tests {
         assert_eq!(reply.rows[2].target_rank, Some(0));
         let (_, l0) = row_stats(&logits[0], 0, None);
         let (_, l1) = row_stats(&logits[1], 0, None);
-        assert!((reply.kl[0] - kl_divergence(&logits[1], l1, &logits[0], l0)).abs() < 1e-12);
+        let p1 = probabilities(&logits[1], l1);
+        let kl_10 = kl_divergence(&p1, &logits[1], l1, &logits[0], l0);
+        assert!((reply.kl[0] - kl_10).abs() < 1e-12);
         assert!(reply.kl[1] > 0.0 && reply.kl[2] == 0.0);
     }
 }

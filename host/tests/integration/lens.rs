@@ -16,7 +16,7 @@ const PLUGIN: &str = "probe-plugin-lens";
 
 /// Two prompts with their completions, one for the model to complete, and
 /// a blank line (indices are lines).
-const FIXTURE_SET: &str = r#"{"category": "facts", "prompt": "the cat sat on the", "completion": "mat ."}
+pub const FIXTURE_SET: &str = r#"{"category": "facts", "prompt": "the cat sat on the", "completion": "mat ."}
 
 {"category": "weather", "prompt": "the day was", "completion": "very hot and dry"}
 {"category": "facts", "prompt": "is it big"}

@@ -359,3 +359,36 @@ fn shuffle_report_plots_recovered_against_true_position_per_method() {
         assert!(texts.iter().any(|t| t == label), "lacks {label}: {texts:?}");
     }
 }
+
+#[test]
+fn lens_report_has_a_heat_map_a_crystallization_histogram_and_kl_curves() {
+    let dir = tempdir();
+    let model = crate::util::fixture_with_tokenizer(dir.path());
+    let set = dir.path().join("prompts.jsonl");
+    std::fs::write(&set, crate::lens::FIXTURE_SET).unwrap();
+    let out = crate::util::run_plugin_to(
+        "probe-plugin-lens",
+        &model,
+        &[&format!("prompts={}", set.display()), "completion_tokens=5"],
+        &dir.path().join("lens.parquet"),
+    );
+    let figs = report(&[&out], dir.path());
+    let kinds: Vec<&str> = figs.iter().map(|f| f.kind.as_str()).collect();
+    assert_eq!(kinds, ["heatmap", "bars", "lines", "lines"]);
+    // Prompt 0 ("the cat sat on the" + "mat ."): 2 scored positions × 4
+    // layers (the embedding and 3 blocks).
+    assert_eq!(figs[0].marks, 8);
+    assert!(figs[0].title.contains("prompt 0"));
+    // Layers −1 … 2 on the histogram, one stack per category.
+    let texts = figs[1].texts();
+    for label in ["-1", "0", "1", "2", "facts", "weather"] {
+        assert!(
+            texts.iter().any(|t| t == label),
+            "histogram lacks {label}: {texts:?}"
+        );
+    }
+    // The KL curve leaves out the last layer (0 on a log axis); the top-1
+    // share has every layer.
+    assert_eq!(figs[2].marks, 3);
+    assert_eq!(figs[3].marks, 4);
+}
