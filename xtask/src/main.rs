@@ -129,6 +129,7 @@ pub const BUILTIN_PLUGINS: &[&str] = &[
     "probe-plugin-shuffle",
     "probe-plugin-contrastive",
     "probe-plugin-lens",
+    "probe-plugin-knockout",
 ];
 
 /// Build probe and the built-in plugins, and copy the plugins into

@@ -7,6 +7,7 @@ mod contrastive;
 mod forward;
 mod fuzz_corpus;
 mod inspect;
+mod knockout;
 mod lens;
 mod plugins;
 mod real_models;

@@ -282,6 +282,50 @@ impl Host<'_> {
     }
 }
 
+impl Host<'_> {
+    /// The set's loss from each sequence's final residual `[T, hidden]`
+    /// (a forward output's `output`): the mean of −ln p(next token) over
+    /// every scored position, p the model's output distribution there — the
+    /// same value as the engine's loss restricted to scored positions, with
+    /// the head run on those rows only and reduced in the host.
+    pub fn scored_loss(
+        &self,
+        sequences: &[Sequence],
+        finals: &[&[f32]],
+    ) -> Result<f64, PluginError> {
+        let hidden = match (sequences.first(), finals.first()) {
+            (Some(s), Some(f)) if !s.tokens.is_empty() => f.len() / s.tokens.len(),
+            _ => return Err("scored_loss: no sequences".into()),
+        };
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (sequence, output) in sequences.iter().zip(finals) {
+            for p in sequence.scored_positions() {
+                rows.extend_from_slice(&output[p * hidden..(p + 1) * hidden]);
+                targets.push(sequence.tokens[p + 1]);
+            }
+        }
+        if targets.is_empty() {
+            return Err("scored_loss: no scored position in the set".into());
+        }
+        let n = targets.len();
+        let reply = self.lens_reduce(
+            &rows,
+            n,
+            &LensRequest {
+                targets: Some(targets),
+                ..Default::default()
+            },
+        )?;
+        let total: f64 = reply
+            .rows
+            .iter()
+            .map(|r| -r.target_prob.unwrap_or(0.0).ln())
+            .sum();
+        Ok(total / n as f64)
+    }
+}
+
 /// Consecutive runs of `members` of at most [`GENERATE_BATCH_TOKENS`] tokens.
 fn chunk_by_tokens(members: &[usize], len: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
     let mut chunks: Vec<Vec<usize>> = Vec::new();
