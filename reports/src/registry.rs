@@ -17,6 +17,7 @@ pub const REGISTRY: &[(&str, ChartsFn)] = &[
     ("shuffle", shuffle),
     ("contrastive", contrastive),
     ("lens", lens),
+    ("knockout", knockout),
 ];
 
 /// The charts for one table: its plugin's, else a metric by layer.
@@ -654,5 +655,63 @@ fn lens(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError>
         log_y: false,
         points_only: false,
     });
+    Ok(charts)
+}
+
+/// knockout: the loss ratio R_i = L_i / L_base per skipped block (log
+/// scale, 1 = no effect); with the `pairs` companion, the synergy of every
+/// pair as a heat map.
+fn knockout(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let frame = &table.frame;
+    if frame.column("ratio").is_err() {
+        return default(table, options);
+    }
+    let layers = ints(table, frame, "layer")?;
+    let ratio = floats(table, frame, "ratio")?;
+    let points: Vec<(f64, f64)> = layers
+        .iter()
+        .zip(&ratio)
+        .filter_map(|(l, r)| Some((l.as_ref().copied()? as f64, r.filter(|v| *v > 0.0)?)))
+        .collect();
+    let mut charts = vec![ChartSpec::Lines {
+        title: "loss with the block skipped, relative to the whole model".into(),
+        x_label: "skipped block".into(),
+        y_label: "R = L_skipped / L_base".into(),
+        series: vec![("ratio".into(), points)],
+        log_y: true,
+        points_only: false,
+    }];
+    if let Some((_, pairs)) = table.companions.iter().find(|(n, _)| n == "pairs") {
+        let (i, j) = (
+            ints(table, pairs, "layer_i")?,
+            ints(table, pairs, "layer_j")?,
+        );
+        let synergy = floats(table, pairs, "synergy")?;
+        let mut cells: BTreeMap<(i64, i64), f64> = BTreeMap::new();
+        for r in 0..pairs.height() {
+            if let (Some(a), Some(b), Some(v)) = (i[r], j[r], synergy[r]) {
+                cells.insert((a, b), v);
+            }
+        }
+        let mut blocks: Vec<i64> = cells.keys().flat_map(|&(a, b)| [a, b]).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        charts.push(ChartSpec::Heatmap {
+            title: "pair synergy S(i, j) = ΔL_ij − ΔL_i − ΔL_j".into(),
+            x_label: "block j".into(),
+            y_label: "block i".into(),
+            columns: blocks.iter().map(i64::to_string).collect(),
+            rows: blocks.iter().map(i64::to_string).collect(),
+            values: blocks
+                .iter()
+                .map(|&a| {
+                    blocks
+                        .iter()
+                        .map(|&b| cells.get(&(a, b)).copied())
+                        .collect()
+                })
+                .collect(),
+        });
+    }
     Ok(charts)
 }

@@ -33,10 +33,10 @@ fn direct_loss(engine: &mut Engine, sequences: &[(Vec<u32>, usize)], blocks: &[u
             })
             .unwrap();
         let losses = trace.token_losses().unwrap();
-        for p in prompt_len - 1..tokens.len() - 1 {
-            sum += losses[p];
-            n += 1;
-        }
+        // Position p predicts token p + 1: the completion's tokens.
+        let scored = &losses[prompt_len - 1..tokens.len() - 1];
+        sum += scored.iter().sum::<f64>();
+        n += scored.len();
     }
     sum / n as f64
 }

@@ -392,3 +392,28 @@ fn lens_report_has_a_heat_map_a_crystallization_histogram_and_kl_curves() {
     assert_eq!(figs[2].marks, 3);
     assert_eq!(figs[3].marks, 4);
 }
+
+#[test]
+fn knockout_report_has_ratios_by_block_and_a_synergy_heat_map() {
+    let dir = tempdir();
+    let model = crate::util::fixture_with_tokenizer(dir.path());
+    let set = dir.path().join("prompts.jsonl");
+    std::fs::write(&set, crate::lens::FIXTURE_SET).unwrap();
+    let out = crate::util::run_plugin_to(
+        "probe-plugin-knockout",
+        &model,
+        &[
+            &format!("prompts={}", set.display()),
+            "completion_tokens=3",
+            "pairs=true",
+        ],
+        &dir.path().join("knockout.parquet"),
+    );
+    let figs = report(&[&out], dir.path());
+    let kinds: Vec<&str> = figs.iter().map(|f| f.kind.as_str()).collect();
+    assert_eq!(kinds, ["lines", "heatmap"]);
+    // One point per block of the 3-block fixture; pairs (0,1), (0,2), (1,2)
+    // fill 3 of the 3 × 3 cells.
+    assert_eq!(figs[0].marks, 3);
+    assert_eq!(figs[1].marks, 3);
+}
