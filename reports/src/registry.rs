@@ -18,6 +18,7 @@ pub const REGISTRY: &[(&str, ChartsFn)] = &[
     ("contrastive", contrastive),
     ("lens", lens),
     ("knockout", knockout),
+    ("swap", swap),
 ];
 
 /// The charts for one table: its plugin's, else a metric by layer.
@@ -682,36 +683,65 @@ fn knockout(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportEr
         points_only: false,
     }];
     if let Some((_, pairs)) = table.companions.iter().find(|(n, _)| n == "pairs") {
-        let (i, j) = (
-            ints(table, pairs, "layer_i")?,
-            ints(table, pairs, "layer_j")?,
-        );
-        let synergy = floats(table, pairs, "synergy")?;
-        let mut cells: BTreeMap<(i64, i64), f64> = BTreeMap::new();
-        for r in 0..pairs.height() {
-            if let (Some(a), Some(b), Some(v)) = (i[r], j[r], synergy[r]) {
-                cells.insert((a, b), v);
-            }
-        }
-        let mut blocks: Vec<i64> = cells.keys().flat_map(|&(a, b)| [a, b]).collect();
-        blocks.sort_unstable();
-        blocks.dedup();
-        charts.push(ChartSpec::Heatmap {
-            title: "pair synergy S(i, j) = ΔL_ij − ΔL_i − ΔL_j".into(),
-            x_label: "block j".into(),
-            y_label: "block i".into(),
-            columns: blocks.iter().map(i64::to_string).collect(),
-            rows: blocks.iter().map(i64::to_string).collect(),
-            values: blocks
-                .iter()
-                .map(|&a| {
-                    blocks
-                        .iter()
-                        .map(|&b| cells.get(&(a, b)).copied())
-                        .collect()
-                })
-                .collect(),
-        });
+        charts.push(pair_heatmap(
+            table,
+            pairs,
+            "synergy",
+            "pair synergy S(i, j) = ΔL_ij − ΔL_i − ΔL_j",
+        )?);
     }
     Ok(charts)
+}
+
+/// A value per block pair (`layer_i` < `layer_j`) as the upper triangle of
+/// a block × block heat map.
+fn pair_heatmap(
+    table: &Table,
+    frame: &DataFrame,
+    value: &str,
+    title: &str,
+) -> Result<ChartSpec, ReportError> {
+    let (i, j) = (
+        ints(table, frame, "layer_i")?,
+        ints(table, frame, "layer_j")?,
+    );
+    let values = floats(table, frame, value)?;
+    let mut cells: BTreeMap<(i64, i64), f64> = BTreeMap::new();
+    for r in 0..frame.height() {
+        if let (Some(a), Some(b), Some(v)) = (i[r], j[r], values[r]) {
+            cells.insert((a, b), v);
+        }
+    }
+    let mut blocks: Vec<i64> = cells.keys().flat_map(|&(a, b)| [a, b]).collect();
+    blocks.sort_unstable();
+    blocks.dedup();
+    Ok(ChartSpec::Heatmap {
+        title: title.into(),
+        x_label: "block j".into(),
+        y_label: "block i".into(),
+        columns: blocks.iter().map(i64::to_string).collect(),
+        rows: blocks.iter().map(i64::to_string).collect(),
+        values: blocks
+            .iter()
+            .map(|&a| {
+                blocks
+                    .iter()
+                    .map(|&b| cells.get(&(a, b)).copied())
+                    .collect()
+            })
+            .collect(),
+    })
+}
+
+/// swap: Δloss of every swapped pair as a triangle heat map.
+fn swap(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    if table.frame.column("delta").is_err() || table.frame.column("layer_j").is_err() {
+        return default(table, options);
+    }
+    Ok(vec![pair_heatmap(
+        table,
+        &table.frame,
+        "delta",
+        "loss increase with blocks i and j swapped (nats)",
+    )?])
 }

@@ -130,6 +130,7 @@ pub const BUILTIN_PLUGINS: &[&str] = &[
     "probe-plugin-contrastive",
     "probe-plugin-lens",
     "probe-plugin-knockout",
+    "probe-plugin-swap",
 ];
 
 /// Build probe and the built-in plugins, and copy the plugins into

@@ -11,14 +11,14 @@ use crate::util::{
 
 const PLUGIN: &str = "probe-plugin-knockout";
 
-const SET: &str = r#"{"category": "facts", "prompt": "the cat sat on the", "completion": "mat . it was warm"}
+pub const SET: &str = r#"{"category": "facts", "prompt": "the cat sat on the", "completion": "mat . it was warm"}
 {"category": "weather", "prompt": "the day was", "completion": "very hot and dry"}
 {"category": "facts", "prompt": "is it", "completion": "yes"}
 "#;
 
 /// The token-weighted mean cross-entropy over the completions' tokens with
 /// `blocks` run, computed from the engine's full logits.
-fn direct_loss(engine: &mut Engine, sequences: &[(Vec<u32>, usize)], blocks: &[usize]) -> f64 {
+pub fn direct_loss(engine: &mut Engine, sequences: &[(Vec<u32>, usize)], blocks: &[usize]) -> f64 {
     let (mut sum, mut n) = (0.0, 0usize);
     for (tokens, prompt_len) in sequences {
         let trace = engine
@@ -41,6 +41,24 @@ fn direct_loss(engine: &mut Engine, sequences: &[(Vec<u32>, usize)], blocks: &[u
     sum / n as f64
 }
 
+/// [`SET`]'s sequences (prompt, then completion without special tokens)
+/// and their prompt lengths.
+pub fn sequences(codec: &TextCodec) -> Vec<(Vec<u32>, usize)> {
+    [
+        ("the cat sat on the", "mat . it was warm"),
+        ("the day was", "very hot and dry"),
+        ("is it", "yes"),
+    ]
+    .iter()
+    .map(|(prompt, completion)| {
+        let mut tokens = codec.encode(prompt).unwrap();
+        let prompt_len = tokens.len();
+        tokens.extend(codec.encode_continuation(completion).unwrap());
+        (tokens, prompt_len)
+    })
+    .collect()
+}
+
 #[test]
 fn every_loss_and_synergy_matches_direct_runs_on_a_fixture() {
     let dir = tempdir();
@@ -61,19 +79,7 @@ fn every_loss_and_synergy_matches_direct_runs_on_a_fixture() {
     let codec = TextCodec::open(&checkpoint.dir).unwrap();
     let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
     let n = engine.num_blocks();
-    let sequences: Vec<(Vec<u32>, usize)> = [
-        ("the cat sat on the", "mat . it was warm"),
-        ("the day was", "very hot and dry"),
-        ("is it", "yes"),
-    ]
-    .iter()
-    .map(|(prompt, completion)| {
-        let mut tokens = codec.encode(prompt).unwrap();
-        let prompt_len = tokens.len();
-        tokens.extend(codec.encode_continuation(completion).unwrap());
-        (tokens, prompt_len)
-    })
-    .collect();
+    let sequences = sequences(&codec);
     let all: Vec<usize> = (0..n).collect();
     let base = direct_loss(&mut engine, &sequences, &all);
     let without = |engine: &mut Engine, skipped: &[usize]| {

@@ -15,5 +15,6 @@ mod report;
 mod scaffold;
 mod shuffle;
 mod spectral;
+mod swap;
 mod util;
 mod vshape;

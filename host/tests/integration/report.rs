@@ -417,3 +417,23 @@ fn knockout_report_has_ratios_by_block_and_a_synergy_heat_map() {
     assert_eq!(figs[0].marks, 3);
     assert_eq!(figs[1].marks, 3);
 }
+
+#[test]
+fn swap_report_is_a_triangle_of_loss_increases() {
+    let dir = tempdir();
+    let model = crate::util::fixture_with_tokenizer(dir.path());
+    let set = dir.path().join("prompts.jsonl");
+    std::fs::write(&set, crate::knockout::SET).unwrap();
+    let out = crate::util::run_plugin_to(
+        "probe-plugin-swap",
+        &model,
+        &[&format!("prompts={}", set.display())],
+        &dir.path().join("swap.parquet"),
+    );
+    let figs = report(&[&out], dir.path());
+    assert_eq!(figs.len(), 1);
+    assert_eq!(figs[0].kind, "heatmap");
+    // 3 blocks: the pairs (0,1), (0,2), (1,2).
+    assert_eq!(figs[0].marks, 3);
+    assert!(figs[0].title.contains("swapped"));
+}

@@ -8,69 +8,23 @@
 //! what follows.
 
 use probe_sdk::prelude::*;
-use probe_sdk::prompts::{prompt_params, PromptOptions, PromptSet};
+use probe_sdk::prompts::{prompt_params, Baseline, PromptOptions, PromptSet};
 
 struct Knockout;
 
-/// The set's sequences with the whole model's residual after every stage.
-struct Base {
-    sequences: Vec<Sequence>,
-    /// Per sequence, `[stage][T × hidden]`.
-    residuals: Vec<Vec<Vec<f32>>>,
-    loss: f64,
-}
-
-impl Base {
-    fn compute(host: &Host, params: &Params) -> Result<Self, PluginError> {
-        let set = PromptSet::from_params(params)?;
-        let options = PromptOptions::from_params(params)?;
-        let sequences = host.prompt_sequences(&set, &options)?;
-        let requests: Vec<ForwardRequest> = sequences
-            .iter()
-            .map(|s| ForwardRequest {
-                tokens: s.tokens.clone(),
-                residuals: true,
-                ..Default::default()
-            })
-            .collect();
-        let outputs = host.forward_batch(&requests)?;
-        let finals: Vec<&[f32]> = outputs.iter().map(|o| o.output.as_slice()).collect();
-        let loss = host.scored_loss(&sequences, &finals)?;
-        Ok(Self {
-            sequences,
-            residuals: outputs.into_iter().map(|o| o.residuals).collect(),
-            loss,
-        })
-    }
-
-    /// The set's loss with the blocks in `skipped` (ascending, at least
-    /// one) left out: from the residual before the first of them, the
-    /// remaining blocks in order.
-    fn loss_without(
-        &self,
-        host: &Host,
-        blocks: usize,
-        skipped: &[usize],
-    ) -> Result<f64, PluginError> {
-        let first = skipped[0];
-        let rest: Vec<usize> = (first + 1..blocks)
-            .filter(|b| !skipped.contains(b))
-            .collect();
-        let requests: Vec<ForwardRequest> = self
-            .sequences
-            .iter()
-            .zip(&self.residuals)
-            .map(|(s, stages)| ForwardRequest {
-                tokens: s.tokens.clone(),
-                blocks: Some(rest.clone()),
-                start: Some(stages[first].clone()),
-                ..Default::default()
-            })
-            .collect();
-        let outputs = host.forward_batch(&requests)?;
-        let finals: Vec<&[f32]> = outputs.iter().map(|o| o.output.as_slice()).collect();
-        host.scored_loss(&self.sequences, &finals)
-    }
+/// The set's loss with the blocks in `skipped` (ascending, at least one)
+/// left out: from the residual before the first of them, the rest in order.
+fn loss_without(
+    host: &Host,
+    base: &Baseline,
+    blocks: usize,
+    skipped: &[usize],
+) -> Result<f64, PluginError> {
+    let first = skipped[0];
+    let rest: Vec<usize> = (first + 1..blocks)
+        .filter(|b| !skipped.contains(b))
+        .collect();
+    base.loss_from(host, first, &rest)
 }
 
 impl Plugin for Knockout {
@@ -105,7 +59,8 @@ impl Plugin for Knockout {
             .into());
         }
         let blocks = model.num_layers;
-        let base = Base::compute(host, params)?;
+        let set = PromptSet::from_params(params)?;
+        let base = Baseline::compute(host, &set, &PromptOptions::from_params(params)?)?;
         host.info(&format!(
             "base loss {:.4} nats over the scored tokens",
             base.loss
@@ -121,7 +76,7 @@ impl Plugin for Knockout {
         let mut single = vec![f64::NAN; blocks];
         for (k, &b) in singles_needed.iter().enumerate() {
             host.check_cancelled()?;
-            single[b] = base.loss_without(host, blocks, &[b])?;
+            single[b] = loss_without(host, &base, blocks, &[b])?;
             host.progress((k + 1) as u64, singles_needed.len() as u64, "blocks");
         }
         if pairs {
@@ -132,7 +87,7 @@ impl Plugin for Knockout {
             for &i in &chosen {
                 for j in i + 1..blocks {
                     host.check_cancelled()?;
-                    let both = base.loss_without(host, blocks, &[i, j])?;
+                    let both = loss_without(host, &base, blocks, &[i, j])?;
                     layer_i.push(i as i64);
                     layer_j.push(j as i64);
                     loss.push(both);

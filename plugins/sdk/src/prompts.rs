@@ -326,6 +326,79 @@ impl Host<'_> {
     }
 }
 
+/// The whole model's pass over a prompt set, kept for passes that change
+/// what happens after some block (knockout, swap, quantization): every
+/// sequence's residual after the embedding and after every block, and the
+/// set's loss. A pass that changes only blocks from `i` on starts from the
+/// residual before block `i`, so blocks before it are never run again.
+pub struct Baseline {
+    /// The set's sequences, in set order.
+    pub sequences: Vec<Sequence>,
+    /// Per sequence, `[stage][T × hidden]` (stage 0: the embedding output).
+    pub residuals: Vec<Vec<Vec<f32>>>,
+    /// The set's loss with every block in stored order.
+    pub loss: f64,
+}
+
+impl Baseline {
+    /// Run the whole model over the sequences of `set`, keeping every stage.
+    pub fn compute(
+        host: &Host,
+        set: &PromptSet,
+        options: &PromptOptions,
+    ) -> Result<Self, PluginError> {
+        let sequences = host.prompt_sequences(set, options)?;
+        let requests: Vec<ForwardRequest> = sequences
+            .iter()
+            .map(|s| ForwardRequest {
+                tokens: s.tokens.clone(),
+                residuals: true,
+                ..Default::default()
+            })
+            .collect();
+        let outputs = host.forward_batch(&requests)?;
+        let finals: Vec<&[f32]> = outputs.iter().map(|o| o.output.as_slice()).collect();
+        let loss = host.scored_loss(&sequences, &finals)?;
+        Ok(Self {
+            sequences,
+            residuals: outputs.into_iter().map(|o| o.residuals).collect(),
+            loss,
+        })
+    }
+
+    /// The set's loss when, from the residual before block `stage` (stage 0:
+    /// the embedding output), `blocks` run in the order given — every prompt
+    /// in one batch.
+    pub fn loss_from(
+        &self,
+        host: &Host,
+        stage: usize,
+        blocks: &[usize],
+    ) -> Result<f64, PluginError> {
+        let requests: Vec<ForwardRequest> = self
+            .sequences
+            .iter()
+            .zip(&self.residuals)
+            .map(|(s, stages)| {
+                Ok(ForwardRequest {
+                    tokens: s.tokens.clone(),
+                    blocks: Some(blocks.to_vec()),
+                    start: Some(
+                        stages
+                            .get(stage)
+                            .ok_or_else(|| format!("no residual before block {stage}"))?
+                            .clone(),
+                    ),
+                    ..Default::default()
+                })
+            })
+            .collect::<Result<_, PluginError>>()?;
+        let outputs = host.forward_batch(&requests)?;
+        let finals: Vec<&[f32]> = outputs.iter().map(|o| o.output.as_slice()).collect();
+        host.scored_loss(&self.sequences, &finals)
+    }
+}
+
 /// Consecutive runs of `members` of at most [`GENERATE_BATCH_TOKENS`] tokens.
 fn chunk_by_tokens(members: &[usize], len: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
     let mut chunks: Vec<Vec<usize>> = Vec::new();
