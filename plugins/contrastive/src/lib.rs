@@ -147,14 +147,7 @@ fn prepare<'g>(
     }
     let requests = match branched_request(&sequences).filter(|_| causal) {
         Some(request) => vec![request],
-        None => sequences
-            .iter()
-            .map(|s| ForwardRequest {
-                tokens: s.tokens.clone(),
-                residuals: true,
-                ..Default::default()
-            })
-            .collect(),
+        None => sequences.iter().map(Sequence::residual_request).collect(),
     };
     Ok(Prepared {
         index,

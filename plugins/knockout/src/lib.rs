@@ -66,12 +66,13 @@ impl Plugin for Knockout {
             base.loss
         ));
         let pairs = params.bool("pairs")?;
+        let chosen: Vec<usize> = items.iter().copied().filter(|&b| b < blocks).collect();
         // Single knockouts: the selected blocks, or every block when pairs
         // need them all for their synergy.
         let singles_needed: Vec<usize> = if pairs {
             (0..blocks).collect()
         } else {
-            items.iter().copied().filter(|&b| b < blocks).collect()
+            chosen.clone()
         };
         let mut single = vec![f64::NAN; blocks];
         for (k, &b) in singles_needed.iter().enumerate() {
@@ -82,7 +83,6 @@ impl Plugin for Knockout {
         if pairs {
             let (mut layer_i, mut layer_j, mut loss, mut synergy) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let chosen: Vec<usize> = items.iter().copied().filter(|&b| b < blocks).collect();
             let total = chosen.iter().map(|&i| blocks - 1 - i).sum::<usize>() as u64;
             for &i in &chosen {
                 for j in i + 1..blocks {
@@ -107,7 +107,6 @@ impl Plugin for Knockout {
                 )?,
             )?;
         }
-        let chosen: Vec<usize> = items.iter().copied().filter(|&b| b < blocks).collect();
         let losses: Vec<f64> = chosen.iter().map(|&b| single[b]).collect();
         Ok(df!(
             "layer" => chosen.iter().map(|&b| b as i64).collect::<Vec<_>>(),

@@ -173,11 +173,7 @@ impl Plugin for Lens {
             }
             let requests: Vec<ForwardRequest> = sequences[start..end]
                 .iter()
-                .map(|s| ForwardRequest {
-                    tokens: s.tokens.clone(),
-                    residuals: true,
-                    ..Default::default()
-                })
+                .map(Sequence::residual_request)
                 .collect();
             let outputs = host.forward_batch(&requests)?;
             for (i, out) in (start..end).zip(&outputs) {

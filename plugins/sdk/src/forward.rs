@@ -92,6 +92,16 @@ impl Sequence {
         }
         self.prompt_len - 1..self.tokens.len() - 1
     }
+
+    /// A pass over the whole sequence that keeps the residual after the
+    /// embedding and after every block.
+    pub fn residual_request(&self) -> ForwardRequest {
+        ForwardRequest {
+            tokens: self.tokens.clone(),
+            residuals: true,
+            ..Default::default()
+        }
+    }
 }
 
 impl Host<'_> {

@@ -348,14 +348,8 @@ impl Baseline {
         options: &PromptOptions,
     ) -> Result<Self, PluginError> {
         let sequences = host.prompt_sequences(set, options)?;
-        let requests: Vec<ForwardRequest> = sequences
-            .iter()
-            .map(|s| ForwardRequest {
-                tokens: s.tokens.clone(),
-                residuals: true,
-                ..Default::default()
-            })
-            .collect();
+        let requests: Vec<ForwardRequest> =
+            sequences.iter().map(Sequence::residual_request).collect();
         let outputs = host.forward_batch(&requests)?;
         let finals: Vec<&[f32]> = outputs.iter().map(|o| o.output.as_slice()).collect();
         let loss = host.scored_loss(&sequences, &finals)?;
