@@ -6,7 +6,8 @@ use probe::store::Checkpoint;
 
 use crate::real_models::real_model;
 use crate::util::{
-    column_f64, column_i64, fixture_with_tokenizer, read_parquet, run_plugin_to, tempdir,
+    column_f64, column_i64, family_with_tokenizer, read_parquet, run_plugin_to, tempdir,
+    DECODER_FIXTURES,
 };
 
 const PLUGIN: &str = "probe-plugin-knockout";
@@ -60,9 +61,16 @@ pub fn sequences(codec: &TextCodec) -> Vec<(Vec<u32>, usize)> {
 }
 
 #[test]
-fn every_loss_and_synergy_matches_direct_runs_on_a_fixture() {
+fn every_loss_and_synergy_matches_direct_runs_on_every_decoder_family() {
+    for family in DECODER_FIXTURES {
+        eprintln!("{family}");
+        check_knockout(family);
+    }
+}
+
+fn check_knockout(family: &str) {
     let dir = tempdir();
-    let model = fixture_with_tokenizer(dir.path());
+    let model = family_with_tokenizer(dir.path(), family);
     let set = dir.path().join("prompts.jsonl");
     std::fs::write(&set, SET).unwrap();
     let out = dir.path().join("knockout.parquet");

@@ -8,8 +8,9 @@ use probe::store::Checkpoint;
 
 use crate::real_models::real_model;
 use crate::util::{
-    column_f64, column_i64, column_opt_f64, column_str, fixture, fixture_with_tokenizer,
-    plugin_lib, read_parquet, run_plugin, run_plugin_to, tempdir,
+    column_f64, column_i64, column_opt_f64, column_str, family_with_tokenizer, fixture,
+    fixture_with_tokenizer, plugin_lib, read_parquet, run_plugin, run_plugin_to, tempdir,
+    DECODER_FIXTURES,
 };
 
 const PLUGIN: &str = "probe-plugin-lens";
@@ -66,9 +67,16 @@ fn row_lens(logits: &[f32], target: usize) -> RowLens {
 }
 
 #[test]
-fn every_column_matches_a_direct_computation_on_a_fixture() {
+fn every_column_matches_a_direct_computation_on_every_decoder_family() {
+    for family in DECODER_FIXTURES {
+        eprintln!("{family}");
+        check_lens(family);
+    }
+}
+
+fn check_lens(family: &str) {
     let dir = tempdir();
-    let model = fixture_with_tokenizer(dir.path());
+    let model = family_with_tokenizer(dir.path(), family);
     let set = dir.path().join("prompts.jsonl");
     std::fs::write(&set, FIXTURE_SET).unwrap();
     let out = dir.path().join("lens.parquet");

@@ -6,13 +6,21 @@ use probe::store::Checkpoint;
 
 use crate::knockout::{direct_loss, SET};
 use crate::util::{
-    column_f64, column_i64, fixture_with_tokenizer, read_parquet, run_plugin_to, tempdir,
+    column_f64, column_i64, family_with_tokenizer, read_parquet, run_plugin_to, tempdir,
+    DECODER_FIXTURES,
 };
 
 #[test]
-fn every_swap_loss_matches_a_direct_run_on_a_fixture() {
+fn every_swap_loss_matches_a_direct_run_on_every_decoder_family() {
+    for family in DECODER_FIXTURES {
+        eprintln!("{family}");
+        check_swap(family);
+    }
+}
+
+fn check_swap(family: &str) {
     let dir = tempdir();
-    let model = fixture_with_tokenizer(dir.path());
+    let model = family_with_tokenizer(dir.path(), family);
     let set = dir.path().join("prompts.jsonl");
     std::fs::write(&set, SET).unwrap();
     let out = dir.path().join("swap.parquet");

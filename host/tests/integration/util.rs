@@ -259,8 +259,25 @@ pub fn column_i64(frame: &DataFrame, name: &str) -> Vec<i64> {
 /// A llama fixture with a word-level tokenizer over the words below (ids
 /// 1, 5, 9, … so that a wrong offset cannot pass).
 pub fn fixture_with_tokenizer(dir: &Path) -> PathBuf {
-    let model = dir.join("llama");
-    copy_dir(&fixture("llama-tied-f32"), &model);
+    family_with_tokenizer(dir, "llama-tied-f32")
+}
+
+/// The decoder fixtures the forward-pass plugins are checked on, so that
+/// nothing is right on llama alone: untied heads, biases, q/k norms, Gemma's
+/// sandwich norms and sliding window, GPT-2's learned positions.
+pub const DECODER_FIXTURES: [&str; 5] = [
+    "llama-tied-f32",
+    "qwen2-untied-f16",
+    "qwen3-tied-bf16",
+    "gemma3-tied-f32",
+    "gpt2-tied-f32",
+];
+
+/// The fixture `name` with the word-level tokenizer of
+/// [`fixture_with_tokenizer`].
+pub fn family_with_tokenizer(dir: &Path, name: &str) -> PathBuf {
+    let model = dir.join(name);
+    copy_dir(&fixture(name), &model);
     let words = [
         "<unk>", "the", "cat", "sat", "on", "mat", "it", "was", "big", "large", "huge", "and",
         "warm", "day", "very", "hot", "cold", "dry", "is", "yes", "no", "sir", ".",
