@@ -17,8 +17,8 @@ use probe_contract::abi::{
     self, ArrowArray, ArrowSchema, F32Buffer, ForwardResultC, HostApi, StrRef, TensorInfoC,
 };
 use probe_contract::{
-    EncodeRequest, ForwardMeta, ForwardRequest, LensRequest, ModelInfo, OutputKind, RunInfo,
-    TextMode, WriteReordered,
+    EncodeRequest, ForwardMeta, ForwardRequest, GenerateReply, GenerateRequest, LensRequest,
+    ModelInfo, OutputKind, RunInfo, TextMode, WriteReordered,
 };
 use probe_sdk::table::{c_array_out, c_schema_out};
 
@@ -170,6 +170,7 @@ impl<'a> RunContext<'a> {
             run_info,
             encode,
             lens_reduce,
+            generate,
         }
     }
 
@@ -794,6 +795,36 @@ unsafe extern "C" fn lens_reduce(
                 run.with_engine(|engine| {
                     engine
                         .lens_reduce(values, t, &request)
+                        .map_err(|e| e.to_string())
+                })
+            });
+        // SAFETY: `out_json` is the caller's place for one string, or null.
+        unsafe { reply_json(out_json, reply) }
+    })
+}
+
+unsafe extern "C" fn generate(
+    ctx: *const c_void,
+    request_json: StrRef,
+    out_json: *mut StrRef,
+) -> i32 {
+    host_call("generate", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx; the JSON is lent for the call.
+        let (run, json) = unsafe { (context(ctx), lent(request_json)) };
+        let reply = serde_json::from_str::<GenerateRequest>(&json)
+            .map_err(|e| format!("generate: bad request: {e}"))
+            .and_then(|request| {
+                request
+                    .check()
+                    .map_err(|e| format!("generate: {e}"))
+                    .map(|()| request)
+            })
+            .and_then(|request| {
+                let prompts: Vec<&[u32]> = request.prompts.iter().map(Vec::as_slice).collect();
+                run.with_engine(|engine| {
+                    engine
+                        .generate(&prompts, request.max_new_tokens, &request.stop)
+                        .map(|completions| GenerateReply { completions })
                         .map_err(|e| e.to_string())
                 })
             });

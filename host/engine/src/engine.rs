@@ -195,31 +195,40 @@ struct Pending {
     /// How many of `trace.blocks` have run.
     done: usize,
     trace: Trace,
+    /// Keys and values `[kv_heads, T, head_dim]` of every block run, when the
+    /// batch keeps them (the prompt pass of [`Engine::generate`]).
+    cache: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 /// A block session and the blocks that run on it.
-struct BlockGraph {
-    session: Session,
+pub(crate) struct BlockGraph {
+    pub(crate) session: Session,
+    /// The weight shapes the graph was built for.
+    pub(crate) shapes: WeightShapes,
+    /// The same block as a cache step ([`graph::BlockGraphKind::Step`]),
+    /// built the first time something generates.
+    pub(crate) step: Option<Session>,
 }
 
 pub struct Engine<'c> {
-    checkpoint: &'c Checkpoint,
+    pub(crate) checkpoint: &'c Checkpoint,
     pub arch: Arch,
-    map: WeightMap,
+    pub(crate) map: WeightMap,
     /// f32 values of every tensor the graphs read: borrowed from the mapping
     /// when stored as aligned F32, converted once otherwise.
-    values: HashMap<String, (Vec<usize>, Cow<'c, [f32]>)>,
+    pub(crate) values: HashMap<String, (Vec<usize>, Cow<'c, [f32]>)>,
     embed: Session,
-    graphs: Vec<BlockGraph>,
+    pub(crate) graphs: Vec<BlockGraph>,
     /// Index into `graphs` for each block.
-    graph_of: Vec<usize>,
+    pub(crate) graph_of: Vec<usize>,
     head: Option<Session>,
     /// The unembedding rows (and biases) of the last restricted vocabulary
     /// asked for: a caller comparing runs asks for the same set every time.
     head_rows: Option<HeadRows>,
     pub device: Device,
+    pub(crate) options: EngineOptions,
     /// Block session runs so far (a stacked run counts once).
-    block_runs: usize,
+    pub(crate) block_runs: usize,
 }
 
 /// Rows of the head's weight (and bias) for a set of token ids.
@@ -229,7 +238,10 @@ struct HeadRows {
     inputs: Vec<(&'static str, Vec<usize>, Vec<f32>)>,
 }
 
-fn ort_error<'a>(file: &'a Checkpoint, what: &str) -> impl Fn(ort::Error) -> ForwardError + 'a {
+pub(crate) fn ort_error<'a>(
+    file: &'a Checkpoint,
+    what: &str,
+) -> impl Fn(ort::Error) -> ForwardError + 'a {
     let what = what.to_string();
     move |e| ForwardError::Onnx {
         file: file.path.clone(),
@@ -241,7 +253,7 @@ fn ort_error<'a>(file: &'a Checkpoint, what: &str) -> impl Fn(ort::Error) -> For
 /// A session builder for `options`: threads, and the device registered
 /// strictly (an execution provider that cannot be registered is an error,
 /// never a silent fall back to the CPU).
-fn session_builder(
+pub(crate) fn session_builder(
     options: EngineOptions,
     fail: &dyn Fn(ort::Error) -> ForwardError,
 ) -> Result<ort::session::builder::SessionBuilder, ForwardError> {
@@ -324,12 +336,14 @@ impl<'c> Engine<'c> {
             let index = match by_shapes.get(&key) {
                 Some(&i) => i,
                 None => {
-                    let model = graph::block(&arch, &block_shapes).map_err(ort_error(
-                        checkpoint,
-                        &format!("building the graph of block {layer}"),
-                    ))?;
+                    let model =
+                        graph::block(&arch, &block_shapes, graph::BlockGraphKind::Whole).map_err(
+                            ort_error(checkpoint, &format!("building the graph of block {layer}")),
+                        )?;
                     graphs.push(BlockGraph {
                         session: session(model, &format!("creating the session of block {layer}"))?,
+                        shapes: block_shapes,
+                        step: None,
                     });
                     by_shapes.insert(key, graphs.len() - 1);
                     graphs.len() - 1
@@ -358,6 +372,7 @@ impl<'c> Engine<'c> {
             head,
             head_rows: None,
             device: options.device,
+            options,
             block_runs: 0,
         })
     }
@@ -380,7 +395,7 @@ impl<'c> Engine<'c> {
         self.head.is_some()
     }
 
-    fn weight_inputs<'v>(
+    pub(crate) fn weight_inputs<'v>(
         values: &'v HashMap<String, (Vec<usize>, Cow<'c, [f32]>)>,
         inputs: &BTreeMap<&'static str, String>,
         into: &mut Vec<(Cow<'static, str>, SessionInputValue<'v>)>,
@@ -410,6 +425,21 @@ impl<'c> Engine<'c> {
     /// Aligning by blocks left, not blocks done, is what lets chains that
     /// differ early and share their suffix (candidate orders) run together.
     pub fn run_batch(&mut self, requests: &[Request<'_>]) -> Result<Vec<Trace>, ForwardError> {
+        Ok(self
+            .run_batch_keeping(requests, false)?
+            .into_iter()
+            .map(|(trace, _)| trace)
+            .collect())
+    }
+
+    /// [`Engine::run_batch`], with every block run's keys and values
+    /// `[kv_heads, T, head_dim]` per request when `keep_cache`.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn run_batch_keeping(
+        &mut self,
+        requests: &[Request<'_>],
+        keep_cache: bool,
+    ) -> Result<Vec<(Trace, Vec<(Vec<f32>, Vec<f32>)>)>, ForwardError> {
         let hidden = self.arch.hidden;
         let mut pending = Vec::with_capacity(requests.len());
         for request in requests {
@@ -431,6 +461,7 @@ impl<'c> Engine<'c> {
                 residual,
                 done: 0,
                 trace,
+                cache: Vec::new(),
             });
         }
         let longest = requests.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
@@ -456,7 +487,12 @@ impl<'c> Engine<'c> {
             }
             for (block, members) in by_block {
                 for stack in stacks_for_block(&members, requests) {
-                    self.run_block(block, &stack, requests, &mut pending, &tables, &mut masks)?;
+                    let run = StackRun {
+                        block,
+                        stack: &stack,
+                        keep_cache,
+                    };
+                    self.run_block(run, requests, &mut pending, &tables, &mut masks)?;
                 }
             }
         }
@@ -465,7 +501,7 @@ impl<'c> Engine<'c> {
             .into_iter()
             .map(|mut p| {
                 p.trace.output = p.residual;
-                p.trace
+                (p.trace, p.cache)
             })
             .collect())
     }
@@ -585,13 +621,23 @@ impl<'c> Engine<'c> {
         if let Some(start) = request.start {
             return Ok(start.to_vec());
         }
-        let tokens = request.tokens;
+        let positions: Vec<usize> = match request.branches {
+            Some(branches) => branches.positions(),
+            None => (0..request.tokens.len()).collect(),
+        };
+        self.embed(request.tokens, &positions)
+    }
+
+    /// The embedding graph's output `[T, hidden]` for tokens at the given
+    /// positions (read by learned position embeddings only).
+    pub(crate) fn embed(
+        &mut self,
+        tokens: &[u32],
+        positions: &[usize],
+    ) -> Result<Vec<f32>, ForwardError> {
         let t = tokens.len();
         let ids: Vec<i64> = tokens.iter().map(|&id| id as i64).collect();
-        let positions: Vec<i64> = match request.branches {
-            Some(branches) => branches.positions().into_iter().map(|p| p as i64).collect(),
-            None => (0..t as i64).collect(),
-        };
+        let positions: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
         let type_ids = vec![0i64; t];
         let fail = ort_error(self.checkpoint, "running the embedding");
         let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
@@ -635,13 +681,17 @@ impl<'c> Engine<'c> {
     /// crosses from one request to another either way.
     fn run_block(
         &mut self,
-        block: usize,
-        stack: &[usize],
+        run: StackRun<'_>,
         requests: &[Request<'_>],
         pending: &mut [Pending],
         tables: &[(Vec<f32>, Vec<f32>)],
         masks: &mut HashMap<MaskKey, Vec<f32>>,
     ) -> Result<(), ForwardError> {
+        let StackRun {
+            block,
+            stack,
+            keep_cache,
+        } = run;
         let hidden = self.arch.hidden;
         let fail = ort_error(self.checkpoint, &format!("running block {block}"));
         let kind = self.arch.blocks[block];
@@ -681,6 +731,9 @@ impl<'c> Engine<'c> {
         }
         if attention {
             selector = selector.with(io::ATTN_PROBS);
+        }
+        if keep_cache {
+            selector = selector.with(io::KEYS).with(io::VALUES);
         }
         let run_options = RunOptions::new().map_err(&fail)?.with_outputs(selector);
 
@@ -755,6 +808,12 @@ impl<'c> Engine<'c> {
         } else {
             &[][..]
         };
+        let (keys, values) = if keep_cache {
+            (array(io::KEYS)?, array(io::VALUES)?)
+        } else {
+            (&[][..], &[][..])
+        };
+        let (kv_heads, dh) = (self.arch.kv_heads, self.arch.head_dim);
         let heads = self.arch.heads;
         let mut offset = 0;
         for (s, (&i, &len)) in stack.iter().zip(&lengths).enumerate() {
@@ -784,6 +843,23 @@ impl<'c> Engine<'c> {
                     }
                     own
                 });
+            }
+            if keep_cache {
+                // Keys are [B, kv, t, dh] for a uniform stack, [1, kv, n, dh]
+                // for a packed one: this request's rows of every head.
+                let own = |all: &[f32]| -> Vec<f32> {
+                    if uniform {
+                        let size = kv_heads * len * dh;
+                        return all[s * size..(s + 1) * size].to_vec();
+                    }
+                    let mut rows = Vec::with_capacity(kv_heads * len * dh);
+                    for h in 0..kv_heads {
+                        let start = (h * n + offset) * dh;
+                        rows.extend_from_slice(&all[start..start + len * dh]);
+                    }
+                    rows
+                };
+                p.cache.push((own(keys), own(values)));
             }
             offset += len;
             p.done += 1;
@@ -1033,6 +1109,16 @@ pub fn rope_table(inv_freq: &[f64], t: usize) -> (Vec<f32>, Vec<f32>) {
         }
     }
     (cos, sin)
+}
+
+/// One session run of a block over a stack of requests.
+#[derive(Clone, Copy)]
+struct StackRun<'s> {
+    block: usize,
+    /// Indices of the requests, in the order their rows are stacked.
+    stack: &'s [usize],
+    /// Keep each request's keys and values ([`Pending::cache`]).
+    keep_cache: bool,
 }
 
 /// Masks are cached per attention kind and the sequences they span.

@@ -32,6 +32,14 @@ pub mod io {
     pub const ATTN_UPDATE: &str = "attn_update";
     pub const MLP_UPDATE: &str = "mlp_update";
     pub const ATTN_PROBS: &str = "attn_probs";
+    /// Keys after rotation and values, `[B, kv_heads, S, head_dim]`: what a
+    /// key/value cache keeps of a block (outputs; the step graph's are the
+    /// cached rows followed by the new ones).
+    pub const KEYS: &str = "keys";
+    pub const VALUES: &str = "values";
+    /// The step graph's cached keys and values, `[B, kv_heads, P, head_dim]`.
+    pub const PAST_KEYS: &str = "past_keys";
+    pub const PAST_VALUES: &str = "past_values";
     pub const LOGITS: &str = "logits";
 }
 
@@ -309,10 +317,27 @@ pub fn embedding(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
     b.finish(&[(io::OUT, 2)])
 }
 
+/// Which of the two block graphs to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockGraphKind {
+    /// Whole sequences: `cos`/`sin` `[T, head_dim]` and a `[T, T]` mask
+    /// shared by the B sequences.
+    Whole,
+    /// New rows after cached ones (a key/value cache): B sequences of T new
+    /// rows each, with every sequence's `P` cached keys and values as inputs
+    /// (`past_keys`/`past_values`), its own positions (`cos`/`sin`
+    /// `[B, 1, T, head_dim]`) and its own mask `[B, 1, T, P + T]` (a shorter
+    /// sequence's cache is padded with columns its mask hides).
+    Step,
+}
+
 /// One transformer block: residual in, residual out, plus each sublayer's
-/// update and the attention probabilities `[B, heads, T, T]`. The residual
-/// `[B·T, hidden]` holds B sequences of T tokens (T from the `[T, T]` mask).
-pub fn block(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
+/// update, the attention probabilities `[B, heads, T, S]` and the keys and
+/// values a cache keeps. The residual `[B·T, hidden]` holds B sequences of T
+/// tokens (T from the mask). `S` is T for [`BlockGraphKind::Whole`], P + T
+/// for [`BlockGraphKind::Step`].
+pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Result<Model> {
+    let step = kind == BlockGraphKind::Step;
     let mut b = Builder::new()?;
     let (h, kv, dh) = (
         arch.heads as i64,
@@ -326,11 +351,21 @@ pub fn block(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
     );
     let rotary = !arch.ropes.is_empty();
     if rotary {
-        b.input(io::COS, TensorElementType::Float32, &[-1, dh]);
-        b.input(io::SIN, TensorElementType::Float32, &[-1, dh]);
+        let dims: &[i64] = if step { &[-1, 1, -1, dh] } else { &[-1, dh] };
+        b.input(io::COS, TensorElementType::Float32, dims);
+        b.input(io::SIN, TensorElementType::Float32, dims);
     }
-    // [T, T] additive mask: 0 where a query may look, −∞ where not.
-    b.input(io::MASK, TensorElementType::Float32, &[-1, -1]);
+    // Additive mask: 0 where a query may look, −∞ where not.
+    let mask_dims: &[i64] = if step { &[-1, 1, -1, -1] } else { &[-1, -1] };
+    b.input(io::MASK, TensorElementType::Float32, mask_dims);
+    if step {
+        b.input(io::PAST_KEYS, TensorElementType::Float32, &[-1, kv, -1, dh]);
+        b.input(
+            io::PAST_VALUES,
+            TensorElementType::Float32,
+            &[-1, kv, -1, dh],
+        );
+    }
     declare_weights(&mut b, weights);
     let has = |n: &str| weights.contains_key(n);
     let opt = |n: &'static str| has(n).then_some(n);
@@ -370,10 +405,14 @@ pub fn block(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
     // The residual holds B sequences of T tokens stacked along its first
     // axis ([B·T, hidden]; T is the mask's side). Projections and the MLP see
     // one [B·T, ·] matrix; attention runs per sequence.
+    let query_axis = if step { 2i64 } else { 0 };
     let t = b.op(
         "Shape",
         &[io::MASK],
-        vec![Attribute::new("start", 0i64)?, Attribute::new("end", 1i64)?],
+        vec![
+            Attribute::new("start", query_axis)?,
+            Attribute::new("end", query_axis + 1)?,
+        ],
     )?;
     let per_head_q = b.const_i64(&[0, h, dh])?;
     let per_head_kv = b.const_i64(&[0, kv, dh])?;
@@ -415,6 +454,19 @@ pub fn block(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
         q = b.rope(&q, arch.head_dim)?;
         k = b.rope(&k, arch.head_dim)?;
     }
+    // The cache's rows come first: keys (already rotated) and values of
+    // every earlier position, then the new rows'.
+    let (k, v) = if step {
+        let axis = || Attribute::new("axis", 2i64);
+        (
+            b.op("Concat", &[io::PAST_KEYS, &k], vec![axis()?])?,
+            b.op("Concat", &[io::PAST_VALUES, &v], vec![axis()?])?,
+        )
+    } else {
+        (k, v)
+    };
+    let k = b.op_named("Identity", &[&k], vec![], Some(io::KEYS))?;
+    let v = b.op_named("Identity", &[&v], vec![], Some(io::VALUES))?;
     // Grouped-query attention without copying keys: the query heads that share
     // a key/value head are stacked along the sequence axis.
     let grouped = b.const_i64(&[0, kv, -1, dh])?;
@@ -492,6 +544,8 @@ pub fn block(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
         (io::ATTN_UPDATE, 2),
         (io::MLP_UPDATE, 2),
         (io::ATTN_PROBS, 4),
+        (io::KEYS, 4),
+        (io::VALUES, 4),
     ])
 }
 

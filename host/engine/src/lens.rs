@@ -52,7 +52,7 @@ pub fn row_stats(logits: &[f32], top_k: usize, target: Option<u32>) -> (LensRow,
 /// The `k` most probable ids, most probable first; equal logits by lower
 /// id, so the order is total. One scan for k = 1 (the common case), a
 /// selection for more.
-fn top_ids(logits: &[f32], k: usize) -> Vec<u32> {
+pub(crate) fn top_ids(logits: &[f32], k: usize) -> Vec<u32> {
     let k = k.min(logits.len());
     if k == 1 {
         let best =

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod engine;
+mod generate;
 pub mod graph;
 pub mod lens;
 pub mod runtime;

@@ -687,6 +687,97 @@ fn branches_give_each_continuation_what_its_own_pass_gives() {
     assert!(error.contains("do not add up to the 10 tokens"), "{error}");
 }
 
+/// Greedy generation the slow way: the whole sequence again for every new
+/// token, the top-1 id of its last row (equal logits: the lower id).
+fn generate_by_rerunning(engine: &mut Engine, prompt: &[u32], max_new: usize) -> Vec<u32> {
+    let mut tokens = prompt.to_vec();
+    let mut added = Vec::new();
+    while added.len() < max_new {
+        let trace = run(
+            engine,
+            &tokens,
+            Capture {
+                logits: true,
+                ..Capture::default()
+            },
+        );
+        let logits = trace.logits.unwrap();
+        let last = &logits[logits.len() - trace.vocab..];
+        let best = (0..last.len()).fold(0, |b, v| if last[v] > last[b] { v } else { b }) as u32;
+        tokens.push(best);
+        added.push(best);
+    }
+    added
+}
+
+#[test]
+fn generation_with_the_cache_gives_what_rerunning_the_sequence_gives() {
+    // Prompts of different lengths (the shorter ones' caches are padded),
+    // past Gemma 3's sliding window of 4 and on GPT-2's learned positions;
+    // some prompts stop early at a stop token, so the batch shrinks mid-way.
+    let prompts: [Vec<u32>; 4] = [
+        vec![5, 9, 2, 7, 30],
+        (1..=9).collect(),
+        vec![42],
+        vec![4, 4, 6, 11, 12, 3, 2, 17, 60, 61, 62, 1],
+    ];
+    let max_new = 9;
+    for name in crate::util::DECODER_FIXTURES {
+        let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
+        let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+        let free: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate_by_rerunning(&mut engine, p, max_new))
+            .collect();
+        // The first token prompt 0 makes after its first that it had not made
+        // before stops it; the others go on unless they make it too.
+        // Greedy generation with a stop token is the free one cut after the
+        // token's first appearance. Take a stop token that ends some prompts
+        // early and not others, so the batch shrinks mid-way.
+        let cut = |stop: u32| -> Vec<Vec<u32>> {
+            free.iter()
+                .map(|f| match f.iter().position(|&id| id == stop) {
+                    Some(k) => f[..=k].to_vec(),
+                    None => f.clone(),
+                })
+                .collect()
+        };
+        let (stop, expected) = free
+            .iter()
+            .flatten()
+            .map(|&id| (id, cut(id)))
+            .find(|(_, e)| {
+                e.iter().any(|c| c.len() < max_new) && e.iter().any(|c| c.len() == max_new)
+            })
+            .expect("a token that stops some prompts and not others");
+        let stop = [stop];
+        let slices: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let before = engine.block_runs();
+        let cached = engine.generate(&slices, max_new, &stop).unwrap();
+        assert_eq!(cached, expected, "{name}");
+        // One packed prompt pass, then one run per block per new token.
+        assert_eq!(
+            engine.block_runs() - before,
+            engine.num_blocks() * max_new,
+            "{name}"
+        );
+        assert_eq!(
+            engine.generate(&slices, max_new, &[]).unwrap(),
+            free,
+            "{name} without a stop token"
+        );
+        assert!(engine
+            .generate(&slices, 0, &[])
+            .unwrap()
+            .iter()
+            .all(Vec::is_empty));
+    }
+    let checkpoint = Checkpoint::open(&fixture("bert-f32")).unwrap();
+    let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+    let refused = engine.generate(&[&[1, 2, 3]], 4, &[]).unwrap_err();
+    assert!(refused.to_string().contains("cannot generate"), "{refused}");
+}
+
 #[test]
 fn gemma3_sliding_layers_see_only_their_window() {
     let checkpoint = Checkpoint::open(&fixture("gemma3-tied-f32")).unwrap();

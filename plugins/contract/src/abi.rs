@@ -26,6 +26,7 @@
 //! | 2.0 | one typed contract crate; `forward` and `forward_from` cut (`forward_batch` is the one way to run, with raw start residuals); tensor roles as a role plus a `bias` flag |
 //! | 2.1 | `HostApi::run_info`: the device and threads forward passes run with |
 //! | 2.2 | `HostApi::encode` (a text as a prompt, a chat message or a continuation without special tokens) and `HostApi::lens_reduce` (the logit lens reduced in the host: entropy, top-k, target rank, KL between rows); `ForwardRequest::branches` (continuations of one prefix in one pass; the SDK refuses it on an older host, naming both versions) |
+//! | 2.3 | `HostApi::generate`: greedy continuations of many prompts with a key/value cache in the host |
 
 use std::ffi::{c_char, c_void};
 use std::mem::offset_of;
@@ -33,7 +34,7 @@ use std::mem::offset_of;
 /// The major version: both sides must agree on it.
 pub const ABI_MAJOR: u32 = 2;
 /// The minor version this side was built with.
-pub const ABI_MINOR: u32 = 2;
+pub const ABI_MINOR: u32 = 3;
 /// This side's version.
 pub const ABI_VERSION: AbiVersion = AbiVersion {
     major: ABI_MAJOR,
@@ -328,6 +329,14 @@ pub struct HostApi {
         request_json: StrRef,
         out_json: *mut StrRef,
     ) -> i32,
+    /// 2.3: greedy continuations of a [`crate::GenerateRequest`] (JSON); the
+    /// [`crate::GenerateReply`] is written as JSON to `out_json`, valid until
+    /// this thread's next host call.
+    pub generate: unsafe extern "C" fn(
+        ctx: *const c_void,
+        request_json: StrRef,
+        out_json: *mut StrRef,
+    ) -> i32,
 }
 
 /// Where each function of [`HostApi`] after 2.0 begins, and the minor that
@@ -367,8 +376,15 @@ pub mod since {
         offset: offset_of!(HostApi, lens_reduce),
     };
 
+    /// `HostApi::generate`, appended in 2.3.
+    pub const GENERATE: Appended = Appended {
+        name: "generate",
+        minor: 3,
+        offset: offset_of!(HostApi, generate),
+    };
+
     /// Every appended function, in table order.
-    pub const ALL: [Appended; 3] = [RUN_INFO, ENCODE, LENS_REDUCE];
+    pub const ALL: [Appended; 4] = [RUN_INFO, ENCODE, LENS_REDUCE, GENERATE];
 }
 
 /// The size of a 2.0 host table: every field before the first appended one.
@@ -572,6 +588,7 @@ mod tests {
             run_info: text,
             encode,
             lens_reduce,
+            generate: encode,
         }
     }
 

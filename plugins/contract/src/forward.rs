@@ -242,6 +242,40 @@ impl OutputKind {
     }
 }
 
+/// 2.3: greedy continuations of prompts, made in the host with a key/value
+/// cache (each new token runs one row through every block instead of its
+/// whole sequence again).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// Token ids of each prompt (none empty).
+    pub prompts: Vec<Vec<u32>>,
+    /// The most tokens added to each prompt.
+    pub max_new_tokens: usize,
+    /// Tokens that end a continuation; the one that ended it is kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<u32>,
+}
+
+impl GenerateRequest {
+    /// The request's own consistency, before any model is involved.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(i) = self.prompts.iter().position(Vec::is_empty) {
+            return Err(format!("prompt {i} has no tokens to continue"));
+        }
+        Ok(())
+    }
+}
+
+/// The host's answer to a [`GenerateRequest`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerateReply {
+    /// Per prompt, in order: the tokens added (each the most probable next
+    /// token, equal logits going to the lower id), at most
+    /// `max_new_tokens`, ending at the first stop token.
+    pub completions: Vec<Vec<u32>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,8 @@
 //! - [`model`]: [`Role`], [`Family`] and [`Dtype`] as enums with their
 //!   predicates (they cross as the strings users see in tables), the model
 //!   facts and the tensor descriptions a plugin reads;
-//! - [`forward`]: the forward request and the description of its result;
+//! - [`forward`]: the forward request and the description of its result,
+//!   and greedy generation's request and reply;
 //! - [`lens`]: the reduced logit lens (entropy, top-k, target rank, KL
 //!   between rows), computed in the host;
 //! - [`messages`]: the other JSON messages (`write_reordered`, run facts,
@@ -34,7 +35,10 @@ pub mod model;
 pub mod params;
 
 pub use abi::AbiVersion;
-pub use forward::{Branches, Edit, EditChange, ForwardMeta, ForwardRequest, OutputKind};
+pub use forward::{
+    Branches, Edit, EditChange, ForwardMeta, ForwardRequest, GenerateReply, GenerateRequest,
+    OutputKind,
+};
 pub use lens::{LensReply, LensRequest, LensRow};
 pub use messages::{EncodeRequest, RunInfo, TextMode, WriteReordered};
 pub use model::{Dtype, Family, ModelInfo, Role, TensorInfo};

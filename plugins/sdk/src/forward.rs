@@ -23,7 +23,10 @@
 //!
 //! [`Edit`]: crate::Edit
 
-use probe_contract::{EncodeRequest, ForwardMeta, LensReply, LensRequest, OutputKind, TextMode};
+use probe_contract::{
+    EncodeRequest, ForwardMeta, GenerateReply, GenerateRequest, LensReply, LensRequest, OutputKind,
+    TextMode,
+};
 
 use crate::abi::{self, F32Buffer, ForwardResultC, StrRef};
 use crate::{Host, PluginError};
@@ -350,6 +353,35 @@ impl Host<'_> {
         }
         serde_json::from_str(&self.host_json(out))
             .map_err(|e| PluginError::Host(format!("lens result: {e}")))
+    }
+
+    /// Greedy continuations of every prompt in `request`, made in the host
+    /// with a key/value cache: the prompts run once, then each new token one
+    /// row per block. The same tokens as running each whole sequence again
+    /// and taking the top-1 token of its last row. Needs a host of plugin ABI 2.3.
+    pub fn generate(&self, request: &GenerateRequest) -> Result<GenerateReply, PluginError> {
+        self.api
+            .require(abi::since::GENERATE)
+            .map_err(PluginError::Host)?;
+        request.check().map_err(PluginError::Other)?;
+        let json = serde_json::to_string(request).map_err(|e| PluginError::Other(e.to_string()))?;
+        let mut out = StrRef::empty();
+        // SAFETY: `require` checked that the host's table holds this field;
+        // the JSON is read during the call and `out` is a valid place to write.
+        let status = unsafe { (self.api.generate)(self.api.ctx, StrRef::new(&json), &mut out) };
+        if status != abi::STATUS_OK {
+            return Err(self.last_error());
+        }
+        let reply: GenerateReply = serde_json::from_str(&self.host_json(out))
+            .map_err(|e| PluginError::Host(format!("generate result: {e}")))?;
+        if reply.completions.len() != request.prompts.len() {
+            return Err(PluginError::Host(format!(
+                "generate: {} completions for {} prompts",
+                reply.completions.len(),
+                request.prompts.len()
+            )));
+        }
+        Ok(reply)
     }
 
     /// Write the checkpoint into `dir` with every tensor of block `b`

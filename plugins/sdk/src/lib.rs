@@ -42,8 +42,9 @@ pub use probe_contract::abi;
 /// Parameter specs and the typed values a plugin reads.
 pub use probe_contract::params;
 pub use probe_contract::{
-    Branches, Dtype, Edit, EditChange, Family, LensReply, LensRequest, LensRow, ModelInfo,
-    ParamError, ParamKind, ParamSpec, Params, Role, RunInfo, TensorInfo, TextMode,
+    Branches, Dtype, Edit, EditChange, Family, GenerateReply, GenerateRequest, LensReply,
+    LensRequest, LensRow, ModelInfo, ParamError, ParamKind, ParamSpec, Params, Role, RunInfo,
+    TensorInfo, TextMode,
 };
 
 use abi::{F32Buffer, HostApi, PluginApi, StrRef, TensorInfoC};

@@ -23,7 +23,7 @@ use polars::prelude::*;
 use serde::Deserialize;
 
 use crate::forward::{ForwardRequest, Sequence};
-use crate::{Host, LensRequest, ParamKind, ParamSpec, Params, PluginError};
+use crate::{GenerateRequest, Host, LensRequest, ParamKind, ParamSpec, Params, PluginError};
 
 /// The set shipped with probe.
 pub const BUILT_IN: &str = include_str!("../../../probes/prompts.jsonl");
@@ -184,16 +184,17 @@ fn end_ids(host: &Host) -> Result<Vec<u32>, PluginError> {
     Ok(ids.into_iter().map(|id| id as u32).collect())
 }
 
-/// Tokens one generation batch carries at most (each sequence's final
-/// residual comes back whole).
+/// Prompt tokens one generation call carries at most (the host keeps every
+/// block's keys and values of them while it generates).
 const GENERATE_BATCH_TOKENS: usize = 4096;
 
 impl Host<'_> {
     /// Every prompt of `set` as a token sequence, in set order: the given
     /// completion where the line has one, else the model's greedy
     /// completion of `options.completion_tokens` tokens (ending early at
-    /// the model's end-of-sequence token, which is kept). Generation runs
-    /// every open prompt in one batch per step; the engine packs them.
+    /// the model's end-of-sequence token, which is kept). Generation runs in
+    /// the host with a key/value cache ([`Host::generate`]), a few thousand
+    /// prompt tokens a call.
     pub fn prompt_sequences(
         &self,
         set: &PromptSet,
@@ -210,7 +211,7 @@ impl Host<'_> {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut open: Vec<usize> = (0..sequences.len())
+        let open: Vec<usize> = (0..sequences.len())
             .filter(|&i| set.prompts[i].completion.is_none())
             .collect();
         if open.is_empty() {
@@ -228,54 +229,18 @@ impl Host<'_> {
             .into());
         }
         let ends = end_ids(self)?;
-        for step in 0..options.completion_tokens {
+        let chunks = chunk_by_tokens(&open, |i| sequences[i].tokens.len());
+        for (done, chunk) in chunks.iter().enumerate() {
             self.check_cancelled()?;
-            self.progress(
-                step as u64,
-                options.completion_tokens as u64,
-                "generating completions",
-            );
-            let mut next = Vec::with_capacity(open.len());
-            for chunk in chunk_by_tokens(&open, |i| sequences[i].tokens.len()) {
-                let requests: Vec<ForwardRequest> = chunk
-                    .iter()
-                    .map(|&i| ForwardRequest {
-                        tokens: sequences[i].tokens.clone(),
-                        ..Default::default()
-                    })
-                    .collect();
-                let outputs = self.forward_batch(&requests)?;
-                let hidden = outputs.first().map_or(0, |o| o.hidden);
-                let mut last_rows = Vec::with_capacity(chunk.len() * hidden);
-                for out in &outputs {
-                    last_rows.extend_from_slice(&out.output[out.output.len() - hidden..]);
-                }
-                let reply = self.lens_reduce(
-                    &last_rows,
-                    chunk.len(),
-                    &LensRequest {
-                        top_k: 1,
-                        ..Default::default()
-                    },
-                )?;
-                for row in reply.rows {
-                    let id = *row
-                        .top_ids
-                        .first()
-                        .ok_or_else(|| PluginError::Host("lens_reduce: no top-1 token".into()))?;
-                    next.push(id);
-                }
-            }
-            let mut still_open = Vec::with_capacity(open.len());
-            for (&i, id) in open.iter().zip(next) {
-                sequences[i].tokens.push(id);
-                if !ends.contains(&id) {
-                    still_open.push(i);
-                }
-            }
-            open = still_open;
-            if open.is_empty() {
-                break;
+            self.progress(done as u64, chunks.len() as u64, "generating completions");
+            let request = GenerateRequest {
+                prompts: chunk.iter().map(|&i| sequences[i].tokens.clone()).collect(),
+                max_new_tokens: options.completion_tokens,
+                stop: ends.clone(),
+            };
+            let reply = self.generate(&request)?;
+            for (&i, completion) in chunk.iter().zip(reply.completions) {
+                sequences[i].tokens.extend(completion);
             }
         }
         Ok(sequences)
