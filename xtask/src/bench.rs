@@ -272,6 +272,126 @@ pub fn contrastive(root: &Path) -> Result<()> {
     record(root, &line)
 }
 
+/// `cargo xtask bench studies`: the lens, knockout and swap plugins on
+/// SmolLM2 over the built-in prompt set (the model's own greedy completions,
+/// made by the host's key/value cache), each a whole `probe run`, against an
+/// independent numpy f64 computation of the same tables
+/// (`plugins/lens/reference/studies_reference.py`: its own forward pass,
+/// lens and block orders over the exact token sequences probe ran) on the
+/// same threads, in the same run. Swap runs on adjacent pairs (`max_gap=1`)
+/// here: all 435 pairs take the numpy reference hours.
+pub fn studies(root: &Path) -> Result<()> {
+    let probe = build_release(root)?;
+    let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
+    if !model.join(".complete").exists() {
+        bail!("{} is missing: run `cargo xtask models`", model.display());
+    }
+    let site = root.join(".cache/py");
+    if !site.join("numpy").exists() {
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--target"])
+            .arg(&site)
+            .arg("numpy")
+            .status()?;
+        if !status.success() {
+            bail!("pip install numpy failed");
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let studies: [(&str, &[&str]); 3] = [
+        ("lens", &[]),
+        ("knockout", &[]),
+        ("swap", &["--param", "max_gap=1"]),
+    ];
+    // One run each: the three take minutes, and the numpy reference much longer.
+    let runs = 1;
+    let mut ours = Vec::new();
+    for (plugin, params) in studies {
+        let lib = root.join(format!("target/release/libprobe_plugin_{plugin}.so"));
+        let out = dir.join(format!("{plugin}.csv"));
+        let timing = time_command(runs, || {
+            let mut c = Command::new(&probe);
+            c.args(["run", "--quiet", "--threads", &threads, "--plugin"])
+                .arg(&lib)
+                .arg(&model)
+                .args(params)
+                .arg("--out")
+                .arg(&out);
+            c
+        })?;
+        ours.push((plugin, out, timing));
+    }
+    let script = root.join("plugins/lens/reference/studies_reference.py");
+    let diff_path = dir.join("studies-diff.json");
+    let numpy = time_command(1, || {
+        let mut c = Command::new("python3");
+        c.arg(&script).arg(&model).arg(dir.join("lens.tokens.csv"));
+        for (plugin, out, _) in &ours {
+            c.arg(format!("--{plugin}")).arg(out);
+        }
+        c.arg("--time").arg("--diff").arg(&diff_path);
+        c.env("PYTHONPATH", &site);
+        for var in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+            c.env(var, &threads);
+        }
+        c
+    })
+    .context("the numpy reference failed (above)")?;
+    let diff: serde_json::Value = serde_json::from_slice(&std::fs::read(&diff_path)?)?;
+    let seconds = |part: &str| diff["seconds"][part].as_f64().unwrap_or(f64::NAN);
+    let lens = &diff["lens"];
+    let agreement = [
+        format!(
+            "target_prob {:.1e}, entropy {:.1e}, kl_to_final {:.1e} (max abs), {} of {} ranks and {} top-1 differ; generated tokens the f64 model's top-1: {} of {}",
+            lens["max_abs_diff"]["target_prob"].as_f64().unwrap_or(f64::NAN),
+            lens["max_abs_diff"]["entropy"].as_f64().unwrap_or(f64::NAN),
+            lens["max_abs_diff"]["kl_to_final"].as_f64().unwrap_or(f64::NAN),
+            lens["disagreements"]["target_rank"],
+            lens["rows"],
+            lens["disagreements"]["top1"],
+            diff["scored_tokens_that_are_the_f64_top1"][0],
+            diff["scored_tokens_that_are_the_f64_top1"][1],
+        ),
+        format!(
+            "losses agree to {:.1e} nats",
+            diff["knockout_max_abs_diff_loss"].as_f64().unwrap_or(f64::NAN)
+        ),
+        format!(
+            "losses agree to {:.1e} nats",
+            diff["swap_max_abs_diff_loss"].as_f64().unwrap_or(f64::NAN)
+        ),
+    ];
+    let what = [
+        "lens, SmolLM2-135M, the built-in prompt set (60 prompts, greedy completions of 16)",
+        "knockout, SmolLM2-135M, the built-in prompt set, 30 single blocks",
+        "swap, SmolLM2-135M, the built-in prompt set, 29 adjacent pairs (max_gap=1)",
+    ];
+    for (((plugin, _, timing), what), agreement) in ours.iter().zip(what).zip(agreement) {
+        // The reference's share: its forward pass with every stage (which
+        // each study needs) plus the study itself.
+        let reference = seconds("forward") + seconds(plugin);
+        let line = format!(
+            "| {} | {} | {what}, {threads} threads, {runs} run | probe {:.1} s (whole run, generation included), peak RSS {:.0} MB | numpy f64 reference over probe's token sequences {:.1} s (forward {:.1} s + {plugin} {:.1} s, no generation), peak RSS {:.0} MB (all three); {agreement} | {:.2}× |",
+            today(),
+            machine(),
+            timing.median.as_secs_f64(),
+            timing.peak_rss_kb as f64 / 1024.0,
+            reference,
+            seconds("forward"),
+            seconds(plugin),
+            numpy.peak_rss_kb as f64 / 1024.0,
+            reference / timing.median.as_secs_f64(),
+        );
+        println!("{line}");
+        record(root, &line)?;
+    }
+    Ok(())
+}
+
 /// Python packages the contrastive reference needs besides numpy.
 const REFERENCE_PACKAGES: [&str; 2] = ["tokenizers==0.23.3", "jinja2==3.1.6"];
 
