@@ -195,10 +195,14 @@ struct Pending {
     /// How many of `trace.blocks` have run.
     done: usize,
     trace: Trace,
-    /// Keys and values `[kv_heads, T, head_dim]` of every block run, when the
-    /// batch keeps them (the prompt pass of [`Engine::generate`]).
-    cache: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Keys and values of every block run, when the batch keeps them (the
+    /// prompt pass of [`Engine::generate`]).
+    cache: Vec<KeysValues>,
 }
+
+/// One block run's keys (rotated) and values of one request, each
+/// `[kv_heads, T, head_dim]`.
+pub(crate) type KeysValues = (Vec<f32>, Vec<f32>);
 
 /// A block session and the blocks that run on it.
 pub(crate) struct BlockGraph {
@@ -432,14 +436,13 @@ impl<'c> Engine<'c> {
             .collect())
     }
 
-    /// [`Engine::run_batch`], with every block run's keys and values
-    /// `[kv_heads, T, head_dim]` per request when `keep_cache`.
-    #[allow(clippy::type_complexity)]
+    /// [`Engine::run_batch`], with every block run's keys and values per
+    /// request when `keep_cache`.
     pub(crate) fn run_batch_keeping(
         &mut self,
         requests: &[Request<'_>],
         keep_cache: bool,
-    ) -> Result<Vec<(Trace, Vec<(Vec<f32>, Vec<f32>)>)>, ForwardError> {
+    ) -> Result<Vec<(Trace, Vec<KeysValues>)>, ForwardError> {
         let hidden = self.arch.hidden;
         let mut pending = Vec::with_capacity(requests.len());
         for request in requests {
