@@ -23,7 +23,7 @@ use probe_contract::{
 use probe_sdk::table::{c_array_out, c_schema_out};
 
 use crate::forward::text::TextCodec;
-use crate::forward::{Capture, Engine, EngineOptions, Request, Trace};
+use crate::forward::{Capture, Engine, EngineOptions, Request, Trace, WeightOverride};
 
 use crate::plugin::LoadedPlugin;
 use crate::progress::Progress;
@@ -50,6 +50,16 @@ pub struct RunContext<'a> {
     engine: Mutex<Option<Result<Engine<'a>, String>>>,
     engine_options: EngineOptions,
     codec: std::sync::OnceLock<Result<TextCodec, String>>,
+    /// Tensor overrides the plugin registered, by id: the tensor's name and
+    /// the values it reads as in the requests that list the id.
+    overrides: Mutex<TensorOverrides>,
+}
+
+/// The overrides of one run and the next id to give out.
+#[derive(Default)]
+struct TensorOverrides {
+    next_id: u64,
+    by_id: std::collections::HashMap<u64, (String, Vec<f32>)>,
 }
 
 thread_local! {
@@ -142,6 +152,7 @@ impl<'a> RunContext<'a> {
             engine: Mutex::new(None),
             engine_options,
             codec: std::sync::OnceLock::new(),
+            overrides: Mutex::new(TensorOverrides::default()),
         }
     }
 
@@ -171,6 +182,8 @@ impl<'a> RunContext<'a> {
             encode,
             lens_reduce,
             generate,
+            override_tensor,
+            release_override,
         }
     }
 
@@ -660,10 +673,29 @@ fn run_requests(
     requests: &[ForwardRequest],
     starts: &[Option<&[f32]>],
 ) -> Result<Vec<Trace>, String> {
+    // Held for the batch: the engine reads the registered values in place.
+    let registered = run.overrides.lock().unwrap_or_else(|p| p.into_inner());
+    let overrides: Vec<Vec<WeightOverride<'_>>> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, request)| {
+            request
+                .overrides
+                .iter()
+                .map(|id| match registered.by_id.get(id) {
+                    Some((tensor, values)) => Ok(WeightOverride { tensor, values }),
+                    None => Err(format!(
+                        "request {i}: override {id} is unknown (never registered, or released)"
+                    )),
+                })
+                .collect()
+        })
+        .collect::<Result<_, _>>()?;
     let engine_requests: Vec<Request<'_>> = requests
         .iter()
         .zip(starts)
-        .map(|(request, start)| Request {
+        .zip(&overrides)
+        .map(|((request, start), overrides)| Request {
             tokens: &request.tokens,
             blocks: request.blocks.as_deref(),
             edits: &request.edits,
@@ -677,6 +709,7 @@ fn run_requests(
             },
             loss_vocab: request.loss_vocab.as_deref(),
             branches: request.branches.as_ref(),
+            overrides,
         })
         .collect();
     run.with_engine(|engine| {
@@ -831,6 +864,59 @@ unsafe extern "C" fn generate(
         // SAFETY: `out_json` is the caller's place for one string, or null.
         unsafe { reply_json(out_json, reply) }
     })
+}
+
+unsafe extern "C" fn override_tensor(
+    ctx: *const c_void,
+    name: StrRef,
+    values: *const f32,
+    len: usize,
+    out_id: *mut u64,
+) -> i32 {
+    host_call("override_tensor", abi::STATUS_ERROR, || {
+        // SAFETY: the table's own ctx; the name is lent for the call.
+        let (run, name) = unsafe { (context(ctx), lent(name)) };
+        if out_id.is_null() || (values.is_null() && len > 0) {
+            return fail("override_tensor: null values or id place");
+        }
+        let values: &[f32] = if len == 0 {
+            &[]
+        } else {
+            // SAFETY: non-null, and the plugin lends `len` floats for the call.
+            unsafe { std::slice::from_raw_parts(values, len) }
+        };
+        let checked = run.with_engine(|engine| {
+            engine.check_override(&WeightOverride {
+                tensor: &name,
+                values,
+            })
+        });
+        if let Err(problem) = checked {
+            return fail(format!("override_tensor: {problem}"));
+        }
+        let mut registered = run.overrides.lock().unwrap_or_else(|p| p.into_inner());
+        let id = registered.next_id;
+        registered.next_id += 1;
+        registered
+            .by_id
+            .insert(id, (name.to_string(), values.to_vec()));
+        // SAFETY: checked non-null; the caller's place for one id.
+        unsafe { out_id.write(id) };
+        abi::STATUS_OK
+    })
+}
+
+unsafe extern "C" fn release_override(ctx: *const c_void, id: u64) {
+    // Nothing to report: an unknown id is ignored, as documented.
+    host_call("release_override", (), || {
+        // SAFETY: the table's own ctx.
+        let run = unsafe { context(ctx) };
+        run.overrides
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .remove(&id);
+    });
 }
 
 unsafe extern "C" fn write_reordered(ctx: *const c_void, request_json: StrRef) -> i32 {

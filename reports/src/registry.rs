@@ -19,6 +19,7 @@ pub const REGISTRY: &[(&str, ChartsFn)] = &[
     ("lens", lens),
     ("knockout", knockout),
     ("swap", swap),
+    ("quant", quant),
 ];
 
 /// The charts for one table: its plugin's, else a metric by layer.
@@ -744,4 +745,92 @@ fn swap(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError>
         "delta",
         "loss increase with blocks i and j swapped (nats)",
     )?])
+}
+
+/// Δppl as log10, floored at 10⁻³ (a change below that, or a perplexity
+/// that fell, shows as the floor): one block at 2 bits can cost thousands
+/// while most cost hundredths.
+fn log_delta(delta: f64) -> f64 {
+    delta.max(1e-3).log10()
+}
+
+/// quant: Δppl with one block rounded as a block × bits heat map; with
+/// `scope=matrix` rows, role × block at one width (the narrowest of 3 bits
+/// or more, where single matrices still leave a model to compare).
+fn quant(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let frame = &table.frame;
+    if frame.column("delta_ppl").is_err() || frame.column("scope").is_err() {
+        return default(table, options);
+    }
+    let scope = strings(frame, "scope").unwrap_or_default();
+    let roles = strings(frame, "role").unwrap_or_default();
+    let (layers, bits) = (ints(table, frame, "layer")?, ints(table, frame, "bits")?);
+    let delta = floats(table, frame, "delta_ppl")?;
+    let cells = |keep: &dyn Fn(usize) -> Option<(String, i64)>| {
+        let mut cells: BTreeMap<(String, i64), f64> = BTreeMap::new();
+        for (r, value) in delta.iter().enumerate() {
+            if let (Some(key), Some(v)) = (keep(r), value) {
+                cells.insert(key, log_delta(*v));
+            }
+        }
+        cells
+    };
+    let grid = |cells: BTreeMap<(String, i64), f64>, title: String, y_label: &str| {
+        let mut rows: Vec<String> = cells.keys().map(|k| k.0.clone()).collect();
+        rows.dedup();
+        let mut columns: Vec<i64> = cells.keys().map(|k| k.1).collect();
+        columns.sort_unstable();
+        columns.dedup();
+        ChartSpec::Heatmap {
+            title,
+            x_label: "block".into(),
+            y_label: y_label.into(),
+            columns: columns.iter().map(i64::to_string).collect(),
+            values: rows
+                .iter()
+                .map(|row| {
+                    columns
+                        .iter()
+                        .map(|c| cells.get(&(row.clone(), *c)).copied())
+                        .collect()
+                })
+                .collect(),
+            rows,
+        }
+    };
+    let mut charts = Vec::new();
+    let by_block =
+        cells(&|r| (scope[r] == "block").then_some((format!("{:>2} bits", bits[r]?), layers[r]?)));
+    if !by_block.is_empty() {
+        charts.push(grid(
+            by_block,
+            "log10 Δperplexity with one block rounded to b bits".into(),
+            "bits",
+        ));
+    }
+    let widths: Vec<i64> = (0..frame.height())
+        .filter(|&r| scope[r] == "matrix")
+        .filter_map(|r| bits[r])
+        .collect();
+    let width = widths
+        .iter()
+        .copied()
+        .filter(|&b| b >= 3)
+        .min()
+        .or_else(|| widths.iter().copied().max());
+    if let Some(width) = width {
+        let by_role = cells(&|r| {
+            (scope[r] == "matrix" && bits[r] == Some(width))
+                .then_some((roles[r].clone(), layers[r]?))
+        });
+        charts.push(grid(
+            by_role,
+            format!("log10 Δperplexity with one matrix rounded to {width} bits"),
+            "matrix",
+        ));
+    }
+    if charts.is_empty() {
+        return default(table, options);
+    }
+    Ok(charts)
 }

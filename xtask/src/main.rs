@@ -133,6 +133,7 @@ pub const BUILTIN_PLUGINS: &[&str] = &[
     "probe-plugin-lens",
     "probe-plugin-knockout",
     "probe-plugin-swap",
+    "probe-plugin-quant",
 ];
 
 /// Build probe and the built-in plugins, and copy the plugins into

@@ -87,6 +87,20 @@ pub struct Request<'a> {
     /// prefix and themselves only (the contract's `Branches`): several
     /// completions of one prompt in one pass, the prompt computed once.
     pub branches: Option<&'a Branches>,
+    /// Block tensors that read as other values in this request only
+    /// (quantized, ablated or truncated weights), at most one per tensor.
+    pub overrides: &'a [WeightOverride<'a>],
+}
+
+/// Values that replace one stored tensor of a block in a request: the
+/// tensor's own shape and stored orientation, borrowed from the caller.
+/// Requests that override a block's tensors with the same buffers share its
+/// session runs; the stored values are never touched.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightOverride<'a> {
+    /// The stored tensor's name.
+    pub tensor: &'a str,
+    pub values: &'a [f32],
 }
 
 /// What a forward pass produced. Matrices are row-major.
@@ -489,7 +503,7 @@ impl<'c> Engine<'c> {
                 }
             }
             for (block, members) in by_block {
-                for stack in stacks_for_block(&members, requests) {
+                for stack in stacks_for_block(&members, requests, &self.map.blocks[block]) {
                     let run = StackRun {
                         block,
                         stack: &stack,
@@ -615,7 +629,52 @@ impl<'c> Engine<'c> {
                 self.arch.family
             )));
         }
+        for (k, weights) in request.overrides.iter().enumerate() {
+            self.check_override(weights).map_err(&bad)?;
+            if request.overrides[..k]
+                .iter()
+                .any(|o| o.tensor == weights.tensor)
+            {
+                return Err(bad(format!(
+                    "tensor `{}` is overridden twice in one request",
+                    weights.tensor
+                )));
+            }
+        }
         Ok(blocks)
+    }
+
+    /// Whether `weights` can replace its tensor: a tensor some block reads,
+    /// with as many values as it holds, all finite.
+    pub fn check_override(&self, weights: &WeightOverride<'_>) -> Result<(), String> {
+        let name = weights.tensor;
+        if !self
+            .map
+            .blocks
+            .iter()
+            .any(|b| b.values().any(|n| n == name))
+        {
+            let stored = self.checkpoint.tensor(name).is_ok();
+            return Err(if stored {
+                format!("tensor `{name}` is not a block weight: only the blocks' tensors can be overridden (not the embedding, the final norm or the head)")
+            } else {
+                format!("no tensor `{name}` in the checkpoint to override")
+            });
+        }
+        let (shape, _) = &self.values[name];
+        let want: usize = shape.iter().product();
+        if weights.values.len() != want {
+            return Err(format!(
+                "an override of `{name}` has {} values; the tensor is {shape:?} ({want})",
+                weights.values.len()
+            ));
+        }
+        if let Some(i) = weights.values.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "an override of `{name}` has a non-finite value at flat index {i}"
+            ));
+        }
+        Ok(())
     }
 
     /// The residual a request starts from: its `start`, or the embedding of
@@ -791,7 +850,18 @@ impl<'c> Engine<'c> {
                 .map_err(&fail)?
                 .into(),
         ));
-        Self::weight_inputs(&self.values, &self.map.blocks[block], &mut inputs).map_err(&fail)?;
+        // Every request of a stack overrides this block's tensors alike
+        // (`stacks_for_block`): the first one's overrides stand for all.
+        let overrides = requests[stack[0]].overrides;
+        for (input, name) in &self.map.blocks[block] {
+            let (shape, stored) = &self.values[name];
+            let data = overrides
+                .iter()
+                .find(|o| o.tensor == name)
+                .map_or(&stored[..], |o| o.values);
+            let tensor = TensorRef::from_array_view((shape.clone(), data)).map_err(&fail)?;
+            inputs.push((Cow::Borrowed(*input), tensor.into()));
+        }
         let session = &mut self.graphs[self.graph_of[block]].session;
         let outputs = session
             .run_with_options(inputs, &run_options)
@@ -1134,29 +1204,55 @@ type MaskKey = (Attention, Vec<(usize, Option<Branches>)>);
 /// short prompts of different lengths, branched groups each laid out its own
 /// way — is packed, in order, into runs of up to `STACK_TOKENS` rows, so the
 /// block's weights are read once per few hundred tokens whatever their shapes.
-fn stacks_for_block(members: &[usize], requests: &[Request<'_>]) -> Vec<Vec<usize>> {
-    let mut by_shape: BTreeMap<(usize, Option<&Branches>), Vec<usize>> = BTreeMap::new();
+///
+/// Only requests that read the block's tensors alike share a run: the same
+/// override buffers (by address) for the tensors it reads (`inputs`), or none.
+fn stacks_for_block(
+    members: &[usize],
+    requests: &[Request<'_>],
+    inputs: &BTreeMap<&'static str, String>,
+) -> Vec<Vec<usize>> {
+    let weights_key = |request: &Request<'_>| -> Vec<(usize, usize)> {
+        let mut key: Vec<(usize, usize)> = request
+            .overrides
+            .iter()
+            .filter(|o| inputs.values().any(|name| name == o.tensor))
+            .map(|o| (o.values.as_ptr() as usize, o.values.len()))
+            .collect();
+        key.sort_unstable();
+        key
+    };
+    let mut by_weights: BTreeMap<Vec<(usize, usize)>, Vec<usize>> = BTreeMap::new();
     for &i in members {
-        let request = &requests[i];
-        by_shape
-            .entry((request.tokens.len(), request.branches))
+        by_weights
+            .entry(weights_key(&requests[i]))
             .or_default()
             .push(i);
     }
     let mut runs = Vec::new();
-    let mut rest = Vec::new();
-    for ((t, _), alike) in by_shape {
-        let full = (STACK_TOKENS / t).max(1);
-        for chunk in alike.chunks(full) {
-            if chunk.len() == full {
-                runs.push(chunk.to_vec());
-            } else {
-                rest.extend_from_slice(chunk);
+    for alike_weights in by_weights.into_values() {
+        let mut by_shape: BTreeMap<(usize, Option<&Branches>), Vec<usize>> = BTreeMap::new();
+        for i in alike_weights {
+            let request = &requests[i];
+            by_shape
+                .entry((request.tokens.len(), request.branches))
+                .or_default()
+                .push(i);
+        }
+        let mut rest = Vec::new();
+        for ((t, _), alike) in by_shape {
+            let full = (STACK_TOKENS / t).max(1);
+            for chunk in alike.chunks(full) {
+                if chunk.len() == full {
+                    runs.push(chunk.to_vec());
+                } else {
+                    rest.extend_from_slice(chunk);
+                }
             }
         }
+        rest.sort_unstable();
+        runs.extend(stacks(&rest, |i| requests[i].tokens.len(), STACK_TOKENS));
     }
-    rest.sort_unstable();
-    runs.extend(stacks(&rest, |i| requests[i].tokens.len(), STACK_TOKENS));
     runs
 }
 

@@ -20,7 +20,9 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub use engine::{Capture, Device, Edit, EditChange, Engine, EngineOptions, Request, Trace};
+pub use engine::{
+    Capture, Device, Edit, EditChange, Engine, EngineOptions, Request, Trace, WeightOverride,
+};
 
 use probe_store::arch::ArchError;
 use probe_store::StoreError;

@@ -10,6 +10,7 @@ mod inspect;
 mod knockout;
 mod lens;
 mod plugins;
+mod quant;
 mod real_models;
 mod report;
 mod scaffold;

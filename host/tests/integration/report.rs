@@ -437,3 +437,29 @@ fn swap_report_is_a_triangle_of_loss_increases() {
     assert_eq!(figs[0].marks, 3);
     assert!(figs[0].title.contains("swapped"));
 }
+
+#[test]
+fn quant_report_is_a_block_by_bits_and_a_role_by_block_heat_map() {
+    let dir = tempdir();
+    let model = crate::util::fixture_with_tokenizer(dir.path());
+    let set = dir.path().join("prompts.jsonl");
+    std::fs::write(&set, crate::knockout::SET).unwrap();
+    let out = crate::util::run_plugin_to(
+        "probe-plugin-quant",
+        &model,
+        &[
+            &format!("prompts={}", set.display()),
+            "bits=2,4",
+            "scope=both",
+            "recipes=false",
+        ],
+        &dir.path().join("quant.parquet"),
+    );
+    let figs = report(&[&out], dir.path());
+    let kinds: Vec<&str> = figs.iter().map(|f| f.kind.as_str()).collect();
+    assert_eq!(kinds, ["heatmap", "heatmap"]);
+    // 3 blocks × 2 widths; then 7 matrices (q k v o gate up down) × 3 blocks at 4 bits.
+    assert_eq!(figs[0].marks, 6);
+    assert_eq!(figs[1].marks, 21);
+    assert!(figs[1].title.contains("4 bits"), "{}", figs[1].title);
+}

@@ -27,6 +27,7 @@
 //! | 2.1 | `HostApi::run_info`: the device and threads forward passes run with |
 //! | 2.2 | `HostApi::encode` (a text as a prompt, a chat message or a continuation without special tokens) and `HostApi::lens_reduce` (the logit lens reduced in the host: entropy, top-k, target rank, KL between rows); `ForwardRequest::branches` (continuations of one prefix in one pass; the SDK refuses it on an older host, naming both versions) |
 //! | 2.3 | `HostApi::generate`: greedy continuations of many prompts with a key/value cache in the host |
+//! | 2.4 | `HostApi::override_tensor` and `release_override`: values that replace a stored block tensor in the forward requests that list them (`ForwardRequest::overrides`; the SDK refuses the field on an older host, naming both versions) |
 
 use std::ffi::{c_char, c_void};
 use std::mem::offset_of;
@@ -34,7 +35,7 @@ use std::mem::offset_of;
 /// The major version: both sides must agree on it.
 pub const ABI_MAJOR: u32 = 2;
 /// The minor version this side was built with.
-pub const ABI_MINOR: u32 = 3;
+pub const ABI_MINOR: u32 = 4;
 /// This side's version.
 pub const ABI_VERSION: AbiVersion = AbiVersion {
     major: ABI_MAJOR,
@@ -337,6 +338,20 @@ pub struct HostApi {
         request_json: StrRef,
         out_json: *mut StrRef,
     ) -> i32,
+    /// 2.4: replace stored tensor `name` by `len` floats (its shape, in its
+    /// stored orientation) in the forward requests that list the id written
+    /// to `out_id` in their `overrides`. The host copies the values once and
+    /// keeps them until `release_override` (or the end of the run); the
+    /// checkpoint itself is never touched.
+    pub override_tensor: unsafe extern "C" fn(
+        ctx: *const c_void,
+        name: StrRef,
+        values: *const f32,
+        len: usize,
+        out_id: *mut u64,
+    ) -> i32,
+    /// 2.4: forget an override from `override_tensor` (an unknown id is ignored).
+    pub release_override: unsafe extern "C" fn(ctx: *const c_void, id: u64),
 }
 
 /// Where each function of [`HostApi`] after 2.0 begins, and the minor that
@@ -383,8 +398,15 @@ pub mod since {
         offset: offset_of!(HostApi, generate),
     };
 
+    /// `HostApi::override_tensor` (and `release_override`), appended in 2.4.
+    pub const OVERRIDE_TENSOR: Appended = Appended {
+        name: "override_tensor",
+        minor: 4,
+        offset: offset_of!(HostApi, release_override),
+    };
+
     /// Every appended function, in table order.
-    pub const ALL: [Appended; 4] = [RUN_INFO, ENCODE, LENS_REDUCE, GENERATE];
+    pub const ALL: [Appended; 5] = [RUN_INFO, ENCODE, LENS_REDUCE, GENERATE, OVERRIDE_TENSOR];
 }
 
 /// The size of a 2.0 host table: every field before the first appended one.
@@ -561,6 +583,16 @@ mod tests {
         ) -> i32 {
             STATUS_ERROR
         }
+        unsafe extern "C" fn override_tensor(
+            _: *const c_void,
+            _: StrRef,
+            _: *const f32,
+            _: usize,
+            _: *mut u64,
+        ) -> i32 {
+            STATUS_ERROR
+        }
+        unsafe extern "C" fn release_override(_: *const c_void, _: u64) {}
         HostApi {
             size,
             abi: AbiVersion {
@@ -589,6 +621,8 @@ mod tests {
             encode,
             lens_reduce,
             generate: encode,
+            override_tensor,
+            release_override,
         }
     }
 

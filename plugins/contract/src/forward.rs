@@ -152,6 +152,11 @@ pub struct ForwardRequest {
     /// loss, whose next tokens would be ambiguous).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branches: Option<Branches>,
+    /// 2.4: ids from `HostApi::override_tensor`: for this request only, each
+    /// named stored tensor reads as the values registered under its id
+    /// (quantized, ablated, truncated weights). At most one per tensor.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<u64>,
 }
 
 impl ForwardRequest {
@@ -168,6 +173,11 @@ impl ForwardRequest {
             if self.loss || self.logits {
                 return Err("`branches` has no next token for the prefix's last row: ask for no loss or logits".into());
             }
+        }
+        let mut ids = self.overrides.clone();
+        ids.sort_unstable();
+        if let Some(pair) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("override {} is listed twice", pair[0]));
         }
         Ok(())
     }

@@ -72,6 +72,28 @@ impl ForwardOutput {
     }
 }
 
+/// A tensor's values replaced in the requests that list [`id`](Self::id)
+/// ([`Host::override_tensor`]); the host forgets them when this is dropped.
+pub struct TensorOverride<'h> {
+    host: &'h Host<'h>,
+    id: u64,
+}
+
+impl TensorOverride<'_> {
+    /// What a [`ForwardRequest`]'s `overrides` lists.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for TensorOverride<'_> {
+    fn drop(&mut self) {
+        // SAFETY: made only by `override_tensor`, which checked that the
+        // host's table holds `release_override`; each id is released once.
+        unsafe { (self.host.api.release_override)(self.host.api.ctx, self.id) }
+    }
+}
+
 /// A prompt and its completion as one token sequence ([`Host::sequence`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sequence {
@@ -222,6 +244,11 @@ impl Host<'_> {
                 "forward requests with `branches` need plugin ABI 2.2, which this probe (plugin ABI {}) lacks: update probe",
                 self.api.abi
             )));
+        }
+        if requests.iter().any(|r| !r.overrides.is_empty()) {
+            self.api
+                .require(abi::since::OVERRIDE_TENSOR)
+                .map_err(PluginError::Host)?;
         }
         let json =
             serde_json::to_string(requests).map_err(|e| PluginError::Other(e.to_string()))?;
@@ -382,6 +409,57 @@ impl Host<'_> {
             )));
         }
         Ok(reply)
+    }
+
+    /// Make stored tensor `name` read as `values` in the forward requests
+    /// that list the returned override's [`TensorOverride::id`] in their
+    /// `overrides` — for those requests only, the checkpoint untouched.
+    /// `values` has the tensor's shape in its stored orientation (what
+    /// [`Host::tensor_f32`] hands out); only the blocks' tensors can be
+    /// overridden. The values cross the boundary once, here: a batch of any
+    /// size, and any later batch, reuses them until the override is dropped.
+    /// Requests that override a block alike share its session runs.
+    /// Needs a host of plugin ABI 2.4.
+    ///
+    /// This is how a plugin studies what the weights themselves do:
+    /// quantization (the `quant` plugin rounds a block's matrices and runs
+    /// the set with them), and equally ablation or truncation:
+    ///
+    /// ```ignore
+    /// // Zero-ablate attention head 3 of block 5: the o_proj columns it writes through.
+    /// let name = "model.layers.5.self_attn.o_proj.weight";
+    /// let index = host.tensors()?.iter().find(|t| t.name == name).unwrap().index;
+    /// let mut o = host.tensor_f32(index)?.to_vec();            // [hidden, heads × head_dim]
+    /// let (cols, dh) = (heads * head_dim, head_dim);
+    /// for row in o.chunks_exact_mut(cols) { row[3 * dh..4 * dh].fill(0.0); }
+    /// let ablated = host.override_tensor(name, &o)?;
+    /// let out = host.forward(&ForwardRequest { tokens: ids, loss: true, overrides: vec![ablated.id()], ..Default::default() })?;
+    /// ```
+    pub fn override_tensor(
+        &self,
+        name: &str,
+        values: &[f32],
+    ) -> Result<TensorOverride<'_>, PluginError> {
+        self.api
+            .require(abi::since::OVERRIDE_TENSOR)
+            .map_err(PluginError::Host)?;
+        let mut id = 0u64;
+        // SAFETY: `require` checked that the host's table holds this field;
+        // the name and the values are read during the call, `id` is a valid
+        // place to write.
+        let status = unsafe {
+            (self.api.override_tensor)(
+                self.api.ctx,
+                StrRef::new(name),
+                values.as_ptr(),
+                values.len(),
+                &mut id,
+            )
+        };
+        if status != abi::STATUS_OK {
+            return Err(self.last_error());
+        }
+        Ok(TensorOverride { host: self, id })
     }
 
     /// Write the checkpoint into `dir` with every tensor of block `b`

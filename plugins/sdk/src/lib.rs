@@ -53,7 +53,7 @@ use polars::prelude::*;
 
 /// Everything a plugin usually needs: `use probe_sdk::prelude::*;`.
 pub mod prelude {
-    pub use crate::forward::{ForwardOutput, ForwardRequest, Sequence};
+    pub use crate::forward::{ForwardOutput, ForwardRequest, Sequence, TensorOverride};
     pub use crate::matrices::{Matrix, MatrixValues};
     pub use crate::prompts::{Prompt, PromptOptions, PromptSet};
     pub use crate::{export_plugin, Host, Plugin, PluginError};

@@ -334,6 +334,19 @@ impl Baseline {
         stage: usize,
         blocks: &[usize],
     ) -> Result<f64, PluginError> {
+        self.loss_from_overridden(host, stage, blocks, &[])
+    }
+
+    /// [`Baseline::loss_from`] with tensors overridden in every request
+    /// (ids from [`Host::override_tensor`]): the loss with, say, block
+    /// `stage`'s matrices quantized, run from the residual before it.
+    pub fn loss_from_overridden(
+        &self,
+        host: &Host,
+        stage: usize,
+        blocks: &[usize],
+        overrides: &[u64],
+    ) -> Result<f64, PluginError> {
         let requests: Vec<ForwardRequest> = self
             .sequences
             .iter()
@@ -348,6 +361,7 @@ impl Baseline {
                             .ok_or_else(|| format!("no residual before block {stage}"))?
                             .clone(),
                     ),
+                    overrides: overrides.to_vec(),
                     ..Default::default()
                 })
             })
