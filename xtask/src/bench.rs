@@ -286,17 +286,7 @@ pub fn studies(root: &Path) -> Result<()> {
     if !model.join(".complete").exists() {
         bail!("{} is missing: run `cargo xtask models`", model.display());
     }
-    let site = root.join(".cache/py");
-    if !site.join("numpy").exists() {
-        let status = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--target"])
-            .arg(&site)
-            .arg("numpy")
-            .status()?;
-        if !status.success() {
-            bail!("pip install numpy failed");
-        }
-    }
+    let site = numpy_site(root)?;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .to_string();
@@ -390,6 +380,99 @@ pub fn studies(root: &Path) -> Result<()> {
         record(root, &line)?;
     }
     Ok(())
+}
+
+/// `.cache/py` with numpy in it (installed on first use), for PYTHONPATH.
+fn numpy_site(root: &Path) -> Result<PathBuf> {
+    let site = root.join(".cache/py");
+    if !site.join("numpy").exists() {
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--target"])
+            .arg(&site)
+            .arg("numpy")
+            .status()?;
+        if !status.success() {
+            bail!("pip install numpy failed");
+        }
+    }
+    Ok(site)
+}
+
+/// `cargo xtask bench quant`: the quant plugin on SmolLM2 over the built-in
+/// prompt set — the default run (`scope=block` at 2, 3, 4 and 8 bits with
+/// the recipes), timed whole; and its 3-bit block rows, timed alone, against
+/// the numpy f64 reference (`studies_reference.py --quant`: its own float32
+/// rounding and forward pass over the exact token sequences, taken from a
+/// lens run's `tokens` table) on the same threads, in the same run.
+pub fn quant(root: &Path) -> Result<()> {
+    let probe = build_release(root)?;
+    let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
+    if !model.join(".complete").exists() {
+        bail!("{} is missing: run `cargo xtask models`", model.display());
+    }
+    let site = numpy_site(root)?;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let run = |plugin: &str, params: &[&str], out: &Path| {
+        time_command(1, || {
+            let mut c = Command::new(&probe);
+            c.args(["run", "--quiet", "--threads", &threads, "--plugin"])
+                .arg(root.join(format!("target/release/libprobe_plugin_{plugin}.so")))
+                .arg(&model)
+                .args(params.iter().flat_map(|p| ["--param", p]))
+                .arg("--out")
+                .arg(out);
+            c
+        })
+    };
+    // The exact sequences (the same greedy completions quant generates).
+    run("lens", &[], &dir.join("lens.csv"))?;
+    let whole = run("quant", &[], &dir.join("quant.csv"))?;
+    let three_bits = dir.join("quant-3bits.csv");
+    let ours = run("quant", &["bits=3", "recipes=false"], &three_bits)?;
+    let script = root.join("plugins/lens/reference/studies_reference.py");
+    let diff_path = dir.join("quant-diff.json");
+    let numpy = time_command(1, || {
+        let mut c = Command::new("python3");
+        c.arg(&script)
+            .arg(&model)
+            .arg(dir.join("lens.tokens.csv"))
+            .arg("--quant")
+            .arg(&three_bits)
+            .arg("--time")
+            .arg("--diff")
+            .arg(&diff_path);
+        c.env("PYTHONPATH", &site);
+        for var in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+            c.env(var, &threads);
+        }
+        c
+    })
+    .context("the numpy reference failed (above)")?;
+    let diff: serde_json::Value = serde_json::from_slice(&std::fs::read(&diff_path)?)?;
+    let seconds = |part: &str| diff["seconds"][part].as_f64().unwrap_or(f64::NAN);
+    let reference = seconds("forward") + seconds("quant");
+    let line = format!(
+        "| {} | {} | quant, SmolLM2-135M, the built-in prompt set, scope=block: 30 blocks at 3 bits ({} rows), {threads} threads, 1 run; the default run (2, 3, 4, 8 bits and 10 recipes) took {:.1} s, peak RSS {:.0} MB | probe {:.1} s (whole run, generation included), peak RSS {:.0} MB | numpy f64 reference over probe's token sequences {:.1} s (forward {:.1} s + quant {:.1} s, no generation), peak RSS {:.0} MB; losses agree to {:.1e} nats | {:.2}× |",
+        today(),
+        machine(),
+        diff["quant_rows"],
+        whole.median.as_secs_f64(),
+        whole.peak_rss_kb as f64 / 1024.0,
+        ours.median.as_secs_f64(),
+        ours.peak_rss_kb as f64 / 1024.0,
+        reference,
+        seconds("forward"),
+        seconds("quant"),
+        numpy.peak_rss_kb as f64 / 1024.0,
+        diff["quant_max_abs_diff_loss"].as_f64().unwrap_or(f64::NAN),
+        reference / ours.median.as_secs_f64(),
+    );
+    println!("{line}");
+    record(root, &line)
 }
 
 /// Python packages the contrastive reference needs besides numpy.

@@ -324,6 +324,7 @@ fn overrides_in_one_batch_stay_apart_and_bad_ones_are_refused() {
         tensor: name,
         values: &doubled,
     }];
+    let before = engine.run(&request(&[])).unwrap().loss().unwrap();
     let batch = [request(&a), request(&b), request(&[]), request(&a)];
     let together = engine.run_batch(&batch).unwrap();
     let losses: Vec<f64> = together.iter().map(|t| t.loss().unwrap()).collect();
@@ -339,6 +340,9 @@ fn overrides_in_one_batch_stay_apart_and_bad_ones_are_refused() {
     assert!((losses[0] - losses[2]).abs() > 1e-3 && (losses[1] - losses[2]).abs() > 1e-3);
     assert!((losses[0] - losses[1]).abs() > 1e-3);
     assert!((losses[0] - losses[3]).abs() < 1e-6);
+    // The stored weights are untouched: a plain run gives what it gave first.
+    let after = engine.run(&request(&[])).unwrap().loss().unwrap();
+    assert_eq!(before.to_bits(), after.to_bits());
 
     let refused = |o: WeightOverride| engine.check_override(&o).unwrap_err();
     let embed = checkpoint

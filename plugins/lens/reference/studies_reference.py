@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""An independent computation of the lens, knockout and swap tables, in numpy f64.
+"""An independent computation of the lens, knockout, swap and quant tables, in numpy f64.
 
 It shares no code with probe: it reads the exact token sequences probe ran
 (the `tokens` companion table: prompt_index, position, token_id, scored) and
 runs its own forward pass (the numpy model of
 fixtures/reference/forward_reference.py, llama-like decoders), its own logit
-lens and its own losses with blocks left out or exchanged.
+lens and its own losses with blocks left out or exchanged, or with one
+block's weight matrices rounded to b bits (symmetric per-group
+round-to-nearest in float32, ties to even, as
+plugins/quant/reference/quantize_reference.py; the block scope rows of the
+quant table, group from --group).
 
-    studies_reference.py MODEL TOKENS.csv --lens L.csv --knockout K.csv --swap S.csv --time --diff D.json
+    studies_reference.py MODEL TOKENS.csv --lens L.csv --knockout K.csv --swap S.csv --quant Q.csv --time --diff D.json
 
 Every table given is recomputed and compared row by row (the swap rows are
 those probe's table has, e.g. `--param max_gap=1`); the comparison (largest
@@ -121,6 +125,31 @@ def loss_from(model, seqs, stages, stage, blocks):
     return set_loss(model, seqs, finals)
 
 
+def round_rows(w, bits, group):
+    """Round every row of a float32 (out, in) matrix in groups along `in`."""
+    qmax = np.float32(2 ** (bits - 1) - 1)
+    qmin = np.float32(-(2 ** (bits - 1)))
+    out = w.copy()
+    for start in range(0, w.shape[1], group):
+        g = w[:, start:start + group]
+        m = np.abs(g).max(axis=1, keepdims=True)
+        scale = (m / qmax).astype(np.float32)
+        safe = np.where(scale == 0, np.float32(1), scale)
+        q = np.clip(np.round(g / safe), qmin, qmax) * safe
+        out[:, start:start + group] = np.where(scale == 0, g, q)
+    return out
+
+
+def block_rounded(model, layer, bits, group):
+    """The block's 2-D weights rounded to `bits` (f32 arithmetic, f64 out)."""
+    prefix = f"model.layers.{layer}."
+    return {
+        name: round_rows(w.astype(np.float32), bits, group).astype(np.float64)
+        for name, w in model.w.items()
+        if name.startswith(prefix) and name.endswith(".weight") and w.ndim == 2
+    }
+
+
 def compare_lens(ours, probe_csv):
     worst = {c: 0.0 for c in ("target_prob", "top1_prob", "entropy", "kl_to_final")}
     disagree = {"target_rank": 0, "top1": 0}
@@ -146,6 +175,8 @@ def main():
     parser.add_argument("--lens", type=Path, help="probe's lens table (CSV)")
     parser.add_argument("--knockout", type=Path, help="probe's knockout table (CSV)")
     parser.add_argument("--swap", type=Path, help="probe's swap table (CSV)")
+    parser.add_argument("--quant", type=Path, help="probe's quant table (CSV; its block rows)")
+    parser.add_argument("--group", type=int, default=128, help="the quant table's group size")
     parser.add_argument("--diff", type=Path, help="write the comparison here, not to stdout")
     parser.add_argument("--time", action="store_true", help="print the computation's seconds")
     args = parser.parse_args()
@@ -185,6 +216,23 @@ def main():
         report["swap_pairs"] = n
         report["swap_max_abs_diff_loss"] = worst
         seconds["swap"] = time.perf_counter() - began
+    if args.quant:
+        began = time.perf_counter()
+        worst, n = 0.0, 0
+        for r in read_csv(args.quant):
+            if r["scope"] != "block":
+                continue
+            i, bits = int(r["layer"]), int(r["bits"])
+            rounded = block_rounded(model, i, bits, args.group)
+            stored = {name: model.w[name] for name in rounded}
+            model.w.update(rounded)
+            loss = loss_from(model, seqs, stages, i, range(i, model.blocks))
+            model.w.update(stored)
+            worst = max(worst, abs(float(r["loss"]) - loss), abs(float(r["base_loss"]) - base))
+            n += 1
+        report["quant_rows"] = n
+        report["quant_max_abs_diff_loss"] = worst
+        seconds["quant"] = time.perf_counter() - began
     report["seconds"] = seconds
     total = time.perf_counter() - start
 

@@ -397,7 +397,17 @@ fn run_recipes<'h>(
                 plans.push(("protect_sensitive", most));
             }
         }
+        let mut measured: Vec<(Vec<usize>, f64, ErrorSums)> = Vec::new();
         for (name, kept) in plans {
+            // protect_sensitive often names the ends: one run serves both.
+            if let Some((_, loss, sums)) = measured.iter().find(|m| m.0 == kept) {
+                bits_col.push(i64::from(bits));
+                recipe.push(name);
+                protected.push(join(&kept));
+                losses.push(*loss);
+                errors.push(sums.relative());
+                continue;
+            }
             let widths: Vec<Option<u32>> = (0..blocks)
                 .map(|b| {
                     Some(if kept.contains(&b) {
@@ -419,14 +429,10 @@ fn run_recipes<'h>(
             ));
             bits_col.push(i64::from(bits));
             recipe.push(name);
-            protected.push(
-                kept.iter()
-                    .map(usize::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-            );
+            protected.push(join(&kept));
             losses.push(loss);
             errors.push(sums.relative());
+            measured.push((kept, loss, sums));
         }
     }
     let (ppl, delta_ppl, ratio) = against_base(&losses, base.loss);
@@ -440,6 +446,15 @@ fn run_recipes<'h>(
         "ratio" => ratio,
         "weight_error" => errors,
     )?)
+}
+
+/// Blocks as the `protected` column writes them: `0,29`.
+fn join(blocks: &[usize]) -> String {
+    blocks
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 export_plugin!(Quant);

@@ -84,6 +84,29 @@ pub fn quantize_matrix(
     group: usize,
 ) -> ErrorSums {
     let mut sums = ErrorSums::default();
+    let mut add = |rounded: &[f32], original: &[f32]| {
+        for (&q, &w) in rounded.iter().zip(original) {
+            let (q, w) = (f64::from(q), f64::from(w));
+            sums.changed += (q - w) * (q - w);
+            sums.original += w * w;
+        }
+    };
+    // Rows stored one after another (every Linear weight, a fused QKV's
+    // parts, a bank's slabs): round them where they lie.
+    let contiguous = match (&matrix.part, transposed) {
+        (Part::Whole, false) => Some(0..matrix.rows * matrix.cols),
+        (Part::Span(range), false) => Some(range.clone()),
+        _ => None,
+    };
+    if let Some(range) = contiguous {
+        let mut original = vec![0.0f32; matrix.cols];
+        for row in stored[range].chunks_exact_mut(matrix.cols.max(1)) {
+            original.copy_from_slice(row);
+            quantize_row(row, bits, group);
+            add(row, &original);
+        }
+        return sums;
+    }
     let mut row = vec![0.0f32; matrix.cols];
     for r in 0..matrix.rows {
         for (c, w) in row.iter_mut().enumerate() {
@@ -91,11 +114,9 @@ pub fn quantize_matrix(
         }
         let original = row.clone();
         quantize_row(&mut row, bits, group);
-        for (c, (&q, &w)) in row.iter().zip(&original).enumerate() {
-            let (q, w) = (f64::from(q), f64::from(w));
-            sums.changed += (q - w) * (q - w);
-            sums.original += w * w;
-            stored[stored_index(matrix, transposed, r, c)] = q as f32;
+        add(&row, &original);
+        for (c, &q) in row.iter().enumerate() {
+            stored[stored_index(matrix, transposed, r, c)] = q;
         }
     }
     sums
