@@ -456,7 +456,7 @@ pub fn quant(root: &Path) -> Result<()> {
     let seconds = |part: &str| diff["seconds"][part].as_f64().unwrap_or(f64::NAN);
     let reference = seconds("forward") + seconds("quant");
     let line = format!(
-        "| {} | {} | quant, SmolLM2-135M, the built-in prompt set, scope=block: 30 blocks at 3 bits ({} rows), {threads} threads, 1 run; the default run (2, 3, 4, 8 bits and 10 recipes) took {:.1} s, peak RSS {:.0} MB | probe {:.1} s (whole run, generation included), peak RSS {:.0} MB | numpy f64 reference over probe's token sequences {:.1} s (forward {:.1} s + quant {:.1} s, no generation), peak RSS {:.0} MB; losses agree to {:.1e} nats | {:.2}× |",
+        "| {} | {} | quant, SmolLM2-135M, the built-in prompt set, scope=block: 30 blocks at 3 bits ({} rows), {threads} threads, 1 run; the default run (2, 3, 4, 8 bits and the recipes) took {:.1} s, peak RSS {:.0} MB | probe {:.1} s (whole run, generation included), peak RSS {:.0} MB | numpy f64 reference over probe's token sequences {:.1} s (forward {:.1} s + quant {:.1} s, no generation), peak RSS {:.0} MB; losses agree to {:.1e} nats | {:.2}× |",
         today(),
         machine(),
         diff["quant_rows"],
