@@ -20,6 +20,7 @@ pub const REGISTRY: &[(&str, ChartsFn)] = &[
     ("knockout", knockout),
     ("swap", swap),
     ("quant", quant),
+    ("geometry", geometry),
 ];
 
 /// The charts for one table: its plugin's, else a metric by layer.
@@ -831,6 +832,82 @@ fn quant(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError
     }
     if charts.is_empty() {
         return default(table, options);
+    }
+    Ok(charts)
+}
+
+/// One line per checkpoint (or one for a single model) of `column` by layer.
+fn layer_series(table: &Table, column: &str) -> Result<Vec<Series>, ReportError> {
+    let frame = &table.frame;
+    let layers = ints(table, frame, "layer")?;
+    let values = floats(table, frame, column)?;
+    let checkpoints = strings(frame, "checkpoint");
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for r in 0..frame.height() {
+        if let (Some(l), Some(v)) = (layers[r], values[r]) {
+            let name = checkpoints
+                .as_ref()
+                .map_or_else(|| column.to_string(), |c| c[r].clone());
+            series.entry(name).or_default().push((l as f64, v));
+        }
+    }
+    Ok(series.into_iter().collect())
+}
+
+/// geometry: each metric by layer (a line per checkpoint over a run); the
+/// raw and centred isotropy on one chart.
+fn geometry(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let frame = &table.frame;
+    if frame.column("participation_ratio").is_err() || frame.column("layer").is_err() {
+        return default(table, options);
+    }
+    let x_label = "layer (−1 = embedding)";
+    let mut charts = Vec::new();
+    for (column, title, log_y) in [
+        (
+            "participation_ratio",
+            "participation ratio of the centred states",
+            false,
+        ),
+        ("mean_norm", "mean norm of the hidden states", true),
+        (
+            "erank",
+            "effective rank (erank) of the hidden states",
+            false,
+        ),
+        (
+            "spectral_flatness",
+            "spectral flatness of the centred states",
+            false,
+        ),
+        (
+            "category_separation",
+            "category separation (c̄_intra − c̄_inter) / |c̄_inter|",
+            false,
+        ),
+    ] {
+        if frame.column(column).is_ok() {
+            charts.push(ChartSpec::Lines {
+                title: title.into(),
+                x_label: x_label.into(),
+                y_label: column.into(),
+                series: layer_series(table, column)?,
+                log_y,
+                points_only: false,
+            });
+        }
+    }
+    if frame.column("isotropy_centred").is_ok() && strings(frame, "checkpoint").is_none() {
+        let mut series = layer_series(table, "isotropy_raw")?;
+        series.extend(layer_series(table, "isotropy_centred")?);
+        charts.push(ChartSpec::Lines {
+            title: "mean cosine between tokens: raw and mean-centred".into(),
+            x_label: x_label.into(),
+            y_label: "mean cosine".into(),
+            series,
+            log_y: false,
+            points_only: false,
+        });
     }
     Ok(charts)
 }

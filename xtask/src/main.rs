@@ -136,6 +136,7 @@ pub const BUILTIN_PLUGINS: &[&str] = &[
     "probe-plugin-knockout",
     "probe-plugin-swap",
     "probe-plugin-quant",
+    "probe-plugin-geometry",
 ];
 
 /// Build probe and the built-in plugins, and copy the plugins into

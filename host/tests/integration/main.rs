@@ -6,6 +6,7 @@ mod boundary;
 mod contrastive;
 mod forward;
 mod fuzz_corpus;
+mod geometry;
 mod inspect;
 mod knockout;
 mod lens;

@@ -463,3 +463,24 @@ fn quant_report_is_a_block_by_bits_and_a_role_by_block_heat_map() {
     assert_eq!(figs[1].marks, 21);
     assert!(figs[1].title.contains("4 bits"), "{}", figs[1].title);
 }
+
+#[test]
+fn geometry_report_has_each_metric_by_layer() {
+    let dir = tempdir();
+    let model = crate::util::fixture_with_tokenizer(dir.path());
+    let set = dir.path().join("prompts.jsonl");
+    std::fs::write(&set, crate::knockout::SET).unwrap();
+    let out = crate::util::run_plugin_to(
+        "probe-plugin-geometry",
+        &model,
+        &[&format!("prompts={}", set.display())],
+        &dir.path().join("geometry.parquet"),
+    );
+    let figs = report(&[&out], dir.path());
+    let kinds: Vec<&str> = figs.iter().map(|f| f.kind.as_str()).collect();
+    assert_eq!(kinds, ["lines"; 6]);
+    // The embedding and 3 blocks: 4 points a line; two lines of isotropy.
+    assert_eq!(figs[0].marks, 4);
+    assert_eq!(figs[5].marks, 8);
+    assert!(figs[5].title.contains("centred"), "{}", figs[5].title);
+}
