@@ -21,6 +21,7 @@ pub const REGISTRY: &[(&str, ChartsFn)] = &[
     ("swap", swap),
     ("quant", quant),
     ("geometry", geometry),
+    ("autopsy", autopsy),
 ];
 
 /// The charts for one table: its plugin's, else a metric by layer.
@@ -854,39 +855,15 @@ fn layer_series(table: &Table, column: &str) -> Result<Vec<Series>, ReportError>
     Ok(series.into_iter().collect())
 }
 
-/// geometry: each metric by layer (a line per checkpoint over a run); the
-/// raw and centred isotropy on one chart.
-fn geometry(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
-    let frame = &table.frame;
-    if frame.column("participation_ratio").is_err() || frame.column("layer").is_err() {
-        return default(table, options);
-    }
-    let x_label = "layer (−1 = embedding)";
+/// One chart per metric present, by layer (a line per checkpoint over a run).
+fn metric_lines(
+    table: &Table,
+    x_label: &str,
+    metrics: &[(&str, &str, bool)],
+) -> Result<Vec<ChartSpec>, ReportError> {
     let mut charts = Vec::new();
-    for (column, title, log_y) in [
-        (
-            "participation_ratio",
-            "participation ratio of the centred states",
-            false,
-        ),
-        ("mean_norm", "mean norm of the hidden states", true),
-        (
-            "erank",
-            "effective rank (erank) of the hidden states",
-            false,
-        ),
-        (
-            "spectral_flatness",
-            "spectral flatness of the centred states",
-            false,
-        ),
-        (
-            "category_separation",
-            "category separation (c̄_intra − c̄_inter) / |c̄_inter|",
-            false,
-        ),
-    ] {
-        if frame.column(column).is_ok() {
+    for &(column, title, log_y) in metrics {
+        if table.frame.column(column).is_ok() {
             charts.push(ChartSpec::Lines {
                 title: title.into(),
                 x_label: x_label.into(),
@@ -897,6 +874,44 @@ fn geometry(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportEr
             });
         }
     }
+    Ok(charts)
+}
+
+/// geometry: each metric by layer (a line per checkpoint over a run); the
+/// raw and centred isotropy on one chart.
+fn geometry(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let frame = &table.frame;
+    if frame.column("participation_ratio").is_err() || frame.column("layer").is_err() {
+        return default(table, options);
+    }
+    let x_label = "layer (−1 = embedding)";
+    let mut charts = metric_lines(
+        table,
+        x_label,
+        &[
+            (
+                "participation_ratio",
+                "participation ratio of the centred states",
+                false,
+            ),
+            ("mean_norm", "mean norm of the hidden states", true),
+            (
+                "erank",
+                "effective rank (erank) of the hidden states",
+                false,
+            ),
+            (
+                "spectral_flatness",
+                "spectral flatness of the centred states",
+                false,
+            ),
+            (
+                "category_separation",
+                "category separation (c̄_intra − c̄_inter) / |c̄_inter|",
+                false,
+            ),
+        ],
+    )?;
     if frame.column("isotropy_centred").is_ok() && strings(frame, "checkpoint").is_none() {
         let mut series = layer_series(table, "isotropy_raw")?;
         series.extend(layer_series(table, "isotropy_centred")?);
@@ -910,4 +925,40 @@ fn geometry(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportEr
         });
     }
     Ok(charts)
+}
+
+/// autopsy: each health metric by block (a line per checkpoint over a run).
+fn autopsy(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    if table.frame.column("attention_entropy").is_err() || table.frame.column("layer").is_err() {
+        return default(table, options);
+    }
+    metric_lines(
+        table,
+        "block",
+        &[
+            (
+                "attention_entropy",
+                "attention entropy (nats, mean over queries and heads)",
+                false,
+            ),
+            ("residual_rms", "RMS of the residual after the block", true),
+            ("attn_update_rms", "RMS of what attention adds", true),
+            ("mlp_update_rms", "RMS of what the MLP adds", true),
+            (
+                "erank",
+                "effective rank (erank) of the hidden states after the block",
+                false,
+            ),
+            (
+                "norm_growth",
+                "residual norm growth ‖x_after‖ / ‖x_before‖",
+                true,
+            ),
+            (
+                "first_position_norm_ratio",
+                "norm at the first position / elsewhere (attention sink ≫ 1)",
+                true,
+            ),
+        ],
+    )
 }

@@ -137,6 +137,7 @@ pub const BUILTIN_PLUGINS: &[&str] = &[
     "probe-plugin-swap",
     "probe-plugin-quant",
     "probe-plugin-geometry",
+    "probe-plugin-autopsy",
 ];
 
 /// Build probe and the built-in plugins, and copy the plugins into

@@ -16,7 +16,7 @@ use crate::util::{
 const PLUGIN: &str = "probe-plugin-geometry";
 
 /// Eigenvalues of a symmetric matrix by cyclic Jacobi rotations.
-fn jacobi_eigenvalues(mut a: Vec<f64>, n: usize) -> Vec<f64> {
+pub fn jacobi_eigenvalues(mut a: Vec<f64>, n: usize) -> Vec<f64> {
     for _sweep in 0..100 {
         let off: f64 = (0..n)
             .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
@@ -62,7 +62,7 @@ fn jacobi_eigenvalues(mut a: Vec<f64>, n: usize) -> Vec<f64> {
 }
 
 /// XᵀX of `n` rows of width `d`.
-fn gram(x: &[Vec<f64>], d: usize) -> Vec<f64> {
+pub fn gram(x: &[Vec<f64>], d: usize) -> Vec<f64> {
     let mut g = vec![0.0; d * d];
     for row in x {
         for i in 0..d {

@@ -1,6 +1,7 @@
 //! probe's one integration-test binary (as ripgrep does it): every test runs
 //! the real `probe` executable on real files.
 
+mod autopsy;
 mod big;
 mod boundary;
 mod contrastive;

@@ -484,3 +484,21 @@ fn geometry_report_has_each_metric_by_layer() {
     assert_eq!(figs[5].marks, 8);
     assert!(figs[5].title.contains("centred"), "{}", figs[5].title);
 }
+
+#[test]
+fn autopsy_report_has_each_health_metric_by_block() {
+    let dir = tempdir();
+    let model = crate::util::fixture_with_tokenizer(dir.path());
+    let set = dir.path().join("prompts.jsonl");
+    std::fs::write(&set, crate::knockout::SET).unwrap();
+    let out = crate::util::run_plugin_to(
+        "probe-plugin-autopsy",
+        &model,
+        &[&format!("prompts={}", set.display())],
+        &dir.path().join("autopsy.parquet"),
+    );
+    let figs = report(&[&out], dir.path());
+    assert_eq!(figs.len(), 7);
+    assert!(figs.iter().all(|f| f.kind == "lines" && f.marks == 3));
+    assert!(figs[0].title.contains("attention entropy"), "{}", figs[0].title);
+}
