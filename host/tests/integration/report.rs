@@ -500,5 +500,9 @@ fn autopsy_report_has_each_health_metric_by_block() {
     let figs = report(&[&out], dir.path());
     assert_eq!(figs.len(), 7);
     assert!(figs.iter().all(|f| f.kind == "lines" && f.marks == 3));
-    assert!(figs[0].title.contains("attention entropy"), "{}", figs[0].title);
+    assert!(
+        figs[0].title.contains("attention entropy"),
+        "{}",
+        figs[0].title
+    );
 }
