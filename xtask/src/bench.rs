@@ -159,12 +159,8 @@ pub fn spectral(root: &Path) -> Result<()> {
     let script = root.join("plugins/spectral/reference/spectral_reference.py");
     let site = root.join(".cache/py");
     let numpy = time_command(runs, || {
-        let mut c = Command::new("python3");
+        let mut c = python(&site, &threads);
         c.arg(&script).arg(&model).arg("--time");
-        c.env("PYTHONPATH", &site);
-        for var in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
-            c.env(var, &threads);
-        }
         c
     })?;
     for (route, timing) in rows {
@@ -232,12 +228,8 @@ pub fn contrastive(root: &Path) -> Result<()> {
     })?;
     let script = root.join("plugins/contrastive/reference/contrastive_reference.py");
     let reference = |extra: &[&std::ffi::OsStr]| -> Command {
-        let mut c = Command::new("python3");
+        let mut c = python(&site, &threads);
         c.arg(&script).arg(&model).arg(&set).args(extra);
-        c.env("PYTHONPATH", &site);
-        for var in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
-            c.env(var, &threads);
-        }
         c
     };
     let diff_path = dir.join("contrastive-diff.json");
@@ -318,16 +310,12 @@ pub fn studies(root: &Path) -> Result<()> {
     let script = root.join("plugins/lens/reference/studies_reference.py");
     let diff_path = dir.join("studies-diff.json");
     let numpy = time_command(1, || {
-        let mut c = Command::new("python3");
+        let mut c = python(&site, &threads);
         c.arg(&script).arg(&model).arg(dir.join("lens.tokens.csv"));
         for (plugin, out, _) in &ours {
             c.arg(format!("--{plugin}")).arg(out);
         }
         c.arg("--time").arg("--diff").arg(&diff_path);
-        c.env("PYTHONPATH", &site);
-        for var in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
-            c.env(var, &threads);
-        }
         c
     })
     .context("the numpy reference failed (above)")?;
@@ -380,6 +368,17 @@ pub fn studies(root: &Path) -> Result<()> {
         record(root, &line)?;
     }
     Ok(())
+}
+
+/// `python3` with `site` on its path and its BLAS on `threads` threads, as
+/// every reference runs.
+fn python(site: &Path, threads: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.env("PYTHONPATH", site);
+    for var in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+        c.env(var, threads);
+    }
+    c
 }
 
 /// `.cache/py` with numpy in it (installed on first use), for PYTHONPATH.
@@ -436,7 +435,7 @@ pub fn quant(root: &Path) -> Result<()> {
     let script = root.join("plugins/lens/reference/studies_reference.py");
     let diff_path = dir.join("quant-diff.json");
     let numpy = time_command(1, || {
-        let mut c = Command::new("python3");
+        let mut c = python(&site, &threads);
         c.arg(&script)
             .arg(&model)
             .arg(dir.join("lens.tokens.csv"))
@@ -445,10 +444,6 @@ pub fn quant(root: &Path) -> Result<()> {
             .arg("--time")
             .arg("--diff")
             .arg(&diff_path);
-        c.env("PYTHONPATH", &site);
-        for var in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
-            c.env(var, &threads);
-        }
         c
     })
     .context("the numpy reference failed (above)")?;

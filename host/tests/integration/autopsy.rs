@@ -270,13 +270,7 @@ fn smollm2_has_a_first_position_sink_from_block_11_to_27() {
         return;
     };
     let dir = tempdir();
-    let set = dir.path().join("two.jsonl");
-    std::fs::write(
-        &set,
-        "{\"category\": \"factual\", \"prompt\": \"The capital of France is\", \"completion\": \" Paris, a city on the Seine.\"}\n\
-         {\"category\": \"code\", \"prompt\": \"def add(a, b):\\n    return\", \"completion\": \" a + b\"}\n",
-    )
-    .unwrap();
+    let set = crate::util::two_real_prompts(dir.path());
     let out = run_plugin_to(
         PLUGIN,
         &model,

@@ -266,13 +266,7 @@ fn smollm2_norms_grow_and_anisotropy_is_the_mean_direction() {
         return;
     };
     let dir = tempdir();
-    let set = dir.path().join("two.jsonl");
-    std::fs::write(
-        &set,
-        "{\"category\": \"factual\", \"prompt\": \"The capital of France is\", \"completion\": \" Paris, a city on the Seine.\"}\n\
-         {\"category\": \"code\", \"prompt\": \"def add(a, b):\\n    return\", \"completion\": \" a + b\"}\n",
-    )
-    .unwrap();
+    let set = crate::util::two_real_prompts(dir.path());
     let out = run_plugin_to(
         PLUGIN,
         &model,

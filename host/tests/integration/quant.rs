@@ -406,13 +406,7 @@ fn smollm2_block_zero_is_the_most_fragile_at_two_bits() {
         return;
     };
     let dir = tempdir();
-    let set = dir.path().join("two.jsonl");
-    std::fs::write(
-        &set,
-        "{\"category\": \"factual\", \"prompt\": \"The capital of France is\", \"completion\": \" Paris, a city on the Seine.\"}\n\
-         {\"category\": \"code\", \"prompt\": \"def add(a, b):\\n    return\", \"completion\": \" a + b\"}\n",
-    )
-    .unwrap();
+    let set = crate::util::two_real_prompts(dir.path());
     let out = dir.path().join("quant.parquet");
     run_plugin_to(
         PLUGIN,

@@ -301,3 +301,16 @@ pub fn family_with_tokenizer(dir: &Path, name: &str) -> PathBuf {
     std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
     model
 }
+
+/// Two prompts with given completions (a fact and a line of code), written
+/// into `dir` as a prompt set: the real-model tests' few prompts.
+pub fn two_real_prompts(dir: &Path) -> PathBuf {
+    let set = dir.join("two.jsonl");
+    std::fs::write(
+        &set,
+        "{\"category\": \"factual\", \"prompt\": \"The capital of France is\", \"completion\": \" Paris, a city on the Seine.\"}\n\
+         {\"category\": \"code\", \"prompt\": \"def add(a, b):\\n    return\", \"completion\": \" a + b\"}\n",
+    )
+    .unwrap();
+    set
+}
