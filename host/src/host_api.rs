@@ -710,6 +710,7 @@ fn run_requests(
             loss_vocab: request.loss_vocab.as_deref(),
             branches: request.branches.as_ref(),
             overrides,
+            sublayer: request.sublayer,
         })
         .collect();
     run.with_engine(|engine| {

@@ -63,7 +63,7 @@ pub struct Capture {
 /// A change to the residual stream at one (stage, position): stage 0 is the
 /// embedding output, stage `s` the output of the `s`-th block run. The
 /// contract's type, so a plugin's edit reaches the engine as it was written.
-pub use probe_contract::{Edit, EditChange};
+pub use probe_contract::{Edit, EditChange, Sublayer};
 
 /// One forward pass to make.
 #[derive(Clone, Debug, Default)]
@@ -90,6 +90,9 @@ pub struct Request<'a> {
     /// Block tensors that read as other values in this request only
     /// (quantized, ablated or truncated weights), at most one per tensor.
     pub overrides: &'a [WeightOverride<'a>],
+    /// Run only this sublayer of every block (the contract's [`Sublayer`]):
+    /// the residual after a run is that sublayer's output.
+    pub sublayer: Option<Sublayer>,
 }
 
 /// Values that replace one stored tensor of a block in a request: the
@@ -233,6 +236,11 @@ pub(crate) struct BlockGraph {
     /// The same block as a cache step ([`graph::BlockGraphKind::Step`]),
     /// built the first time something generates.
     pub(crate) step: Option<Session>,
+    /// The attention and the MLP sublayer alone
+    /// ([`graph::BlockGraphKind::Attention`], [`graph::BlockGraphKind::Mlp`]),
+    /// built the first time a request asks for one.
+    pub(crate) attention: Option<Session>,
+    pub(crate) mlp: Option<Session>,
 }
 
 pub struct Engine<'c> {
@@ -369,6 +377,8 @@ impl<'c> Engine<'c> {
                         session: session(model, &format!("creating the session of block {layer}"))?,
                         shapes: block_shapes,
                         step: None,
+                        attention: None,
+                        mlp: None,
                     });
                     by_shapes.insert(key, graphs.len() - 1);
                     graphs.len() - 1
@@ -636,6 +646,11 @@ impl<'c> Engine<'c> {
                 self.arch.family
             )));
         }
+        if request.sublayer == Some(Sublayer::Mlp) && request.capture.attention {
+            return Err(bad(
+                "a run of the MLP sublayer alone has no attention probabilities".into(),
+            ));
+        }
         for (k, weights) in request.overrides.iter().enumerate() {
             self.check_override(weights).map_err(&bad)?;
             if request.overrides[..k]
@@ -741,6 +756,36 @@ impl<'c> Engine<'c> {
             .to_vec())
     }
 
+    /// Build the session of `block`'s `sublayer` alone unless it exists.
+    fn build_sublayer_session(
+        &mut self,
+        block: usize,
+        sublayer: Sublayer,
+    ) -> Result<(), ForwardError> {
+        let g = self.graph_of[block];
+        let (kind, name) = match sublayer {
+            Sublayer::Attention => (graph::BlockGraphKind::Attention, "attention"),
+            Sublayer::Mlp => (graph::BlockGraphKind::Mlp, "MLP"),
+        };
+        let built = match sublayer {
+            Sublayer::Attention => self.graphs[g].attention.is_some(),
+            Sublayer::Mlp => self.graphs[g].mlp.is_some(),
+        };
+        if built {
+            return Ok(());
+        }
+        let what = format!("building the {name} sublayer graph of block {block}");
+        let fail = ort_error(self.checkpoint, &what);
+        let model = graph::block(&self.arch, &self.graphs[g].shapes, kind).map_err(&fail)?;
+        let builder = session_builder(self.options, &fail)?;
+        let session = Some(model.into_session(&builder).map_err(&fail)?);
+        match sublayer {
+            Sublayer::Attention => self.graphs[g].attention = session,
+            Sublayer::Mlp => self.graphs[g].mlp = session,
+        }
+        Ok(())
+    }
+
     /// Run `block` once on the residuals of the requests in `stack`, stacked
     /// along the token axis, and advance each of them by that block. When
     /// they all have one length and layout, the graph sees `B` sequences of
@@ -761,6 +806,9 @@ impl<'c> Engine<'c> {
             stack,
             keep_cache,
         } = run;
+        if let Some(sublayer) = requests[stack[0]].sublayer {
+            self.build_sublayer_session(block, sublayer)?;
+        }
         let hidden = self.arch.hidden;
         let fail = ort_error(self.checkpoint, &format!("running block {block}"));
         let kind = self.arch.blocks[block];
@@ -794,9 +842,18 @@ impl<'c> Engine<'c> {
             .or_insert_with(|| packed_mask(kind.attention, &spans));
         let wants = |f: fn(&Capture) -> bool| stack.iter().any(|&i| f(&requests[i].capture));
         let (updates, attention) = (wants(|c| c.updates), wants(|c| c.attention));
+        // Every request of a stack runs the same sublayer (`stacks_for_block`).
+        let sublayer = requests[stack[0]].sublayer;
+        let (attention_runs, mlp_runs) = (
+            sublayer != Some(Sublayer::Mlp),
+            sublayer != Some(Sublayer::Attention),
+        );
         let mut selector = OutputSelector::no_default().with(io::OUT);
-        if updates {
-            selector = selector.with(io::ATTN_UPDATE).with(io::MLP_UPDATE);
+        if updates && attention_runs {
+            selector = selector.with(io::ATTN_UPDATE);
+        }
+        if updates && mlp_runs {
+            selector = selector.with(io::MLP_UPDATE);
         }
         if attention {
             selector = selector.with(io::ATTN_PROBS);
@@ -869,7 +926,15 @@ impl<'c> Engine<'c> {
             let tensor = TensorRef::from_array_view((shape.clone(), data)).map_err(&fail)?;
             inputs.push((Cow::Borrowed(*input), tensor.into()));
         }
-        let session = &mut self.graphs[self.graph_of[block]].session;
+        let graph = &mut self.graphs[self.graph_of[block]];
+        let session = match sublayer {
+            None => Some(&mut graph.session),
+            Some(Sublayer::Attention) => graph.attention.as_mut(),
+            Some(Sublayer::Mlp) => graph.mlp.as_mut(),
+        }
+        .ok_or_else(|| {
+            ForwardError::Runtime(format!("block {block} has no {sublayer:?} session"))
+        })?;
         let outputs = session
             .run_with_options(inputs, &run_options)
             .map_err(&fail)?;
@@ -878,11 +943,21 @@ impl<'c> Engine<'c> {
             Ok(outputs[name].try_extract_tensor::<f32>().map_err(&fail)?.1)
         };
         let out = array(io::OUT)?;
-        let (attn_update, mlp_update) = if updates {
-            (array(io::ATTN_UPDATE)?, array(io::MLP_UPDATE)?)
+        // A sublayer run alone adds nothing through the other one.
+        let zeros = if updates && sublayer.is_some() {
+            vec![0.0; n * hidden]
         } else {
-            (&[][..], &[][..])
+            Vec::new()
         };
+        let update = |name: &str, runs: bool| -> Result<&[f32], ForwardError> {
+            match (updates, runs) {
+                (false, _) => Ok(&[][..]),
+                (true, true) => array(name),
+                (true, false) => Ok(&zeros[..]),
+            }
+        };
+        let attn_update = update(io::ATTN_UPDATE, attention_runs)?;
+        let mlp_update = update(io::MLP_UPDATE, mlp_runs)?;
         let probs = if attention {
             array(io::ATTN_PROBS)?
         } else {
@@ -1213,13 +1288,14 @@ type MaskKey = (Attention, Vec<(usize, Option<Branches>)>);
 /// block's weights are read once per few hundred tokens whatever their shapes.
 ///
 /// Only requests that read the block's tensors alike share a run: the same
-/// override buffers (by address) for the tensors it reads (`inputs`), or none.
+/// override buffers (by address) for the tensors it reads (`inputs`), or
+/// none; and the same sublayer (or the whole block).
 fn stacks_for_block(
     members: &[usize],
     requests: &[Request<'_>],
     inputs: &BTreeMap<&'static str, String>,
 ) -> Vec<Vec<usize>> {
-    let weights_key = |request: &Request<'_>| -> Vec<(usize, usize)> {
+    let weights_key = |request: &Request<'_>| -> (Option<Sublayer>, Vec<(usize, usize)>) {
         let mut key: Vec<(usize, usize)> = request
             .overrides
             .iter()
@@ -1227,9 +1303,10 @@ fn stacks_for_block(
             .map(|o| (o.values.as_ptr() as usize, o.values.len()))
             .collect();
         key.sort_unstable();
-        key
+        (request.sublayer, key)
     };
-    let mut by_weights: BTreeMap<Vec<(usize, usize)>, Vec<usize>> = BTreeMap::new();
+    let mut by_weights: BTreeMap<(Option<Sublayer>, Vec<(usize, usize)>), Vec<usize>> =
+        BTreeMap::new();
     for &i in members {
         by_weights
             .entry(weights_key(&requests[i]))

@@ -329,21 +329,30 @@ pub enum BlockGraphKind {
     /// `[B, 1, T, head_dim]`) and its own mask `[B, 1, T, P + T]` (a shorter
     /// sequence's cache is padded with columns its mask hides).
     Step,
+    /// The attention sublayer alone, as [`BlockGraphKind::Whole`] lays out
+    /// its inputs: `y` is the residual after attention (the block's
+    /// midpoint), the MLP never runs.
+    Attention,
+    /// The MLP sublayer alone on a residual taken as the block's midpoint:
+    /// `y` is the residual after the MLP. The same inputs as
+    /// [`BlockGraphKind::Whole`] (the attention's go unread), so one feeding
+    /// serves every kind.
+    Mlp,
 }
 
 /// One transformer block: residual in, residual out, plus each sublayer's
 /// update, the attention probabilities `[B, heads, T, S]` and the keys and
 /// values a cache keeps. The residual `[B·T, hidden]` holds B sequences of T
 /// tokens (T from the mask). `S` is T for [`BlockGraphKind::Whole`], P + T
-/// for [`BlockGraphKind::Step`].
+/// for [`BlockGraphKind::Step`]. [`BlockGraphKind::Attention`] and
+/// [`BlockGraphKind::Mlp`] are one sublayer of it, with only that
+/// sublayer's outputs.
 pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Result<Model> {
     let step = kind == BlockGraphKind::Step;
+    let attention_runs = kind != BlockGraphKind::Mlp;
+    let mlp_runs = kind != BlockGraphKind::Attention;
     let mut b = Builder::new()?;
-    let (h, kv, dh) = (
-        arch.heads as i64,
-        arch.kv_heads as i64,
-        arch.head_dim as i64,
-    );
+    let (kv, dh) = (arch.kv_heads as i64, arch.head_dim as i64);
     b.input(
         io::RESIDUAL,
         TensorElementType::Float32,
@@ -370,19 +379,94 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
     let has = |n: &str| weights.contains_key(n);
     let opt = |n: &'static str| has(n).then_some(n);
 
-    let norm = |b: &mut Builder, x: &str, prefix: &str| -> Result<String> {
-        let weight = format!("{prefix}.weight");
-        let bias = format!("{prefix}.bias");
-        let bias = weights.contains_key(bias.as_str()).then_some(bias.as_str());
-        b.norm(arch.norm, x, &weight, bias)
-    };
+    let norm = |b: &mut Builder, x: &str, prefix: &str| sublayer_norm(b, arch, weights, x, prefix);
 
     // --- attention ---
+    let x = io::RESIDUAL;
+    let x1 = if attention_runs {
+        attention_sublayer(&mut b, arch, weights, step)?
+    } else {
+        x.to_string()
+    };
+    if !mlp_runs {
+        b.op_named("Identity", &[&x1], vec![], Some(io::OUT))?;
+        return b.finish(&[
+            (io::OUT, 2),
+            (io::ATTN_UPDATE, 2),
+            (io::ATTN_PROBS, 4),
+            (io::KEYS, 4),
+            (io::VALUES, 4),
+        ]);
+    }
+
+    // --- MLP ---
+    let transposed = has("qkv.weight"); // GPT-2 stores every projection as Conv1D
+    let mlp_in = if arch.layout == Layout::PostNorm {
+        x1.clone()
+    } else {
+        norm(&mut b, &x1, "mlp_norm")?
+    };
+    let hidden = if arch.gated_mlp {
+        let gate = b.linear(&mlp_in, "gate.weight", opt("gate.bias"), false)?;
+        let up = b.linear(&mlp_in, "up.weight", opt("up.bias"), false)?;
+        let gate = b.activation(arch.activation, &gate)?;
+        b.op("Mul", &[&gate, &up], vec![])?
+    } else {
+        let up = b.linear(&mlp_in, "up.weight", opt("up.bias"), transposed)?;
+        b.activation(arch.activation, &up)?
+    };
+    let mut mlp = b.linear(&hidden, "down.weight", opt("down.bias"), transposed)?;
+    if arch.layout == Layout::Sandwich {
+        mlp = norm(&mut b, &mlp, "post_mlp_norm")?;
+    }
+    let mlp = b.op_named("Identity", &[&mlp], vec![], Some(io::MLP_UPDATE))?;
+    if arch.layout == Layout::PostNorm {
+        let sum = b.op("Add", &[&x1, &mlp], vec![])?;
+        let weight = "post_mlp_norm.weight";
+        let bias = opt("post_mlp_norm.bias");
+        let out = b.norm(arch.norm, &sum, weight, bias)?;
+        b.op_named("Identity", &[&out], vec![], Some(io::OUT))?;
+    } else {
+        b.op_named("Add", &[&x1, &mlp], vec![], Some(io::OUT))?;
+    }
+    if !attention_runs {
+        return b.finish(&[(io::OUT, 2), (io::MLP_UPDATE, 2)]);
+    }
+    b.finish(&[
+        (io::OUT, 2),
+        (io::ATTN_UPDATE, 2),
+        (io::MLP_UPDATE, 2),
+        (io::ATTN_PROBS, 4),
+        (io::KEYS, 4),
+        (io::VALUES, 4),
+    ])
+}
+
+/// The attention half of a block on the residual input `x`: norms,
+/// projections, attention, output projection; its update (`attn_update`),
+/// probabilities, keys and values are named outputs. The residual after it
+/// (the block's midpoint) is returned.
+fn attention_sublayer(
+    b: &mut Builder,
+    arch: &Arch,
+    weights: &WeightShapes,
+    step: bool,
+) -> Result<String> {
+    let (h, kv, dh) = (
+        arch.heads as i64,
+        arch.kv_heads as i64,
+        arch.head_dim as i64,
+    );
+    let rotary = !arch.ropes.is_empty();
+    let has = |n: &str| weights.contains_key(n);
+    let opt = |n: &'static str| has(n).then_some(n);
+    let norm = |b: &mut Builder, x: &str, prefix: &str| sublayer_norm(b, arch, weights, x, prefix);
+
     let x = io::RESIDUAL;
     let attn_in = if arch.layout == Layout::PostNorm {
         x.to_string()
     } else {
-        norm(&mut b, x, "attn_norm")?
+        norm(b, x, "attn_norm")?
     };
     let (q, k, v) = if has("qkv.weight") {
         let fused = b.linear(&attn_in, "qkv.weight", opt("qkv.bias"), true)?;
@@ -447,9 +531,9 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
             vec![Attribute::new("perm", vec![0i64, 2, 1, 3])?],
         )
     };
-    let mut q = by_sequence(&mut b, &q, h)?;
-    let mut k = by_sequence(&mut b, &k, kv)?;
-    let v = by_sequence(&mut b, &v, kv)?;
+    let mut q = by_sequence(b, &q, h)?;
+    let mut k = by_sequence(b, &k, kv)?;
+    let v = by_sequence(b, &v, kv)?;
     if rotary {
         q = b.rope(&q, arch.head_dim)?;
         k = b.rope(&k, arch.head_dim)?;
@@ -502,51 +586,29 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
     let transposed = has("qkv.weight"); // GPT-2 stores every projection as Conv1D
     let mut attn = b.linear(&context, "o.weight", opt("o.bias"), transposed)?;
     if arch.layout == Layout::Sandwich {
-        attn = norm(&mut b, &attn, "post_attn_norm")?;
+        attn = norm(b, &attn, "post_attn_norm")?;
     }
     let attn = b.op_named("Identity", &[&attn], vec![], Some(io::ATTN_UPDATE))?;
     let mut x1 = b.op("Add", &[x, &attn], vec![])?;
     if arch.layout == Layout::PostNorm {
-        x1 = norm(&mut b, &x1, "post_attn_norm")?;
+        x1 = norm(b, &x1, "post_attn_norm")?;
     }
+    Ok(x1)
+}
 
-    // --- MLP ---
-    let mlp_in = if arch.layout == Layout::PostNorm {
-        x1.clone()
-    } else {
-        norm(&mut b, &x1, "mlp_norm")?
-    };
-    let hidden = if arch.gated_mlp {
-        let gate = b.linear(&mlp_in, "gate.weight", opt("gate.bias"), false)?;
-        let up = b.linear(&mlp_in, "up.weight", opt("up.bias"), false)?;
-        let gate = b.activation(arch.activation, &gate)?;
-        b.op("Mul", &[&gate, &up], vec![])?
-    } else {
-        let up = b.linear(&mlp_in, "up.weight", opt("up.bias"), transposed)?;
-        b.activation(arch.activation, &up)?
-    };
-    let mut mlp = b.linear(&hidden, "down.weight", opt("down.bias"), transposed)?;
-    if arch.layout == Layout::Sandwich {
-        mlp = norm(&mut b, &mlp, "post_mlp_norm")?;
-    }
-    let mlp = b.op_named("Identity", &[&mlp], vec![], Some(io::MLP_UPDATE))?;
-    if arch.layout == Layout::PostNorm {
-        let sum = b.op("Add", &[&x1, &mlp], vec![])?;
-        let weight = "post_mlp_norm.weight";
-        let bias = opt("post_mlp_norm.bias");
-        let out = b.norm(arch.norm, &sum, weight, bias)?;
-        b.op_named("Identity", &[&out], vec![], Some(io::OUT))?;
-    } else {
-        b.op_named("Add", &[&x1, &mlp], vec![], Some(io::OUT))?;
-    }
-    b.finish(&[
-        (io::OUT, 2),
-        (io::ATTN_UPDATE, 2),
-        (io::MLP_UPDATE, 2),
-        (io::ATTN_PROBS, 4),
-        (io::KEYS, 4),
-        (io::VALUES, 4),
-    ])
+/// The block norm `prefix` (`attn_norm`, `mlp_norm`, …) on `x`, with its
+/// bias when the checkpoint has one.
+fn sublayer_norm(
+    b: &mut Builder,
+    arch: &Arch,
+    weights: &WeightShapes,
+    x: &str,
+    prefix: &str,
+) -> Result<String> {
+    let weight = format!("{prefix}.weight");
+    let bias = format!("{prefix}.bias");
+    let bias = weights.contains_key(bias.as_str()).then_some(bias.as_str());
+    b.norm(arch.norm, x, &weight, bias)
 }
 
 /// The head: final norm and unembedding, `[T, hidden]` → logits `[T, vocab]`.

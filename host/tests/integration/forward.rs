@@ -6,7 +6,7 @@ use std::path::Path;
 
 use probe::forward::{text::TextCodec, Capture, Edit, Engine, EngineOptions, Request, Trace};
 use probe::store::Checkpoint;
-use probe_contract::Branches;
+use probe_contract::{Branches, Sublayer};
 use serde_json::Value;
 
 use crate::real_models::real_model;
@@ -508,6 +508,139 @@ fn a_batch_gives_what_each_request_gives_alone_in_fewer_block_runs() {
             runs_batch < runs_alone - n,
             "{name}: {runs_batch} stacked runs for {runs_alone} alone"
         );
+    }
+}
+
+/// Each sublayer run alone, on the residual it sees inside the block: the
+/// attention sublayer on the block's input gives the block's midpoint (its
+/// update and probabilities are the whole block's), the MLP sublayer on that
+/// midpoint gives the block's output — on every family, BERT's post-norms
+/// included. Sublayer requests in one batch with whole-block requests run
+/// apart and give what they give alone; the other sublayer's update is zero.
+#[test]
+fn each_sublayer_alone_composes_into_the_block() {
+    let families = [
+        "llama-tied-f32",
+        "qwen2-untied-f16",
+        "qwen3-tied-bf16",
+        "gemma3-tied-f32",
+        "gpt2-tied-f32",
+        "bert-f32",
+    ];
+    let tokens: Vec<u32> = vec![3, 17, 4, 9, 22, 5, 11];
+    let close = |what: &str, a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 2e-5 * y.abs().max(1.0),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    };
+    for name in families {
+        let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
+        let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+        let whole = run(&mut engine, &tokens, everything_but_logits());
+        let post_norm = name == "bert-f32";
+        for block in 0..engine.num_blocks() {
+            let what = |part: &str| format!("{name} block {block} {part}");
+            let x = &whole.residuals[block];
+            let blocks = [block];
+            let sublayer = |sublayer, start| Request {
+                tokens: &tokens,
+                blocks: Some(&blocks),
+                start: Some(start),
+                capture: Capture {
+                    updates: true,
+                    attention: sublayer == Sublayer::Attention,
+                    ..Capture::default()
+                },
+                sublayer: Some(sublayer),
+                ..Request::default()
+            };
+            let attention = engine.run(&sublayer(Sublayer::Attention, x)).unwrap();
+            let midpoint = attention.output.clone();
+            close(
+                &what("attn update"),
+                &attention.attn_updates[0],
+                &whole.attn_updates[block],
+            );
+            close(
+                &what("attention"),
+                &attention.attention[0],
+                &whole.attention[block],
+            );
+            assert!(
+                attention.mlp_updates[0].iter().all(|&v| v == 0.0),
+                "{}",
+                what("no mlp")
+            );
+            if !post_norm {
+                let sum: Vec<f32> = x
+                    .iter()
+                    .zip(&whole.attn_updates[block])
+                    .map(|(a, b)| a + b)
+                    .collect();
+                close(&what("midpoint"), &midpoint, &sum);
+            }
+            let mlp = engine.run(&sublayer(Sublayer::Mlp, &midpoint)).unwrap();
+            close(
+                &what("mlp update"),
+                &mlp.mlp_updates[0],
+                &whole.mlp_updates[block],
+            );
+            close(&what("output"), &mlp.output, &whole.residuals[block + 1]);
+            assert!(
+                mlp.attn_updates[0].iter().all(|&v| v == 0.0),
+                "{}",
+                what("no attn")
+            );
+            assert!(mlp.attention.is_empty(), "{}", what("no maps"));
+
+            // In one batch with the whole block on the same residual.
+            let requests = [
+                sublayer(Sublayer::Mlp, &midpoint),
+                Request {
+                    tokens: &tokens,
+                    blocks: Some(&blocks),
+                    start: Some(x),
+                    capture: Capture {
+                        updates: true,
+                        ..Capture::default()
+                    },
+                    ..Request::default()
+                },
+                sublayer(Sublayer::Attention, x),
+            ];
+            let batch = engine.run_batch(&requests).unwrap();
+            close(&what("batched mlp"), &batch[0].output, &mlp.output);
+            close(
+                &what("batched block"),
+                &batch[1].output,
+                &whole.residuals[block + 1],
+            );
+            close(&what("batched attention"), &batch[2].output, &midpoint);
+        }
+        // MLP-only runs have no attention maps to give.
+        let refused = engine.run(&Request {
+            tokens: &tokens,
+            capture: Capture {
+                attention: true,
+                ..Capture::default()
+            },
+            sublayer: Some(Sublayer::Mlp),
+            ..Request::default()
+        });
+        let message = refused.unwrap_err().to_string();
+        assert!(message.contains("no attention probabilities"), "{message}");
+    }
+}
+
+fn everything_but_logits() -> Capture {
+    Capture {
+        logits: false,
+        loss: false,
+        ..everything()
     }
 }
 

@@ -14,7 +14,8 @@
 //! # Versions
 //! A major version changes what a published field means or where it sits;
 //! hosts and plugins of different majors refuse each other, naming both.
-//! A minor version only appends functions at the end of a table. A plugin
+//! A minor version only appends functions at the end of a table, or adds
+//! an optional request field that the SDK refuses on an older host. A plugin
 //! built against a newer minor than the host runs, until it calls a function
 //! the host's table lacks: the SDK checks the table's `size` before every
 //! call added after x.0 and fails that call with both versions named
@@ -28,6 +29,7 @@
 //! | 2.2 | `HostApi::encode` (a text as a prompt, a chat message or a continuation without special tokens) and `HostApi::lens_reduce` (the logit lens reduced in the host: entropy, top-k, target rank, KL between rows); `ForwardRequest::branches` (continuations of one prefix in one pass; the SDK refuses it on an older host, naming both versions) |
 //! | 2.3 | `HostApi::generate`: greedy continuations of many prompts with a key/value cache in the host |
 //! | 2.4 | `HostApi::override_tensor` and `release_override`: values that replace a stored block tensor in the forward requests that list them (`ForwardRequest::overrides`; the SDK refuses the field on an older host, naming both versions) |
+//! | 2.5 | `ForwardRequest::sublayer`: each block run only its attention or its MLP, on a residual the plugin gives (no function added: the SDK refuses the field on a host older than 2.5, naming both versions) |
 
 use std::ffi::{c_char, c_void};
 use std::mem::offset_of;
@@ -35,7 +37,7 @@ use std::mem::offset_of;
 /// The major version: both sides must agree on it.
 pub const ABI_MAJOR: u32 = 2;
 /// The minor version this side was built with.
-pub const ABI_MINOR: u32 = 4;
+pub const ABI_MINOR: u32 = 5;
 /// This side's version.
 pub const ABI_VERSION: AbiVersion = AbiVersion {
     major: ABI_MAJOR,

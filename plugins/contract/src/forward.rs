@@ -108,6 +108,20 @@ impl Branches {
     }
 }
 
+/// One sublayer of a block (2.5), run alone on a residual the caller gives:
+/// what a study of each part of a block (its linearity, say) perturbs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sublayer {
+    /// Attention with its norms: the residual `x` goes to the block's
+    /// midpoint `x + attention(x)` (`norm(x + attention(x))` for post-norm
+    /// models such as BERT).
+    Attention,
+    /// The MLP with its norms, on a residual taken as the block's midpoint
+    /// `h`: `h + mlp(h)` (post-norm: `norm(h + mlp(h))`).
+    Mlp,
+}
+
 /// One forward pass to run. The host refuses fields it does not know, so a
 /// plugin never asks for something an older host would silently ignore.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -157,6 +171,14 @@ pub struct ForwardRequest {
     /// (quantized, ablated, truncated weights). At most one per tensor.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overrides: Vec<u64>,
+    /// 2.5: every block run is only this sublayer (with its norms): the
+    /// residual after a run is the sublayer's output, the other sublayer's
+    /// update reads as zeros, and `attention` maps exist only for
+    /// [`Sublayer::Attention`]. Start from the residual the sublayer should
+    /// see (`start`): the block's input for attention, its midpoint for the
+    /// MLP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sublayer: Option<Sublayer>,
 }
 
 impl ForwardRequest {
@@ -173,6 +195,9 @@ impl ForwardRequest {
             if self.loss || self.logits {
                 return Err("`branches` has no next token for the prefix's last row: ask for no loss or logits".into());
             }
+        }
+        if self.sublayer == Some(Sublayer::Mlp) && self.attention {
+            return Err("a run of the MLP sublayer alone has no attention probabilities".into());
         }
         let mut ids = self.overrides.clone();
         ids.sort_unstable();

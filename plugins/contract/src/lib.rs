@@ -37,7 +37,7 @@ pub mod params;
 pub use abi::AbiVersion;
 pub use forward::{
     Branches, Edit, EditChange, ForwardMeta, ForwardRequest, GenerateReply, GenerateRequest,
-    OutputKind,
+    OutputKind, Sublayer,
 };
 pub use lens::{LensReply, LensRequest, LensRow};
 pub use messages::{EncodeRequest, RunInfo, TextMode, WriteReordered};

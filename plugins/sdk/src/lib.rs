@@ -44,7 +44,7 @@ pub use probe_contract::params;
 pub use probe_contract::{
     Branches, Dtype, Edit, EditChange, Family, GenerateReply, GenerateRequest, LensReply,
     LensRequest, LensRow, ModelInfo, ParamError, ParamKind, ParamSpec, Params, Role, RunInfo,
-    TensorInfo, TextMode,
+    Sublayer, TensorInfo, TextMode,
 };
 
 use abi::{F32Buffer, HostApi, PluginApi, StrRef, TensorInfoC};
@@ -59,7 +59,7 @@ pub mod prelude {
     pub use crate::{export_plugin, Host, Plugin, PluginError};
     pub use crate::{
         Branches, Dtype, Edit, Family, LensReply, LensRequest, LensRow, ModelInfo, ParamKind,
-        ParamSpec, Params, Role, RunInfo, TensorInfo, TextMode,
+        ParamSpec, Params, Role, RunInfo, Sublayer, TensorInfo, TextMode,
     };
     pub use polars::prelude::*;
 }
