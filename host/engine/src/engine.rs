@@ -1295,7 +1295,10 @@ fn stacks_for_block(
     requests: &[Request<'_>],
     inputs: &BTreeMap<&'static str, String>,
 ) -> Vec<Vec<usize>> {
-    let weights_key = |request: &Request<'_>| -> (Option<Sublayer>, Vec<(usize, usize)>) {
+    // What a run's block reads: which sublayer, and the override buffers
+    // (address, length) among its tensors.
+    type ReadKey = (Option<Sublayer>, Vec<(usize, usize)>);
+    let weights_key = |request: &Request<'_>| -> ReadKey {
         let mut key: Vec<(usize, usize)> = request
             .overrides
             .iter()
@@ -1305,8 +1308,7 @@ fn stacks_for_block(
         key.sort_unstable();
         (request.sublayer, key)
     };
-    let mut by_weights: BTreeMap<(Option<Sublayer>, Vec<(usize, usize)>), Vec<usize>> =
-        BTreeMap::new();
+    let mut by_weights: BTreeMap<ReadKey, Vec<usize>> = BTreeMap::new();
     for &i in members {
         by_weights
             .entry(weights_key(&requests[i]))
