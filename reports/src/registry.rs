@@ -22,6 +22,7 @@ pub const REGISTRY: &[(&str, ChartsFn)] = &[
     ("quant", quant),
     ("geometry", geometry),
     ("autopsy", autopsy),
+    ("linearity", linearity),
 ];
 
 /// The charts for one table: its plugin's, else a metric by layer.
@@ -961,4 +962,65 @@ fn autopsy(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportErr
             ),
         ],
     )
+}
+
+/// linearity: the gap profile by block with a line per part (block,
+/// attention, MLP), and the same of the order, amplification and update
+/// ratio; over a run, a line per (checkpoint, part).
+fn linearity(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let frame = &table.frame;
+    let Some(parts) = strings(frame, "part") else {
+        return default(table, options);
+    };
+    if frame.column("gap").is_err() || frame.column("layer").is_err() {
+        return default(table, options);
+    }
+    let layers = ints(table, frame, "layer")?;
+    let checkpoints = strings(frame, "checkpoint");
+    let epsilon = floats(table, frame, "epsilon")
+        .ok()
+        .and_then(|e| e.first().copied().flatten());
+    let mut charts = Vec::new();
+    for (column, title, log_y) in [
+        (
+            "gap",
+            "linearization gap ‖Δ − J·δ‖ / ‖Δ‖".to_string(),
+            false,
+        ),
+        (
+            "order",
+            "nonlinearity order: slope of ln gap over ln ε".into(),
+            false,
+        ),
+        ("amplification", "amplification ‖Δ‖ / ‖δ‖".into(), true),
+        ("update_ratio", "update size ‖g(x)‖ / ‖x‖".into(), true),
+    ] {
+        if frame.column(column).is_err() {
+            continue;
+        }
+        let values = floats(table, frame, column)?;
+        let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        for r in 0..frame.height() {
+            if let (Some(l), Some(v)) = (layers[r], values[r]) {
+                let name = match &checkpoints {
+                    Some(c) => format!("{} {}", c[r], parts[r]),
+                    None => parts[r].clone(),
+                };
+                series.entry(name).or_default().push((l as f64, v));
+            }
+        }
+        let title = match (column, epsilon) {
+            ("gap" | "amplification", Some(e)) => format!("{title} at ε = {e}"),
+            _ => title,
+        };
+        charts.push(ChartSpec::Lines {
+            title,
+            x_label: "block".into(),
+            y_label: column.into(),
+            series: series.into_iter().collect(),
+            log_y,
+            points_only: false,
+        });
+    }
+    Ok(charts)
 }

@@ -138,6 +138,7 @@ pub const BUILTIN_PLUGINS: &[&str] = &[
     "probe-plugin-quant",
     "probe-plugin-geometry",
     "probe-plugin-autopsy",
+    "probe-plugin-linearity",
 ];
 
 /// Build probe and the built-in plugins, and copy the plugins into

@@ -11,6 +11,7 @@ mod geometry;
 mod inspect;
 mod knockout;
 mod lens;
+mod linearity;
 mod plugins;
 mod quant;
 mod real_models;

@@ -506,3 +506,34 @@ fn autopsy_report_has_each_health_metric_by_block() {
         figs[0].title
     );
 }
+
+#[test]
+fn linearity_report_has_the_gap_profile_with_a_line_per_part() {
+    let dir = tempdir();
+    let model = crate::util::fixture_with_tokenizer(dir.path());
+    let set = dir.path().join("prompts.jsonl");
+    std::fs::write(&set, crate::knockout::SET).unwrap();
+    let out = crate::util::run_plugin_to(
+        "probe-plugin-linearity",
+        &model,
+        &[
+            &format!("prompts={}", set.display()),
+            "directions=2",
+            "sweep_directions=2",
+        ],
+        &dir.path().join("linearity.parquet"),
+    );
+    let figs = report(&[&out], dir.path());
+    // 3 blocks × 3 parts, one line per part.
+    assert_eq!(figs.len(), 4);
+    assert!(figs.iter().all(|f| f.kind == "lines" && f.marks == 9));
+    assert!(
+        figs[0].title.contains("gap") && figs[0].title.contains("ε = 0.05"),
+        "{}",
+        figs[0].title
+    );
+    let texts = figs[0].texts();
+    for part in ["block", "attention", "mlp"] {
+        assert!(texts.iter().any(|t| t == part), "{part}: {texts:?}");
+    }
+}
