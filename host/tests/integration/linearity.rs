@@ -159,9 +159,9 @@ fn check_linearity(family: &str) {
         let dirs: Vec<Vec<Vec<f64>>> = (0..DIRECTIONS)
             .map(|k| directions(SEED, ((line as u64) << 20) | k as u64, t, hidden))
             .collect();
-        for block in 0..n {
+        for (block, zero) in zeroed.iter().enumerate() {
             let blocks = [block];
-            let overrides: Vec<WeightOverride> = zeroed[block]
+            let overrides: Vec<WeightOverride> = zero
                 .iter()
                 .map(|(tensor, values)| WeightOverride { tensor, values })
                 .collect();
