@@ -470,6 +470,127 @@ pub fn quant(root: &Path) -> Result<()> {
     record(root, &line)
 }
 
+/// `cargo xtask bench residual`: geometry, autopsy and linearity on SmolLM2
+/// over the built-in prompt set, each timed whole, against the numpy f64
+/// reference (`plugins/geometry/reference/residual_reference.py`: its own
+/// forward pass over the exact token sequences of a lens run, its own
+/// measures) on the same threads, in the same run. Linearity is compared on
+/// four blocks (its default run over all 30 is timed too): the reference
+/// draws its own random directions, so the gaps agree to their sampling
+/// error and the update ratios exactly.
+pub fn residual(root: &Path) -> Result<()> {
+    let probe = build_release(root)?;
+    let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
+    if !model.join(".complete").exists() {
+        bail!("{} is missing: run `cargo xtask models`", model.display());
+    }
+    let site = numpy_site(root)?;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let run = |plugin: &str, params: &[&str], out: &Path| {
+        time_command(1, || {
+            let mut c = Command::new(&probe);
+            c.args(["run", "--quiet", "--threads", &threads, "--plugin"])
+                .arg(root.join(format!("target/release/libprobe_plugin_{plugin}.so")))
+                .arg(&model)
+                .args(params.iter().flat_map(|p| ["--param", p]))
+                .arg("--out")
+                .arg(out);
+            c
+        })
+    };
+    // The exact sequences (the same greedy completions every plugin generates).
+    run("lens", &[], &dir.join("lens.csv"))?;
+    let geometry = run("geometry", &[], &dir.join("geometry.csv"))?;
+    let autopsy = run("autopsy", &[], &dir.join("autopsy.csv"))?;
+    let linearity = run("linearity", &[], &dir.join("linearity.csv"))?;
+    let four = dir.join("linearity-4.csv");
+    let linearity_four = run("linearity", &["layers=0,10,20,29"], &four)?;
+    let script = root.join("plugins/geometry/reference/residual_reference.py");
+    let diff_path = dir.join("residual-diff.json");
+    let numpy = time_command(1, || {
+        let mut c = python(&site, &threads);
+        c.arg(&script)
+            .arg(&model)
+            .arg(dir.join("lens.tokens.csv"))
+            .arg(root.join("probes/prompts.jsonl"))
+            .arg("--geometry")
+            .arg(dir.join("geometry.csv"))
+            .arg("--autopsy")
+            .arg(dir.join("autopsy.csv"))
+            .arg("--linearity")
+            .arg(&four)
+            .arg("--time")
+            .arg("--diff")
+            .arg(&diff_path);
+        c
+    })
+    .context("the numpy reference failed (above)")?;
+    let diff: serde_json::Value = serde_json::from_slice(&std::fs::read(&diff_path)?)?;
+    let seconds = |part: &str| diff["seconds"][part].as_f64().unwrap_or(f64::NAN);
+    let worst = |table: &str| -> f64 {
+        diff[table]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_f64()).fold(0.0, f64::max))
+            .unwrap_or(f64::NAN)
+    };
+    let rss = numpy.peak_rss_kb as f64 / 1024.0;
+    let mut lines = Vec::new();
+    for (plugin, timing, what) in [
+        (
+            "geometry",
+            &geometry,
+            "geometry, SmolLM2-135M, the built-in prompt set (917 scored tokens pooled), 31 layers",
+        ),
+        (
+            "autopsy",
+            &autopsy,
+            "autopsy, SmolLM2-135M, the built-in prompt set (every position), 30 blocks",
+        ),
+    ] {
+        let reference = seconds("forward") + seconds(plugin);
+        lines.push(format!(
+            "| {} | {} | {what}, {threads} threads, 1 run | probe {:.1} s (whole run, generation included), peak RSS {:.0} MB | numpy f64 reference over probe's token sequences {:.1} s (forward {:.1} s + {plugin} {:.1} s, no generation), peak RSS {rss:.0} MB (all three); every column agrees to {:.1e} (max relative) | {:.2}× |",
+            today(),
+            machine(),
+            timing.median.as_secs_f64(),
+            timing.peak_rss_kb as f64 / 1024.0,
+            reference,
+            seconds("forward"),
+            seconds(plugin),
+            worst(&format!("{plugin}_max_rel_diff")),
+            reference / timing.median.as_secs_f64(),
+        ));
+    }
+    let rel = &diff["linearity_max_rel_diff"];
+    lines.push(format!(
+        "| {} | {} | linearity, SmolLM2-135M, the built-in prompt set (sample=10), blocks 0, 10, 20, 29 × 3 parts ({} rows), defaults otherwise, {threads} threads, 1 run; the default run over all 30 blocks took {:.1} s, peak RSS {:.0} MB | probe {:.1} s (whole run, generation included), peak RSS {:.0} MB | numpy f64 reference over probe's token sequences, its own directions: {:.1} s (the sweep alone; its forward pass over the whole set, {:.1} s, not counted), peak RSS {rss:.0} MB (all three); update_ratio agrees to {:.1e}, gap to {:.1} % (largest difference {:.1} standard errors), amplification to {:.1} %, order to {:.3} | {:.2}× |",
+        today(),
+        machine(),
+        diff["linearity_rows"],
+        linearity.median.as_secs_f64(),
+        linearity.peak_rss_kb as f64 / 1024.0,
+        linearity_four.median.as_secs_f64(),
+        linearity_four.peak_rss_kb as f64 / 1024.0,
+        seconds("linearity"),
+        seconds("forward"),
+        rel["update_ratio"].as_f64().unwrap_or(f64::NAN),
+        100.0 * rel["gap"].as_f64().unwrap_or(f64::NAN),
+        diff["linearity_max_gap_z"].as_f64().unwrap_or(f64::NAN),
+        100.0 * rel["amplification"].as_f64().unwrap_or(f64::NAN),
+        diff["linearity_max_abs_diff_order"].as_f64().unwrap_or(f64::NAN),
+        seconds("linearity") / linearity_four.median.as_secs_f64(),
+    ));
+    for line in lines {
+        println!("{line}");
+        record(root, &line)?;
+    }
+    Ok(())
+}
+
 /// Python packages the contrastive reference needs besides numpy.
 const REFERENCE_PACKAGES: [&str; 2] = ["tokenizers==0.23.3", "jinja2==3.1.6"];
 
