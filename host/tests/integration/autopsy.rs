@@ -284,3 +284,82 @@ fn smollm2_has_a_first_position_sink_from_block_11_to_27() {
     assert!((11..28).all(|l| ratio[l] > 10.0), "{ratio:?}");
     assert!(ratio[29] < ratio[27] / 2.0, "{ratio:?}");
 }
+
+/// A training run — a folder of checkpoints, here two of one shape with
+/// different weights (the llama fixture in f32 and its untied bf16 sibling)
+/// — gives one table with a `checkpoint` column, steps in natural order,
+/// each checkpoint's rows (and its `heads`) those of its own run; the report
+/// draws a line per checkpoint.
+#[test]
+fn a_training_run_is_one_table_by_checkpoint() {
+    let dir = tempdir();
+    let set = dir.path().join("prompts.jsonl");
+    std::fs::write(&set, SET).unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let steps = [
+        ("step-900", "llama-tied-f32"),
+        ("step-1000", "llama-untied-bf16"),
+    ];
+    let mut alone = Vec::new();
+    for (step, family) in steps {
+        let model = family_with_tokenizer(dir.path(), family);
+        std::fs::rename(&model, run.join(step)).unwrap();
+        let out = run_plugin_to(
+            PLUGIN,
+            &run.join(step),
+            &[&format!("prompts={}", set.display())],
+            &dir.path().join(format!("{step}.parquet")),
+        );
+        alone.push(read_parquet(&out));
+    }
+    let out = run_plugin_to(
+        PLUGIN,
+        &run,
+        &[&format!("prompts={}", set.display())],
+        &dir.path().join("run.parquet"),
+    );
+    let table = read_parquet(&out);
+    let heads = read_parquet(&dir.path().join("run.heads.parquet"));
+    let blocks = alone[0].height();
+    assert_eq!(table.height(), 2 * blocks);
+    let checkpoints = crate::util::column_str(&table, "checkpoint");
+    // Natural order: step-900 before step-1000.
+    assert!(
+        checkpoints[..blocks].iter().all(|c| c.contains("step-900")),
+        "{checkpoints:?}"
+    );
+    assert!(
+        checkpoints[blocks..]
+            .iter()
+            .all(|c| c.contains("step-1000")),
+        "{checkpoints:?}"
+    );
+    let head_checkpoints = crate::util::column_str(&heads, "checkpoint");
+    assert!(head_checkpoints.iter().any(|c| c.contains("step-1000")));
+    for name in COLUMNS.iter().filter(|c| **c != "tokens") {
+        let got = column_f64(&table, name);
+        for (k, single) in alone.iter().enumerate() {
+            let want = column_f64(single, name);
+            assert_eq!(
+                &got[k * blocks..(k + 1) * blocks],
+                &want[..],
+                "{name} of {}",
+                steps[k].0
+            );
+        }
+    }
+    let entropy = column_f64(&table, "attention_entropy");
+    assert_ne!(entropy[0], entropy[blocks], "the two checkpoints differ");
+
+    let html = dir.path().join("report.html");
+    crate::util::probe([
+        "report".as_ref(),
+        out.as_os_str(),
+        "-o".as_ref(),
+        html.as_os_str(),
+    ])
+    .ok();
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("step-900") && page.contains("step-1000"));
+}
