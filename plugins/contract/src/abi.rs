@@ -409,6 +409,25 @@ pub mod since {
 
     /// Every appended function, in table order.
     pub const ALL: [Appended; 5] = [RUN_INFO, ENCODE, LENS_REDUCE, GENERATE, OVERRIDE_TENSOR];
+
+    /// A request field a minor version added without a function: a host
+    /// says it accepts it by its table's `abi`.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Field {
+        /// The field, as a plugin writes it.
+        pub name: &'static str,
+        /// The minor version that added it.
+        pub minor: u32,
+    }
+
+    /// `ForwardRequest::sublayer`, added in 2.5.
+    pub const SUBLAYER: Field = Field {
+        name: "ForwardRequest::sublayer",
+        minor: 5,
+    };
+
+    /// Every field added without a function, oldest first.
+    pub const FIELDS: [Field; 1] = [SUBLAYER];
 }
 
 /// The size of a 2.0 host table: every field before the first appended one.
@@ -419,6 +438,18 @@ impl HostApi {
     pub fn provides(&self, function: since::Appended) -> bool {
         let end = function.offset + std::mem::size_of::<unsafe extern "C" fn()>();
         self.size >= end
+    }
+
+    /// `Ok` when this host (by its table's version) accepts `field`, else the
+    /// error a plugin reports: both versions and what to do.
+    pub fn require_field(&self, field: since::Field) -> Result<(), String> {
+        if self.abi.major == ABI_MAJOR && self.abi.minor >= field.minor {
+            return Ok(());
+        }
+        Err(format!(
+            "this plugin uses `{}` (plugin ABI {}.{}), which this probe (plugin ABI {}) lacks: update probe, or rebuild the plugin against an SDK of ABI {}",
+            field.name, ABI_MAJOR, field.minor, self.abi, self.abi,
+        ))
     }
 
     /// `Ok` when the table holds `function`, else the error a plugin reports:
@@ -501,9 +532,11 @@ mod tests {
         for pair in since::ALL.windows(2) {
             assert!(pair[0].offset < pair[1].offset && pair[0].minor <= pair[1].minor);
         }
+        let newest_field = since::FIELDS.iter().map(|f| f.minor).max().unwrap_or(0);
         assert_eq!(
-            last.minor, ABI_MINOR,
-            "the last function appended sets the minor"
+            last.minor.max(newest_field),
+            ABI_MINOR,
+            "the last function appended, or the last field added, sets the minor"
         );
     }
 
@@ -643,6 +676,15 @@ mod tests {
         assert_eq!(
             a_2_1.require(since::LENS_REDUCE).unwrap_err(),
             "this plugin calls `lens_reduce` (plugin ABI 2.2), which this probe (plugin ABI 2.1) lacks: update probe, or rebuild the plugin against an SDK of ABI 2.1"
+        );
+        // A field added without a function: the table's version decides.
+        assert!(since::FIELDS
+            .iter()
+            .all(|&f| current.require_field(f).is_ok()));
+        let a_2_4 = stub_table(std::mem::size_of::<HostApi>(), 4);
+        assert_eq!(
+            a_2_4.require_field(since::SUBLAYER).unwrap_err(),
+            "this plugin uses `ForwardRequest::sublayer` (plugin ABI 2.5), which this probe (plugin ABI 2.4) lacks: update probe, or rebuild the plugin against an SDK of ABI 2.4"
         );
     }
 

@@ -251,11 +251,10 @@ impl Host<'_> {
                 .map_err(PluginError::Host)?;
         }
         // `sublayer` (2.5) came without a function: the table's version says.
-        if requests.iter().any(|r| r.sublayer.is_some()) && self.api.abi.minor < 5 {
-            return Err(PluginError::Host(format!(
-                "forward requests with `sublayer` need plugin ABI 2.5, which this probe (plugin ABI {}) lacks: update probe",
-                self.api.abi
-            )));
+        if requests.iter().any(|r| r.sublayer.is_some()) {
+            self.api
+                .require_field(abi::since::SUBLAYER)
+                .map_err(PluginError::Host)?;
         }
         let json =
             serde_json::to_string(requests).map_err(|e| PluginError::Other(e.to_string()))?;
