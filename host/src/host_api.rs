@@ -649,6 +649,7 @@ unsafe extern "C" fn forward_batch(
                 updates: trace.attn_updates.len(),
                 attention: trace.attention.len(),
                 has_logits: trace.logits.is_some(),
+                z: trace.z.len(),
             };
             let handle = Box::new(ForwardHandle {
                 meta_json: serde_json::to_string(&meta).unwrap_or_default(),
@@ -706,6 +707,7 @@ fn run_requests(
                 attention: request.attention,
                 logits: request.logits,
                 loss: request.loss || request.logits,
+                z: request.z,
             },
             loss_vocab: request.loss_vocab.as_deref(),
             branches: request.branches.as_ref(),
@@ -749,6 +751,7 @@ unsafe extern "C" fn forward_output(
             OutputKind::Attention => trace.attention.get(index),
             OutputKind::Final => Some(&trace.output),
             OutputKind::Logits => trace.logits.as_ref(),
+            OutputKind::Z => trace.z.get(index),
         };
         let Some(array) = array else {
             return fail(format!(

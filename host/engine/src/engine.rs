@@ -58,12 +58,15 @@ pub struct Capture {
     /// The next-token losses (from logits computed and, unless `logits`,
     /// dropped here: a batch of loss-only runs need not hold them all).
     pub loss: bool,
+    /// Every head's output before the output projection `[T, heads ×
+    /// head_dim]` per block run (`z`).
+    pub z: bool,
 }
 
 /// A change to the residual stream at one (stage, position): stage 0 is the
 /// embedding output, stage `s` the output of the `s`-th block run. The
 /// contract's type, so a plugin's edit reaches the engine as it was written.
-pub use probe_contract::{Edit, EditChange, Sublayer};
+pub use probe_contract::{Edit, EditChange, Hook, Sublayer};
 
 /// One forward pass to make.
 #[derive(Clone, Debug, Default)]
@@ -120,6 +123,8 @@ pub struct Trace {
     pub attn_updates: Vec<Vec<f32>>,
     pub mlp_updates: Vec<Vec<f32>>,
     pub attention: Vec<Vec<f32>>,
+    /// `[T, heads × head_dim]` per block run when captured.
+    pub z: Vec<Vec<f32>>,
     /// The residual after the last block run.
     pub output: Vec<f32>,
     /// `[T, vocab]`, or `[T, vocab_ids.len()]` over a restricted vocabulary.
@@ -236,11 +241,9 @@ pub(crate) struct BlockGraph {
     /// The same block as a cache step ([`graph::BlockGraphKind::Step`]),
     /// built the first time something generates.
     pub(crate) step: Option<Session>,
-    /// The attention and the MLP sublayer alone
-    /// ([`graph::BlockGraphKind::Attention`], [`graph::BlockGraphKind::Mlp`]),
-    /// built the first time a request asks for one.
-    pub(crate) attention: Option<Session>,
-    pub(crate) mlp: Option<Session>,
+    /// The other kinds — one sublayer alone, the block with its hooks open —
+    /// built the first time a request needs one.
+    pub(crate) variants: HashMap<graph::BlockGraphKind, Session>,
 }
 
 pub struct Engine<'c> {
@@ -377,8 +380,7 @@ impl<'c> Engine<'c> {
                         session: session(model, &format!("creating the session of block {layer}"))?,
                         shapes: block_shapes,
                         step: None,
-                        attention: None,
-                        mlp: None,
+                        variants: HashMap::new(),
                     });
                     by_shapes.insert(key, graphs.len() - 1);
                     graphs.len() - 1
@@ -519,8 +521,16 @@ impl<'c> Engine<'c> {
                     by_block.entry(p.trace.blocks[p.done]).or_default().push(i);
                 }
             }
+            // Requests with an edit inside the block they run next (a hook)
+            // run on the block's patched graph.
+            let hooked: Vec<bool> = pending
+                .iter()
+                .zip(requests)
+                .map(|(p, r)| hooks_at(r.edits, p.done).next().is_some())
+                .collect();
             for (block, members) in by_block {
-                for stack in stacks_for_block(&members, requests, &self.map.blocks[block]) {
+                let inputs = &self.map.blocks[block];
+                for stack in stacks_for_block(&members, requests, inputs, &hooked) {
                     let run = StackRun {
                         block,
                         stack: &stack,
@@ -610,12 +620,34 @@ impl<'c> Engine<'c> {
         }
         let hidden = self.arch.hidden;
         for edit in request.edits {
-            if edit.stage > blocks.len() {
+            if edit.hook.is_resid() && edit.stage > blocks.len() {
                 return Err(bad(format!(
                     "edit at stage {} but only {} blocks run",
                     edit.stage,
                     blocks.len()
                 )));
+            }
+            if !edit.hook.is_resid() && edit.stage >= blocks.len() {
+                return Err(bad(format!(
+                    "{:?} edit in block run {} but only {} blocks run",
+                    edit.hook,
+                    edit.stage,
+                    blocks.len()
+                )));
+            }
+            if !edit.hook.is_resid() && request.sublayer.is_some() {
+                return Err(bad(
+                    "edits inside a block (attn_out, mlp_out, z) need the whole block: no `sublayer`"
+                        .into(),
+                ));
+            }
+            if let Hook::Z { head } = edit.hook {
+                if head >= self.arch.heads {
+                    return Err(bad(format!(
+                        "z edit of head {head}: the model has {} heads",
+                        self.arch.heads
+                    )));
+                }
             }
             if edit.position >= t {
                 return Err(bad(format!(
@@ -626,10 +658,12 @@ impl<'c> Engine<'c> {
             let len = match &edit.change {
                 EditChange::Replace(v) | EditChange::Add(v) => v.len(),
             };
-            if len != hidden {
-                return Err(bad(format!(
-                    "edit vector has {len} values, the residual {hidden}"
-                )));
+            let (want, what) = match edit.hook {
+                Hook::Z { .. } => (self.arch.head_dim, "a head's output"),
+                _ => (hidden, "the residual"),
+            };
+            if len != want {
+                return Err(bad(format!("edit vector has {len} values, {what} {want}")));
             }
         }
         if let Some(start) = request.start {
@@ -646,9 +680,12 @@ impl<'c> Engine<'c> {
                 self.arch.family
             )));
         }
-        if request.sublayer == Some(Sublayer::Mlp) && request.capture.attention {
+        if request.sublayer == Some(Sublayer::Mlp)
+            && (request.capture.attention || request.capture.z)
+        {
             return Err(bad(
-                "a run of the MLP sublayer alone has no attention probabilities".into(),
+                "a run of the MLP sublayer alone has no attention probabilities or head outputs"
+                    .into(),
             ));
         }
         for (k, weights) in request.overrides.iter().enumerate() {
@@ -756,33 +793,22 @@ impl<'c> Engine<'c> {
             .to_vec())
     }
 
-    /// Build the session of `block`'s `sublayer` alone unless it exists.
-    fn build_sublayer_session(
+    /// Build the session of `block`'s graph of `kind` unless it exists.
+    fn build_variant(
         &mut self,
         block: usize,
-        sublayer: Sublayer,
+        kind: graph::BlockGraphKind,
     ) -> Result<(), ForwardError> {
         let g = self.graph_of[block];
-        let (kind, name) = match sublayer {
-            Sublayer::Attention => (graph::BlockGraphKind::Attention, "attention"),
-            Sublayer::Mlp => (graph::BlockGraphKind::Mlp, "MLP"),
-        };
-        let built = match sublayer {
-            Sublayer::Attention => self.graphs[g].attention.is_some(),
-            Sublayer::Mlp => self.graphs[g].mlp.is_some(),
-        };
-        if built {
+        if kind == graph::BlockGraphKind::Whole || self.graphs[g].variants.contains_key(&kind) {
             return Ok(());
         }
-        let what = format!("building the {name} sublayer graph of block {block}");
+        let what = format!("building the {kind:?} graph of block {block}");
         let fail = ort_error(self.checkpoint, &what);
         let model = graph::block(&self.arch, &self.graphs[g].shapes, kind).map_err(&fail)?;
         let builder = session_builder(self.options, &fail)?;
-        let session = Some(model.into_session(&builder).map_err(&fail)?);
-        match sublayer {
-            Sublayer::Attention => self.graphs[g].attention = session,
-            Sublayer::Mlp => self.graphs[g].mlp = session,
-        }
+        let session = model.into_session(&builder).map_err(&fail)?;
+        self.graphs[g].variants.insert(kind, session);
         Ok(())
     }
 
@@ -806,9 +832,18 @@ impl<'c> Engine<'c> {
             stack,
             keep_cache,
         } = run;
-        if let Some(sublayer) = requests[stack[0]].sublayer {
-            self.build_sublayer_session(block, sublayer)?;
-        }
+        // Every request of a stack runs the same graph (`stacks_for_block`).
+        let sublayer = requests[stack[0]].sublayer;
+        let patched = hooks_at(requests[stack[0]].edits, pending[stack[0]].done)
+            .next()
+            .is_some();
+        let variant = match (sublayer, patched) {
+            (Some(Sublayer::Attention), _) => graph::BlockGraphKind::Attention,
+            (Some(Sublayer::Mlp), _) => graph::BlockGraphKind::Mlp,
+            (None, true) => graph::BlockGraphKind::Patched,
+            (None, false) => graph::BlockGraphKind::Whole,
+        };
+        self.build_variant(block, variant)?;
         let hidden = self.arch.hidden;
         let fail = ort_error(self.checkpoint, &format!("running block {block}"));
         let kind = self.arch.blocks[block];
@@ -842,8 +877,7 @@ impl<'c> Engine<'c> {
             .or_insert_with(|| packed_mask(kind.attention, &spans));
         let wants = |f: fn(&Capture) -> bool| stack.iter().any(|&i| f(&requests[i].capture));
         let (updates, attention) = (wants(|c| c.updates), wants(|c| c.attention));
-        // Every request of a stack runs the same sublayer (`stacks_for_block`).
-        let sublayer = requests[stack[0]].sublayer;
+        let z = wants(|c| c.z);
         let (attention_runs, mlp_runs) = (
             sublayer != Some(Sublayer::Mlp),
             sublayer != Some(Sublayer::Attention),
@@ -858,10 +892,28 @@ impl<'c> Engine<'c> {
         if attention {
             selector = selector.with(io::ATTN_PROBS);
         }
+        if z && attention_runs {
+            selector = selector.with(io::Z);
+        }
         if keep_cache {
             selector = selector.with(io::KEYS).with(io::VALUES);
         }
         let run_options = RunOptions::new().map_err(&fail)?.with_outputs(selector);
+        let (heads, dh) = (self.arch.heads, self.arch.head_dim);
+        let hook_values = patched.then(|| {
+            let offsets = stack.iter().scan(0, |row, &i| {
+                let first = *row;
+                *row += requests[i].tokens.len();
+                Some((i, first))
+            });
+            hook_inputs(
+                offsets.map(|(i, first)| (first, hooks_at(requests[i].edits, pending[i].done))),
+                n,
+                hidden,
+                heads * dh,
+                dh,
+            )
+        });
 
         let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
         inputs.push((
@@ -914,6 +966,25 @@ impl<'c> Engine<'c> {
                 .map_err(&fail)?
                 .into(),
         ));
+        if let Some(values) = &hook_values {
+            let widths = [heads * dh, heads * dh, hidden, hidden, hidden, hidden];
+            let names = [
+                io::Z_KEEP,
+                io::Z_ADD,
+                io::ATTN_KEEP,
+                io::ATTN_ADD,
+                io::MLP_KEEP,
+                io::MLP_ADD,
+            ];
+            for ((name, width), array) in names.into_iter().zip(widths).zip(values) {
+                inputs.push((
+                    name.into(),
+                    TensorRef::from_array_view(([n, width], &array[..]))
+                        .map_err(&fail)?
+                        .into(),
+                ));
+            }
+        }
         // Every request of a stack overrides this block's tensors alike
         // (`stacks_for_block`): the first one's overrides stand for all.
         let overrides = requests[stack[0]].overrides;
@@ -927,13 +998,12 @@ impl<'c> Engine<'c> {
             inputs.push((Cow::Borrowed(*input), tensor.into()));
         }
         let graph = &mut self.graphs[self.graph_of[block]];
-        let session = match sublayer {
-            None => Some(&mut graph.session),
-            Some(Sublayer::Attention) => graph.attention.as_mut(),
-            Some(Sublayer::Mlp) => graph.mlp.as_mut(),
+        let session = match variant {
+            graph::BlockGraphKind::Whole => Some(&mut graph.session),
+            _ => graph.variants.get_mut(&variant),
         }
         .ok_or_else(|| {
-            ForwardError::Runtime(format!("block {block} has no {sublayer:?} session"))
+            ForwardError::Runtime(format!("block {block} has no {variant:?} session"))
         })?;
         let outputs = session
             .run_with_options(inputs, &run_options)
@@ -963,13 +1033,17 @@ impl<'c> Engine<'c> {
         } else {
             &[][..]
         };
+        let head_outputs = if z && attention_runs {
+            array(io::Z)?
+        } else {
+            &[][..]
+        };
         let (keys, values) = if keep_cache {
             (array(io::KEYS)?, array(io::VALUES)?)
         } else {
             (&[][..], &[][..])
         };
-        let (kv_heads, dh) = (self.arch.kv_heads, self.arch.head_dim);
-        let heads = self.arch.heads;
+        let kv_heads = self.arch.kv_heads;
         let mut offset = 0;
         for (s, (&i, &len)) in stack.iter().zip(&lengths).enumerate() {
             let rows = offset * hidden..(offset + len) * hidden;
@@ -982,6 +1056,12 @@ impl<'c> Engine<'c> {
                     .attn_updates
                     .push(attn_update[rows.clone()].to_vec());
                 p.trace.mlp_updates.push(mlp_update[rows].to_vec());
+            }
+            if capture.z {
+                let width = heads * dh;
+                p.trace
+                    .z
+                    .push(head_outputs[offset * width..(offset + len) * width].to_vec());
             }
             if capture.attention {
                 p.trace.attention.push(if uniform {
@@ -1239,13 +1319,63 @@ impl<'c> Engine<'c> {
 }
 
 fn apply_edits(residual: &mut [f32], hidden: usize, edits: &[Edit], stage: usize) {
-    for edit in edits.iter().filter(|e| e.stage == stage) {
+    for edit in edits
+        .iter()
+        .filter(|e| e.hook.is_resid() && e.stage == stage)
+    {
         let row = &mut residual[edit.position * hidden..(edit.position + 1) * hidden];
         match &edit.change {
             EditChange::Replace(values) => row.copy_from_slice(values),
             EditChange::Add(values) => row.iter_mut().zip(values).for_each(|(r, v)| *r += v),
         }
     }
+}
+
+/// A request's edits inside its block run `run` (every hook but the residual).
+fn hooks_at(edits: &[Edit], run: usize) -> impl Iterator<Item = &Edit> {
+    edits
+        .iter()
+        .filter(move |e| !e.hook.is_resid() && e.stage == run)
+}
+
+/// The patched graph's hook inputs for `n` stacked rows — `z_keep`, `z_add`,
+/// `attn_keep`, `attn_add`, `mlp_keep`, `mlp_add` — from each request's first
+/// row and its edits in this block run: keep 1 and add 0 everywhere else.
+fn hook_inputs<'e>(
+    requests: impl Iterator<Item = (usize, impl Iterator<Item = &'e Edit>)>,
+    n: usize,
+    hidden: usize,
+    z_width: usize,
+    head_dim: usize,
+) -> [Vec<f32>; 6] {
+    let [mut z_keep, mut attn_keep, mut mlp_keep] =
+        [z_width, hidden, hidden].map(|w| vec![1.0f32; n * w]);
+    let [mut z_add, mut attn_add, mut mlp_add] =
+        [z_width, hidden, hidden].map(|w| vec![0.0f32; n * w]);
+    for (first, edits) in requests {
+        for edit in edits {
+            let row = first + edit.position;
+            let (keep, add, start) = match edit.hook {
+                Hook::Resid => continue,
+                Hook::AttnOut => (&mut attn_keep, &mut attn_add, row * hidden),
+                Hook::MlpOut => (&mut mlp_keep, &mut mlp_add, row * hidden),
+                Hook::Z { head } => (&mut z_keep, &mut z_add, row * z_width + head * head_dim),
+            };
+            match &edit.change {
+                EditChange::Replace(values) => {
+                    let span = start..start + values.len();
+                    keep[span.clone()].fill(0.0);
+                    add[span].copy_from_slice(values);
+                }
+                EditChange::Add(values) => {
+                    for (a, v) in add[start..start + values.len()].iter_mut().zip(values) {
+                        *a += v;
+                    }
+                }
+            }
+        }
+    }
+    [z_keep, z_add, attn_keep, attn_add, mlp_keep, mlp_add]
 }
 
 /// `cos`/`sin` `[T, head_dim]`, each half repeating the frequencies (the
@@ -1289,15 +1419,17 @@ type MaskKey = (Attention, Vec<(usize, Option<Branches>)>);
 ///
 /// Only requests that read the block's tensors alike share a run: the same
 /// override buffers (by address) for the tensors it reads (`inputs`), or
-/// none; and the same sublayer (or the whole block).
+/// none; the same sublayer (or the whole block); and, for the whole block,
+/// hooks open (an edit inside this block run) or not.
 fn stacks_for_block(
     members: &[usize],
     requests: &[Request<'_>],
     inputs: &BTreeMap<&'static str, String>,
+    hooked: &[bool],
 ) -> Vec<Vec<usize>> {
-    // What a run's block reads: which sublayer, and the override buffers
-    // (address, length) among its tensors.
-    type ReadKey = (Option<Sublayer>, Vec<(usize, usize)>);
+    // What a run's block reads: which sublayer, whether its hooks are open,
+    // and the override buffers (address, length) among its tensors.
+    type ReadKey = (Option<Sublayer>, bool, Vec<(usize, usize)>);
     let weights_key = |request: &Request<'_>| -> ReadKey {
         let mut key: Vec<(usize, usize)> = request
             .overrides
@@ -1306,12 +1438,13 @@ fn stacks_for_block(
             .map(|o| (o.values.as_ptr() as usize, o.values.len()))
             .collect();
         key.sort_unstable();
-        (request.sublayer, key)
+        (request.sublayer, false, key)
     };
     let mut by_weights: BTreeMap<ReadKey, Vec<usize>> = BTreeMap::new();
     for &i in members {
+        let (sublayer, _, key) = weights_key(&requests[i]);
         by_weights
-            .entry(weights_key(&requests[i]))
+            .entry((sublayer, hooked[i], key))
             .or_default()
             .push(i);
     }

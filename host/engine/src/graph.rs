@@ -41,6 +41,19 @@ pub mod io {
     pub const PAST_KEYS: &str = "past_keys";
     pub const PAST_VALUES: &str = "past_values";
     pub const LOGITS: &str = "logits";
+    /// Every head's output before the output projection, `[B·T, heads ×
+    /// head_dim]` (TransformerLens's `hook_z`), head after head.
+    pub const Z: &str = "z";
+    /// The patched graph's hooks: each point's value becomes `value × keep +
+    /// add` (keep 1 and add 0 leave it; keep 0 replaces it by add), per
+    /// element: `z` `[B·T, heads × head_dim]`, the attention and MLP updates
+    /// `[B·T, hidden]`.
+    pub const Z_KEEP: &str = "z_keep";
+    pub const Z_ADD: &str = "z_add";
+    pub const ATTN_KEEP: &str = "attn_keep";
+    pub const ATTN_ADD: &str = "attn_add";
+    pub const MLP_KEEP: &str = "mlp_keep";
+    pub const MLP_ADD: &str = "mlp_add";
 }
 
 type Result<T> = std::result::Result<T, ort::Error>;
@@ -164,6 +177,12 @@ impl Builder {
     }
 
     // --- layers -------------------------------------------------------------
+
+    /// `x × keep + add`, elementwise: a hook point of the patched graph.
+    fn hooked(&mut self, x: &str, keep: &str, add: &str) -> Result<String> {
+        let kept = self.op("Mul", &[x, keep], vec![])?;
+        self.op("Add", &[&kept, add], vec![])
+    }
 
     /// `x·Wᵀ + b` for a Linear weight `[out, in]`; `x·W + b` for GPT-2's
     /// Conv1D `[in, out]` (`transposed`).
@@ -317,8 +336,8 @@ pub fn embedding(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
     b.finish(&[(io::OUT, 2)])
 }
 
-/// Which of the two block graphs to build.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which block graph to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BlockGraphKind {
     /// Whole sequences: `cos`/`sin` `[T, head_dim]` and a `[T, T]` mask
     /// shared by the B sequences.
@@ -338,6 +357,10 @@ pub enum BlockGraphKind {
     /// [`BlockGraphKind::Whole`] (the attention's go unread), so one feeding
     /// serves every kind.
     Mlp,
+    /// The whole block with its hooks open: `z`, the attention update and
+    /// the MLP update each become `value × keep + add` from inputs
+    /// ([`io::Z_KEEP`] …) — activation patching and steering inside a block.
+    Patched,
 }
 
 /// One transformer block: residual in, residual out, plus each sublayer's
@@ -351,6 +374,7 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
     let step = kind == BlockGraphKind::Step;
     let attention_runs = kind != BlockGraphKind::Mlp;
     let mlp_runs = kind != BlockGraphKind::Attention;
+    let patched = kind == BlockGraphKind::Patched;
     let mut b = Builder::new()?;
     let (kv, dh) = (arch.kv_heads as i64, arch.head_dim as i64);
     b.input(
@@ -375,6 +399,20 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
             &[-1, kv, -1, dh],
         );
     }
+    if patched {
+        let z = (arch.heads * arch.head_dim) as i64;
+        let d = arch.hidden as i64;
+        for (name, width) in [
+            (io::Z_KEEP, z),
+            (io::Z_ADD, z),
+            (io::ATTN_KEEP, d),
+            (io::ATTN_ADD, d),
+            (io::MLP_KEEP, d),
+            (io::MLP_ADD, d),
+        ] {
+            b.input(name, TensorElementType::Float32, &[-1, width]);
+        }
+    }
     declare_weights(&mut b, weights);
     let has = |n: &str| weights.contains_key(n);
     let opt = |n: &'static str| has(n).then_some(n);
@@ -384,7 +422,7 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
     // --- attention ---
     let x = io::RESIDUAL;
     let x1 = if attention_runs {
-        attention_sublayer(&mut b, arch, weights, step)?
+        attention_sublayer(&mut b, arch, weights, step, patched)?
     } else {
         x.to_string()
     };
@@ -396,6 +434,7 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
             (io::ATTN_PROBS, 4),
             (io::KEYS, 4),
             (io::VALUES, 4),
+            (io::Z, 2),
         ]);
     }
 
@@ -419,6 +458,9 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
     if arch.layout == Layout::Sandwich {
         mlp = norm(&mut b, &mlp, "post_mlp_norm")?;
     }
+    if patched {
+        mlp = b.hooked(&mlp, io::MLP_KEEP, io::MLP_ADD)?;
+    }
     let mlp = b.op_named("Identity", &[&mlp], vec![], Some(io::MLP_UPDATE))?;
     if arch.layout == Layout::PostNorm {
         let sum = b.op("Add", &[&x1, &mlp], vec![])?;
@@ -439,6 +481,7 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
         (io::ATTN_PROBS, 4),
         (io::KEYS, 4),
         (io::VALUES, 4),
+        (io::Z, 2),
     ])
 }
 
@@ -451,6 +494,7 @@ fn attention_sublayer(
     arch: &Arch,
     weights: &WeightShapes,
     step: bool,
+    patched: bool,
 ) -> Result<String> {
     let (h, kv, dh) = (
         arch.heads as i64,
@@ -582,11 +626,18 @@ fn attention_sublayer(
         vec![Attribute::new("perm", vec![0i64, 2, 1, 3])?],
     )?;
     let flat = b.const_i64(&[-1, h * dh])?;
-    let context = b.op("Reshape", &[&context, &flat], vec![])?;
+    let mut context = b.op("Reshape", &[&context, &flat], vec![])?;
+    if patched {
+        context = b.hooked(&context, io::Z_KEEP, io::Z_ADD)?;
+    }
+    let context = b.op_named("Identity", &[&context], vec![], Some(io::Z))?;
     let transposed = has("qkv.weight"); // GPT-2 stores every projection as Conv1D
     let mut attn = b.linear(&context, "o.weight", opt("o.bias"), transposed)?;
     if arch.layout == Layout::Sandwich {
         attn = norm(b, &attn, "post_attn_norm")?;
+    }
+    if patched {
+        attn = b.hooked(&attn, io::ATTN_KEEP, io::ATTN_ADD)?;
     }
     let attn = b.op_named("Identity", &[&attn], vec![], Some(io::ATTN_UPDATE))?;
     let mut x1 = b.op("Add", &[x, &attn], vec![])?;

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use probe::forward::{text::TextCodec, Capture, Edit, Engine, EngineOptions, Request, Trace};
 use probe::store::Checkpoint;
-use probe_contract::{Branches, Sublayer};
+use probe::Schema;
+use probe_contract::{Branches, Hook, Sublayer};
 use serde_json::Value;
 
 use crate::real_models::real_model;
@@ -26,6 +27,7 @@ fn everything() -> Capture {
         attention: true,
         logits: true,
         loss: true,
+        z: true,
     }
 }
 
@@ -642,6 +644,267 @@ fn everything_but_logits() -> Capture {
         loss: false,
         ..everything()
     }
+}
+
+/// Edits inside a block run — a sublayer's output (`hook_attn_out`,
+/// `hook_mlp_out`) or one head's output before the output projection
+/// (`hook_z`) — against the same patched run computed by hand from the
+/// engine's captured activations: the new midpoint or block output written
+/// here (a head's change through its columns of the stored output
+/// projection), then the rest of the block and the blocks after it run from
+/// there. On llama, qwen2, qwen3 and GPT-2 (Conv1D, biases); Gemma 3 and
+/// BERT (post-norms) check that patching a value with itself changes
+/// nothing. Also: an MLP-output `add` is a residual `add` after the block; a
+/// batch mixing patched and plain requests gives each what it gives alone;
+/// bad hooks are refused.
+#[test]
+fn edits_inside_a_block_equal_the_patched_run_computed_by_hand() {
+    let families = [
+        "llama-tied-f32",
+        "qwen2-untied-f16",
+        "qwen3-tied-bf16",
+        "gpt2-tied-f32",
+        "gemma3-tied-f32",
+        "bert-f32",
+    ];
+    let clean: Vec<u32> = vec![3, 17, 4, 9, 22, 5, 11];
+    let corrupt: Vec<u32> = vec![3, 17, 8, 9, 30, 5, 11];
+    let close = |what: &str, a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 2e-4 * y.abs().max(1.0),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    };
+    for name in families {
+        let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
+        let schema = Schema::of(&checkpoint);
+        let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+        let n = engine.num_blocks();
+        let (d, heads, dh) = (engine.arch.hidden, engine.arch.heads, engine.arch.head_dim);
+        let by_hand = !matches!(name, "gemma3-tied-f32" | "bert-f32");
+        let capture = Capture {
+            residuals: true,
+            updates: true,
+            z: true,
+            ..Capture::default()
+        };
+        let clean_run = run(&mut engine, &clean, capture);
+        let corrupt_run = run(&mut engine, &corrupt, capture);
+        assert_eq!(clean_run.z.len(), n);
+        assert_eq!(clean_run.z[0].len(), clean.len() * heads * dh);
+        let (l, p, head) = (1usize, 4usize, 1usize);
+        let row = |v: &[f32], width: usize| v[p * width..(p + 1) * width].to_vec();
+        let patched = |engine: &mut Engine, edit: Edit| -> Vec<f32> {
+            engine
+                .run(&Request {
+                    tokens: &corrupt,
+                    edits: std::slice::from_ref(&edit),
+                    ..Request::default()
+                })
+                .unwrap()
+                .output
+        };
+        let from_block = |engine: &mut Engine, x: &[f32], first: usize| -> Vec<f32> {
+            let rest: Vec<usize> = (first..n).collect();
+            engine
+                .run(&Request {
+                    tokens: &corrupt,
+                    blocks: Some(&rest),
+                    start: Some(x),
+                    ..Request::default()
+                })
+                .unwrap()
+                .output
+        };
+        // The rest of the model from a residual `mid` at block l's midpoint.
+        let from_midpoint = |engine: &mut Engine, mid: &[f32]| -> Vec<f32> {
+            let blocks = [l];
+            let after = engine
+                .run(&Request {
+                    tokens: &corrupt,
+                    blocks: Some(&blocks),
+                    start: Some(mid),
+                    sublayer: Some(Sublayer::Mlp),
+                    ..Request::default()
+                })
+                .unwrap()
+                .output;
+            from_block(engine, &after, l + 1)
+        };
+        let x = &corrupt_run.residuals[l];
+        let attn = &corrupt_run.attn_updates[l];
+
+        // Attention output at (l, p) replaced by the clean run's.
+        let clean_attn = row(&clean_run.attn_updates[l], d);
+        let got = patched(
+            &mut engine,
+            Edit::replace(l, p, clean_attn.clone()).at(Hook::AttnOut),
+        );
+        if by_hand {
+            let mut mid: Vec<f32> = x.iter().zip(attn).map(|(a, b)| a + b).collect();
+            for (k, v) in clean_attn.iter().enumerate() {
+                mid[p * d + k] = x[p * d + k] + v;
+            }
+            close(
+                &format!("{name} attn_out"),
+                &got,
+                &from_midpoint(&mut engine, &mid),
+            );
+        }
+        // MLP output at (l, p) replaced by the clean run's.
+        let clean_mlp = row(&clean_run.mlp_updates[l], d);
+        let got = patched(
+            &mut engine,
+            Edit::replace(l, p, clean_mlp.clone()).at(Hook::MlpOut),
+        );
+        if by_hand {
+            let mut out = corrupt_run.residuals[l + 1].clone();
+            for (k, v) in clean_mlp.iter().enumerate() {
+                out[p * d + k] += v - corrupt_run.mlp_updates[l][p * d + k];
+            }
+            close(
+                &format!("{name} mlp_out"),
+                &got,
+                &from_block(&mut engine, &out, l + 1),
+            );
+            // Steering the MLP output is steering the residual after the block.
+            let v: Vec<f32> = (0..d).map(|k| 0.1 * (k as f32).sin()).collect();
+            let a = patched(&mut engine, Edit::add(l, p, v.clone()).at(Hook::MlpOut));
+            let b = patched(&mut engine, Edit::add(l + 1, p, v));
+            close(&format!("{name} mlp_out add"), &a, &b);
+        }
+        // Head `head`'s output at (l, p) replaced by the clean run's.
+        let width = heads * dh;
+        let z_clean = clean_run.z[l][p * width + head * dh..p * width + (head + 1) * dh].to_vec();
+        let z_corrupt = &corrupt_run.z[l][p * width + head * dh..p * width + (head + 1) * dh];
+        let got = patched(
+            &mut engine,
+            Edit::replace(l, p, z_clean.clone()).at(Hook::Z { head }),
+        );
+        if by_hand {
+            // Its change reaches the residual through the head's columns of
+            // the output projection (rows of GPT-2's Conv1D).
+            let o = checkpoint
+                .tensors()
+                .iter()
+                .zip(&schema.placements)
+                .find(|(_, pl)| pl.layer == Some(l) && pl.role.to_string() == "o" && !pl.bias)
+                .map(|(t, _)| {
+                    checkpoint
+                        .tensor(&t.name)
+                        .unwrap()
+                        .to_f32()
+                        .unwrap()
+                        .to_vec()
+                })
+                .unwrap();
+            let transposed = name.starts_with("gpt2");
+            let mut mid: Vec<f32> = x.iter().zip(attn).map(|(a, b)| a + b).collect();
+            for out in 0..d {
+                let change: f32 = (0..dh)
+                    .map(|j| {
+                        let col = head * dh + j;
+                        let w = if transposed {
+                            o[col * d + out]
+                        } else {
+                            o[out * width + col]
+                        };
+                        w * (z_clean[j] - z_corrupt[j])
+                    })
+                    .sum();
+                mid[p * d + out] += change;
+            }
+            close(
+                &format!("{name} z"),
+                &got,
+                &from_midpoint(&mut engine, &mid),
+            );
+        } else {
+            // A head patched with its own value changes nothing.
+            let same = patched(
+                &mut engine,
+                Edit::replace(l, p, z_corrupt.to_vec()).at(Hook::Z { head }),
+            );
+            close(&format!("{name} z identity"), &same, &corrupt_run.output);
+        }
+        // The patch moved something (a patch that is ignored fails here).
+        assert!(
+            got.iter()
+                .zip(&corrupt_run.output)
+                .any(|(a, b)| (a - b).abs() > 1e-4),
+            "{name}: the z patch changed nothing"
+        );
+
+        // One batch: patched requests at different runs and hooks beside a
+        // plain one, each what it gives alone.
+        let edits = [
+            vec![Edit::replace(l, p, clean_attn.clone()).at(Hook::AttnOut)],
+            vec![],
+            vec![Edit::replace(0, 2, z_clean.clone()).at(Hook::Z { head: 0 })],
+            vec![Edit::replace(l, p, clean_mlp.clone()).at(Hook::MlpOut)],
+        ];
+        let requests: Vec<Request> = edits
+            .iter()
+            .map(|e| Request {
+                tokens: &corrupt,
+                edits: e,
+                capture: Capture {
+                    z: true,
+                    ..Capture::default()
+                },
+                ..Request::default()
+            })
+            .collect();
+        let alone: Vec<Trace> = requests.iter().map(|r| engine.run(r).unwrap()).collect();
+        let batch = engine.run_batch(&requests).unwrap();
+        for (k, (a, b)) in batch.iter().zip(&alone).enumerate() {
+            close(&format!("{name} batch {k}"), &a.output, &b.output);
+            close(&format!("{name} batch {k} z"), &a.z[n - 1], &b.z[n - 1]);
+        }
+
+        // Refused: a run that does not exist, a head the model lacks, the
+        // wrong width, a hook inside a sublayer-only run.
+        let mut bad = |edit: Edit, sublayer: Option<Sublayer>| {
+            let e = [edit];
+            engine_error(&mut engine, &corrupt, &e, sublayer)
+        };
+        assert!(bad(Edit::replace(n, 0, vec![0.0; d]).at(Hook::AttnOut), None).contains("only"));
+        assert!(bad(
+            Edit::replace(0, 0, vec![0.0; dh]).at(Hook::Z { head: heads }),
+            None
+        )
+        .contains("heads"));
+        assert!(bad(
+            Edit::replace(0, 0, vec![0.0; d]).at(Hook::Z { head: 0 }),
+            None
+        )
+        .contains("a head's output"));
+        assert!(bad(
+            Edit::replace(0, 0, vec![0.0; d]).at(Hook::MlpOut),
+            Some(Sublayer::Mlp)
+        )
+        .contains("whole block"));
+    }
+}
+
+fn engine_error(
+    engine: &mut Engine,
+    tokens: &[u32],
+    edits: &[Edit],
+    sublayer: Option<Sublayer>,
+) -> String {
+    engine
+        .run(&Request {
+            tokens,
+            edits,
+            sublayer,
+            ..Request::default()
+        })
+        .unwrap_err()
+        .to_string()
 }
 
 /// Requests of different lengths and layouts (plain, branched two ways)

@@ -14,25 +14,72 @@ pub enum EditChange {
     Add(Vec<f32>),
 }
 
-/// A change to the residual stream at one (stage, position).
+/// Where an edit applies (2.6), named as TransformerLens names its hooks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Hook {
+    /// The residual stream between blocks: the edit's `stage` s is the
+    /// residual before the s-th block run (`blocks.{l}.hook_resid_pre`), or
+    /// after the last one; `hidden` values.
+    #[default]
+    Resid,
+    /// What the attention sublayer of block run `stage` adds to the residual
+    /// (`hook_attn_out`: after the output projection and any post-norm);
+    /// `hidden` values.
+    AttnOut,
+    /// What the MLP sublayer of block run `stage` adds (`hook_mlp_out`);
+    /// `hidden` values.
+    MlpOut,
+    /// Head `head`'s output in block run `stage` before the output
+    /// projection — its slice of the attention-weighted values
+    /// (`attn.hook_z`); `head_dim` values. Its contribution to the residual
+    /// is that slice times its columns of the output projection.
+    Z {
+        /// The head (0-based).
+        head: usize,
+    },
+}
+
+impl Hook {
+    /// Whether this is the residual between blocks (the default).
+    pub fn is_resid(&self) -> bool {
+        *self == Hook::Resid
+    }
+}
+
+/// A change to the model's activations at one (stage, position): the
+/// residual stream between blocks by default, or (2.6) a sublayer's output
+/// or one head's output inside a block run ([`Hook`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Edit {
-    /// 0 = the embedding output, s = after the s-th block run.
+    /// For [`Hook::Resid`]: 0 = the embedding output, s = after the s-th
+    /// block run. For the others: the block run (0 = the first the request
+    /// runs).
     pub stage: usize,
     /// Token position (0-based) of the row to change.
     pub position: usize,
     /// What happens to that row.
     pub change: EditChange,
+    /// Where (2.6; absent: the residual between blocks).
+    #[serde(default, skip_serializing_if = "Hook::is_resid")]
+    pub hook: Hook,
 }
 
 impl Edit {
+    /// The same change at another hook: `Edit::replace(l, p, clean).at(Hook::AttnOut)`
+    /// patches block run `l`'s attention output at position `p`.
+    pub fn at(self, hook: Hook) -> Self {
+        Self { hook, ..self }
+    }
+
     /// Put `values` in place of the row at (stage, position): activation patching.
     pub fn replace(stage: usize, position: usize, values: Vec<f32>) -> Self {
         Self {
             stage,
             position,
             change: EditChange::Replace(values),
+            hook: Hook::Resid,
         }
     }
 
@@ -42,6 +89,7 @@ impl Edit {
             stage,
             position,
             change: EditChange::Add(values),
+            hook: Hook::Resid,
         }
     }
 }
@@ -179,6 +227,10 @@ pub struct ForwardRequest {
     /// MLP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sublayer: Option<Sublayer>,
+    /// 2.6: keep every block run's head outputs before the output projection
+    /// `[T, heads × head_dim]` ([`Hook::Z`]; [`OutputKind::Z`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub z: bool,
 }
 
 impl ForwardRequest {
@@ -196,8 +248,17 @@ impl ForwardRequest {
                 return Err("`branches` has no next token for the prefix's last row: ask for no loss or logits".into());
             }
         }
-        if self.sublayer == Some(Sublayer::Mlp) && self.attention {
-            return Err("a run of the MLP sublayer alone has no attention probabilities".into());
+        if self.sublayer.is_some() && self.edits.iter().any(|e| !e.hook.is_resid()) {
+            return Err(
+                "edits inside a block (attn_out, mlp_out, z) need the whole block: no `sublayer`"
+                    .into(),
+            );
+        }
+        if self.sublayer == Some(Sublayer::Mlp) && (self.attention || self.z) {
+            return Err(
+                "a run of the MLP sublayer alone has no attention probabilities or head outputs"
+                    .into(),
+            );
         }
         let mut ids = self.overrides.clone();
         ids.sort_unstable();
@@ -235,6 +296,9 @@ pub struct ForwardMeta {
     pub attention: usize,
     /// Whether logits were kept (`OutputKind::Logits`).
     pub has_logits: bool,
+    /// Block runs with head outputs kept (`OutputKind::Z`, 2.6).
+    #[serde(default)]
+    pub z: usize,
 }
 
 /// The arrays of a forward result, for `HostApi::forward_output`.
@@ -253,17 +317,21 @@ pub enum OutputKind {
     Final = 5,
     /// Logits from the final residual `[T, vocab]`.
     Logits = 6,
+    /// Head outputs before the output projection of block run `index`
+    /// `[T, heads × head_dim]` (2.6).
+    Z = 7,
 }
 
 impl OutputKind {
     /// Every kind.
-    pub const ALL: [OutputKind; 6] = [
+    pub const ALL: [OutputKind; 7] = [
         OutputKind::Residual,
         OutputKind::AttnUpdate,
         OutputKind::MlpUpdate,
         OutputKind::Attention,
         OutputKind::Final,
         OutputKind::Logits,
+        OutputKind::Z,
     ];
 
     /// The number that crosses the ABI.

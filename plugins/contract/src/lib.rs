@@ -36,7 +36,7 @@ pub mod params;
 
 pub use abi::AbiVersion;
 pub use forward::{
-    Branches, Edit, EditChange, ForwardMeta, ForwardRequest, GenerateReply, GenerateRequest,
+    Branches, Edit, EditChange, ForwardMeta, ForwardRequest, GenerateReply, GenerateRequest, Hook,
     OutputKind, Sublayer,
 };
 pub use lens::{LensReply, LensRequest, LensRow};

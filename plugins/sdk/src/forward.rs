@@ -21,6 +21,29 @@
 //! let steer = (0..t).map(|p| Edit::add(11, p, direction.clone())).collect();
 //! ```
 //!
+//! Edits also reach inside a block run (ABI 2.6): its attention output, its
+//! MLP output, or one head's output before the output projection — the
+//! hooks TransformerLens calls `hook_attn_out`, `hook_mlp_out` and
+//! `attn.hook_z`. Capture them in the clean run (`updates: true` keeps the
+//! sublayer outputs, `z: true` the heads'), then patch or steer:
+//!
+//! ```ignore
+//! let clean = host.forward(&ForwardRequest { tokens: clean_ids, updates: true, z: true, ..Default::default() })?;
+//! // Head 3 of block 9 at the last position, from the clean run.
+//! let width = clean.heads * head_dim;
+//! let z = clean.z[9][last * width + 3 * head_dim..last * width + 4 * head_dim].to_vec();
+//! let patched = host.forward(&ForwardRequest {
+//!     tokens: corrupt_ids,
+//!     edits: vec![
+//!         Edit::replace(9, last, z).at(Hook::Z { head: 3 }),
+//!         // Steering inside a block: add a direction to block 12's MLP output.
+//!         Edit::add(12, last, direction.clone()).at(Hook::MlpOut),
+//!     ],
+//!     logits: true,
+//!     ..Default::default()
+//! })?;
+//! ```
+//!
 //! [`Edit`]: crate::Edit
 
 use probe_contract::{
@@ -58,6 +81,9 @@ pub struct ForwardOutput {
     pub mlp_updates: Vec<Vec<f32>>,
     /// `[heads, T, T]` per block run.
     pub attention: Vec<Vec<f32>>,
+    /// `[T, heads × head_dim]` per block run: every head's output before the
+    /// output projection (`z`, 2.6).
+    pub z: Vec<Vec<f32>>,
     /// `[T, hidden]`: the residual after the last block run.
     pub output: Vec<f32>,
     /// `[T, vocab]`, when asked for.
@@ -250,7 +276,16 @@ impl Host<'_> {
                 .require(abi::since::OVERRIDE_TENSOR)
                 .map_err(PluginError::Host)?;
         }
-        // `sublayer` (2.5) came without a function: the table's version says.
+        // `sublayer` (2.5), edit hooks and `z` (2.6) came without a function:
+        // the table's version says.
+        if requests
+            .iter()
+            .any(|r| r.z || r.edits.iter().any(|e| !e.hook.is_resid()))
+        {
+            self.api
+                .require_field(abi::since::HOOKS)
+                .map_err(PluginError::Host)?;
+        }
         if requests.iter().any(|r| r.sublayer.is_some()) {
             self.api
                 .require_field(abi::since::SUBLAYER)
@@ -330,6 +365,7 @@ impl Host<'_> {
             attn_updates: many(OutputKind::AttnUpdate, meta.updates)?,
             mlp_updates: many(OutputKind::MlpUpdate, meta.updates)?,
             attention: many(OutputKind::Attention, meta.attention)?,
+            z: many(OutputKind::Z, meta.z)?,
             output: read(OutputKind::Final, 0)?,
             logits: if meta.has_logits {
                 Some(read(OutputKind::Logits, 0)?)

@@ -42,7 +42,7 @@ pub use probe_contract::abi;
 /// Parameter specs and the typed values a plugin reads.
 pub use probe_contract::params;
 pub use probe_contract::{
-    Branches, Dtype, Edit, EditChange, Family, GenerateReply, GenerateRequest, LensReply,
+    Branches, Dtype, Edit, EditChange, Family, GenerateReply, GenerateRequest, Hook, LensReply,
     LensRequest, LensRow, ModelInfo, ParamError, ParamKind, ParamSpec, Params, Role, RunInfo,
     Sublayer, TensorInfo, TextMode,
 };
@@ -58,7 +58,7 @@ pub mod prelude {
     pub use crate::prompts::{Prompt, PromptOptions, PromptSet};
     pub use crate::{export_plugin, Host, Plugin, PluginError};
     pub use crate::{
-        Branches, Dtype, Edit, Family, LensReply, LensRequest, LensRow, ModelInfo, ParamKind,
+        Branches, Dtype, Edit, Family, Hook, LensReply, LensRequest, LensRow, ModelInfo, ParamKind,
         ParamSpec, Params, Role, RunInfo, Sublayer, TensorInfo, TextMode,
     };
     pub use polars::prelude::*;
