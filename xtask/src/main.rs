@@ -141,6 +141,7 @@ pub const BUILTIN_PLUGINS: &[&str] = &[
     "probe-plugin-geometry",
     "probe-plugin-autopsy",
     "probe-plugin-linearity",
+    "probe-plugin-patch",
 ];
 
 /// Build probe and the built-in plugins, and copy the plugins into

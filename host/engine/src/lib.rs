@@ -21,7 +21,8 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 pub use engine::{
-    Capture, Device, Edit, EditChange, Engine, EngineOptions, Request, Trace, WeightOverride,
+    Capture, Device, Edit, EditChange, Engine, EngineOptions, Hook, Request, Sublayer, Trace,
+    WeightOverride,
 };
 
 use probe_store::arch::ArchError;

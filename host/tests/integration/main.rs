@@ -12,6 +12,7 @@ mod inspect;
 mod knockout;
 mod lens;
 mod linearity;
+mod patch;
 mod plugins;
 mod quant;
 mod real_models;
