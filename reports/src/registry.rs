@@ -23,6 +23,7 @@ pub const REGISTRY: &[(&str, ChartsFn)] = &[
     ("geometry", geometry),
     ("autopsy", autopsy),
     ("linearity", linearity),
+    ("patch", patch),
 ];
 
 /// The charts for one table: its plugin's, else a metric by layer.
@@ -1021,6 +1022,82 @@ fn linearity(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportE
             log_y,
             points_only: false,
         });
+    }
+    Ok(charts)
+}
+
+/// patch: from the `summary` companion (every pair, category `all`), the
+/// mean effect as a heat map of block × position from the end for each
+/// component patched at positions, and of block × head for heads at the
+/// last position.
+fn patch(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError> {
+    let Some((_, summary)) = table.companions.iter().find(|(n, _)| n == "summary") else {
+        return default(table, options);
+    };
+    let (Some(category), Some(component)) =
+        (strings(summary, "category"), strings(summary, "component"))
+    else {
+        return default(table, options);
+    };
+    let layers = ints(table, summary, "layer")?;
+    let from_end = ints(table, summary, "position_from_end")?;
+    let heads = ints(table, summary, "head")?;
+    let effect = floats(table, summary, "effect")?;
+    let mut charts = Vec::new();
+    for name in ["resid", "attn", "mlp", "heads"] {
+        let mut cells: BTreeMap<(String, i64), f64> = BTreeMap::new();
+        for r in 0..summary.height() {
+            if category[r] != "all" || component[r] != name {
+                continue;
+            }
+            let row = match (name, heads[r], from_end[r]) {
+                ("heads", Some(h), Some(0)) => format!("head {h:>3}"),
+                ("heads", _, _) => continue,
+                (_, _, Some(k)) => format!("last − {k:>2}"),
+                _ => continue,
+            };
+            if let (Some(l), Some(e)) = (layers[r], effect[r]) {
+                cells.insert((row, l), e);
+            }
+        }
+        if cells.is_empty() {
+            continue;
+        }
+        let mut rows: Vec<String> = cells.keys().map(|k| k.0.clone()).collect();
+        rows.dedup();
+        let mut columns: Vec<i64> = cells.keys().map(|k| k.1).collect();
+        columns.sort_unstable();
+        columns.dedup();
+        let (title, y_label) = if name == "heads" {
+            (
+                "mean effect of patching one head's output at the last position".to_string(),
+                "head",
+            )
+        } else {
+            (
+                format!("mean effect of patching {name} (1 = the clean answer restored)"),
+                "position",
+            )
+        };
+        charts.push(ChartSpec::Heatmap {
+            title,
+            x_label: "block".into(),
+            y_label: y_label.into(),
+            columns: columns.iter().map(i64::to_string).collect(),
+            values: rows
+                .iter()
+                .map(|row| {
+                    columns
+                        .iter()
+                        .map(|c| cells.get(&(row.clone(), *c)).copied())
+                        .collect()
+                })
+                .collect(),
+            rows,
+        });
+    }
+    if charts.is_empty() {
+        return default(table, options);
     }
     Ok(charts)
 }

@@ -537,3 +537,33 @@ fn linearity_report_has_the_gap_profile_with_a_line_per_part() {
         assert!(texts.iter().any(|t| t == part), "{part}: {texts:?}");
     }
 }
+
+#[test]
+fn patch_report_is_a_block_by_position_heat_map_per_component() {
+    let dir = tempdir();
+    let model = crate::util::fixture_with_tokenizer(dir.path());
+    let pairs = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        "{\"clean\": \"the cat sat on the\", \"corrupt\": \"the day sat on the\", \"answer\": \"mat\", \"wrong\": \"cold\"}\n",
+    )
+    .unwrap();
+    let out = crate::util::run_plugin_to(
+        "probe-plugin-patch",
+        &model,
+        &[
+            &format!("pairs={}", pairs.display()),
+            "components=resid,mlp,heads",
+            "min_gap=0",
+        ],
+        &dir.path().join("patch.parquet"),
+    );
+    let figs = report(&[&out], dir.path());
+    let kinds: Vec<&str> = figs.iter().map(|f| f.kind.as_str()).collect();
+    assert_eq!(kinds, ["heatmap", "heatmap", "heatmap"]);
+    // 3 blocks × 5 positions; 3 blocks × 4 heads at the last position.
+    assert_eq!(figs[0].marks, 15);
+    assert!(figs[1].title.contains("mlp"), "{}", figs[1].title);
+    assert_eq!(figs[2].marks, 12);
+    assert!(figs[2].title.contains("head"), "{}", figs[2].title);
+}
