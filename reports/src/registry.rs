@@ -779,34 +779,11 @@ fn quant(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError
         }
         cells
     };
-    let grid = |cells: BTreeMap<(String, i64), f64>, title: String, y_label: &str| {
-        let mut rows: Vec<String> = cells.keys().map(|k| k.0.clone()).collect();
-        rows.dedup();
-        let mut columns: Vec<i64> = cells.keys().map(|k| k.1).collect();
-        columns.sort_unstable();
-        columns.dedup();
-        ChartSpec::Heatmap {
-            title,
-            x_label: "block".into(),
-            y_label: y_label.into(),
-            columns: columns.iter().map(i64::to_string).collect(),
-            values: rows
-                .iter()
-                .map(|row| {
-                    columns
-                        .iter()
-                        .map(|c| cells.get(&(row.clone(), *c)).copied())
-                        .collect()
-                })
-                .collect(),
-            rows,
-        }
-    };
     let mut charts = Vec::new();
     let by_block =
         cells(&|r| (scope[r] == "block").then_some((format!("{:>2} bits", bits[r]?), layers[r]?)));
     if !by_block.is_empty() {
-        charts.push(grid(
+        charts.push(block_heat_map(
             by_block,
             "log10 Δperplexity with one block rounded to b bits".into(),
             "bits",
@@ -827,7 +804,7 @@ fn quant(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError
             (scope[r] == "matrix" && bits[r] == Some(width))
                 .then_some((roles[r].clone(), layers[r]?))
         });
-        charts.push(grid(
+        charts.push(block_heat_map(
             by_role,
             format!("log10 Δperplexity with one matrix rounded to {width} bits"),
             "matrix",
@@ -1063,11 +1040,6 @@ fn patch(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError
         if cells.is_empty() {
             continue;
         }
-        let mut rows: Vec<String> = cells.keys().map(|k| k.0.clone()).collect();
-        rows.dedup();
-        let mut columns: Vec<i64> = cells.keys().map(|k| k.1).collect();
-        columns.sort_unstable();
-        columns.dedup();
         let (title, y_label) = if name == "heads" {
             (
                 "mean effect of patching one head's output at the last position".to_string(),
@@ -1079,25 +1051,36 @@ fn patch(table: &Table, options: &Options) -> Result<Vec<ChartSpec>, ReportError
                 "position",
             )
         };
-        charts.push(ChartSpec::Heatmap {
-            title,
-            x_label: "block".into(),
-            y_label: y_label.into(),
-            columns: columns.iter().map(i64::to_string).collect(),
-            values: rows
-                .iter()
-                .map(|row| {
-                    columns
-                        .iter()
-                        .map(|c| cells.get(&(row.clone(), *c)).copied())
-                        .collect()
-                })
-                .collect(),
-            rows,
-        });
+        charts.push(block_heat_map(cells, title, y_label));
     }
     if charts.is_empty() {
         return default(table, options);
     }
     Ok(charts)
+}
+
+/// A heat map of values keyed by (row label, block): rows in label order,
+/// one column per block present, empty cells where a pair is missing.
+fn block_heat_map(cells: BTreeMap<(String, i64), f64>, title: String, y_label: &str) -> ChartSpec {
+    let mut rows: Vec<String> = cells.keys().map(|k| k.0.clone()).collect();
+    rows.dedup();
+    let mut columns: Vec<i64> = cells.keys().map(|k| k.1).collect();
+    columns.sort_unstable();
+    columns.dedup();
+    ChartSpec::Heatmap {
+        title,
+        x_label: "block".into(),
+        y_label: y_label.into(),
+        columns: columns.iter().map(i64::to_string).collect(),
+        values: rows
+            .iter()
+            .map(|row| {
+                columns
+                    .iter()
+                    .map(|c| cells.get(&(row.clone(), *c)).copied())
+                    .collect()
+            })
+            .collect(),
+        rows,
+    }
 }

@@ -397,6 +397,58 @@ fn numpy_site(root: &Path) -> Result<PathBuf> {
     Ok(site)
 }
 
+/// What the SmolLM2 plugin benches share: the release build, the model,
+/// numpy for the reference, the threads and the output folder.
+struct PluginBench {
+    root: PathBuf,
+    probe: PathBuf,
+    model: PathBuf,
+    site: PathBuf,
+    threads: String,
+    dir: PathBuf,
+}
+
+impl PluginBench {
+    fn open(root: &Path) -> Result<Self> {
+        let probe = build_release(root)?;
+        let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
+        if !model.join(".complete").exists() {
+            bail!("{} is missing: run `cargo xtask models`", model.display());
+        }
+        let site = numpy_site(root)?;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .to_string();
+        let dir = root.join("target/bench");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            probe,
+            model,
+            site,
+            threads,
+            dir,
+        })
+    }
+
+    /// One timed `probe run` of a built-in plugin on SmolLM2.
+    fn run(&self, plugin: &str, params: &[&str], out: &Path) -> Result<Timing> {
+        time_command(1, || {
+            let mut c = Command::new(&self.probe);
+            c.args(["run", "--quiet", "--threads", &self.threads, "--plugin"])
+                .arg(
+                    self.root
+                        .join(format!("target/release/libprobe_plugin_{plugin}.so")),
+                )
+                .arg(&self.model)
+                .args(params.iter().flat_map(|p| ["--param", p]))
+                .arg("--out")
+                .arg(out);
+            c
+        })
+    }
+}
+
 /// `cargo xtask bench quant`: the quant plugin on SmolLM2 over the built-in
 /// prompt set — the default run (`scope=block` at 2, 3, 4 and 8 bits with
 /// the recipes), timed whole; and its 3-bit block rows, timed alone, against
@@ -404,29 +456,9 @@ fn numpy_site(root: &Path) -> Result<PathBuf> {
 /// rounding and forward pass over the exact token sequences, taken from a
 /// lens run's `tokens` table) on the same threads, in the same run.
 pub fn quant(root: &Path) -> Result<()> {
-    let probe = build_release(root)?;
-    let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
-    if !model.join(".complete").exists() {
-        bail!("{} is missing: run `cargo xtask models`", model.display());
-    }
-    let site = numpy_site(root)?;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .to_string();
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let run = |plugin: &str, params: &[&str], out: &Path| {
-        time_command(1, || {
-            let mut c = Command::new(&probe);
-            c.args(["run", "--quiet", "--threads", &threads, "--plugin"])
-                .arg(root.join(format!("target/release/libprobe_plugin_{plugin}.so")))
-                .arg(&model)
-                .args(params.iter().flat_map(|p| ["--param", p]))
-                .arg("--out")
-                .arg(out);
-            c
-        })
-    };
+    let bench = PluginBench::open(root)?;
+    let (model, site, threads, dir) = (&bench.model, &bench.site, &bench.threads, &bench.dir);
+    let run = |plugin: &str, params: &[&str], out: &Path| bench.run(plugin, params, out);
     // The exact sequences (the same greedy completions quant generates).
     run("lens", &[], &dir.join("lens.csv"))?;
     let whole = run("quant", &[], &dir.join("quant.csv"))?;
@@ -435,9 +467,9 @@ pub fn quant(root: &Path) -> Result<()> {
     let script = root.join("plugins/lens/reference/studies_reference.py");
     let diff_path = dir.join("quant-diff.json");
     let numpy = time_command(1, || {
-        let mut c = python(&site, &threads);
+        let mut c = python(site, threads);
         c.arg(&script)
-            .arg(&model)
+            .arg(model)
             .arg(dir.join("lens.tokens.csv"))
             .arg("--quant")
             .arg(&three_bits)
@@ -479,29 +511,9 @@ pub fn quant(root: &Path) -> Result<()> {
 /// draws its own random directions, so the gaps agree to their sampling
 /// error and the update ratios exactly.
 pub fn residual(root: &Path) -> Result<()> {
-    let probe = build_release(root)?;
-    let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
-    if !model.join(".complete").exists() {
-        bail!("{} is missing: run `cargo xtask models`", model.display());
-    }
-    let site = numpy_site(root)?;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .to_string();
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let run = |plugin: &str, params: &[&str], out: &Path| {
-        time_command(1, || {
-            let mut c = Command::new(&probe);
-            c.args(["run", "--quiet", "--threads", &threads, "--plugin"])
-                .arg(root.join(format!("target/release/libprobe_plugin_{plugin}.so")))
-                .arg(&model)
-                .args(params.iter().flat_map(|p| ["--param", p]))
-                .arg("--out")
-                .arg(out);
-            c
-        })
-    };
+    let bench = PluginBench::open(root)?;
+    let (model, site, threads, dir) = (&bench.model, &bench.site, &bench.threads, &bench.dir);
+    let run = |plugin: &str, params: &[&str], out: &Path| bench.run(plugin, params, out);
     // The exact sequences (the same greedy completions every plugin generates).
     run("lens", &[], &dir.join("lens.csv"))?;
     let geometry = run("geometry", &[], &dir.join("geometry.csv"))?;
@@ -512,9 +524,9 @@ pub fn residual(root: &Path) -> Result<()> {
     let script = root.join("plugins/geometry/reference/residual_reference.py");
     let diff_path = dir.join("residual-diff.json");
     let numpy = time_command(1, || {
-        let mut c = python(&site, &threads);
+        let mut c = python(site, threads);
         c.arg(&script)
-            .arg(&model)
+            .arg(model)
             .arg(dir.join("lens.tokens.csv"))
             .arg(root.join("probes/prompts.jsonl"))
             .arg("--geometry")
