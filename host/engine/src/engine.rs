@@ -218,15 +218,15 @@ pub const PACKED_TOKENS: usize = 256;
 const STACK_LOGITS: usize = 16 << 20;
 
 /// A request of a batch while it runs.
-struct Pending {
+pub(crate) struct Pending {
     /// The residual after the blocks run so far.
-    residual: Vec<f32>,
+    pub(crate) residual: Vec<f32>,
     /// How many of `trace.blocks` have run.
-    done: usize,
-    trace: Trace,
+    pub(crate) done: usize,
+    pub(crate) trace: Trace,
     /// Keys and values of every block run, when the batch keeps them (the
-    /// prompt pass of [`Engine::generate`]).
-    cache: Vec<KeysValues>,
+    /// prompt pass of [`Engine::generate`], the bases of `suffix`).
+    pub(crate) cache: Vec<KeysValues>,
 }
 
 /// One block run's keys (rotated) and values of one request, each
@@ -238,11 +238,8 @@ pub(crate) struct BlockGraph {
     pub(crate) session: Session,
     /// The weight shapes the graph was built for.
     pub(crate) shapes: WeightShapes,
-    /// The same block as a cache step ([`graph::BlockGraphKind::Step`]),
-    /// built the first time something generates.
-    pub(crate) step: Option<Session>,
-    /// The other kinds — one sublayer alone, the block with its hooks open —
-    /// built the first time a request needs one.
+    /// The other kinds — a cache step, one sublayer alone, the block with
+    /// its hooks open — built the first time a request needs one.
     pub(crate) variants: HashMap<graph::BlockGraphKind, Session>,
 }
 
@@ -265,6 +262,9 @@ pub struct Engine<'c> {
     pub(crate) options: EngineOptions,
     /// Block session runs so far (a stacked run counts once).
     pub(crate) block_runs: usize,
+    /// Rows × blocks that edited runs took from a shared base run instead
+    /// of running them (`suffix`).
+    pub(crate) rows_reused: usize,
 }
 
 /// Rows of the head's weight (and bias) for a set of token ids.
@@ -379,7 +379,6 @@ impl<'c> Engine<'c> {
                     graphs.push(BlockGraph {
                         session: session(model, &format!("creating the session of block {layer}"))?,
                         shapes: block_shapes,
-                        step: None,
                         variants: HashMap::new(),
                     });
                     by_shapes.insert(key, graphs.len() - 1);
@@ -411,12 +410,19 @@ impl<'c> Engine<'c> {
             device: options.device,
             options,
             block_runs: 0,
+            rows_reused: 0,
         })
     }
 
     /// Block session runs so far: a batch that stacks sequences makes fewer.
     pub fn block_runs(&self) -> usize {
         self.block_runs
+    }
+
+    /// Rows × blocks so far that edited runs took from a shared unedited run
+    /// instead of running them again (see the `suffix` module).
+    pub fn rows_reused(&self) -> usize {
+        self.rows_reused
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -440,6 +446,26 @@ impl<'c> Engine<'c> {
         for (input, name) in inputs {
             let (shape, data) = &values[name];
             let tensor = TensorRef::from_array_view((shape.clone(), &data[..]))?;
+            into.push((Cow::Borrowed(*input), tensor.into()));
+        }
+        Ok(())
+    }
+
+    /// [`Engine::weight_inputs`] of a block, where `overrides` replace
+    /// stored tensors.
+    pub(crate) fn block_weight_inputs<'v>(
+        values: &'v HashMap<String, (Vec<usize>, Cow<'c, [f32]>)>,
+        inputs: &BTreeMap<&'static str, String>,
+        overrides: &'v [WeightOverride<'v>],
+        into: &mut Vec<(Cow<'static, str>, SessionInputValue<'v>)>,
+    ) -> Result<(), ort::Error> {
+        for (input, name) in inputs {
+            let (shape, stored) = &values[name];
+            let data = overrides
+                .iter()
+                .find(|o| o.tensor == name)
+                .map_or(&stored[..], |o| o.values);
+            let tensor = TensorRef::from_array_view((shape.clone(), data))?;
             into.push((Cow::Borrowed(*input), tensor.into()));
         }
         Ok(())
@@ -481,7 +507,7 @@ impl<'c> Engine<'c> {
         for request in requests {
             let blocks = self.check(request)?;
             let mut residual = self.start_residual(request)?;
-            apply_edits(&mut residual, hidden, request.edits, 0);
+            apply_edits(&mut residual, hidden, request.edits, 0, 0);
             let mut trace = Trace {
                 tokens: request.tokens.to_vec(),
                 blocks,
@@ -507,6 +533,9 @@ impl<'c> Engine<'c> {
             .iter()
             .map(|r| rope_table(&r.inv_freq, longest))
             .collect();
+        if !keep_cache {
+            self.run_suffixes(requests, &mut pending, &tables)?;
+        }
         let mut masks: HashMap<MaskKey, Vec<f32>> = HashMap::new();
         loop {
             let left = |p: &Pending| p.trace.blocks.len() - p.done;
@@ -794,7 +823,7 @@ impl<'c> Engine<'c> {
     }
 
     /// Build the session of `block`'s graph of `kind` unless it exists.
-    fn build_variant(
+    pub(crate) fn build_variant(
         &mut self,
         block: usize,
         kind: graph::BlockGraphKind,
@@ -907,7 +936,7 @@ impl<'c> Engine<'c> {
                 Some((i, first))
             });
             hook_inputs(
-                offsets.map(|(i, first)| (first, hooks_at(requests[i].edits, pending[i].done))),
+                offsets.map(|(i, first)| (first, 0, hooks_at(requests[i].edits, pending[i].done))),
                 n,
                 hidden,
                 heads * dh,
@@ -968,15 +997,7 @@ impl<'c> Engine<'c> {
         ));
         if let Some(values) = &hook_values {
             let widths = [heads * dh, heads * dh, hidden, hidden, hidden, hidden];
-            let names = [
-                io::Z_KEEP,
-                io::Z_ADD,
-                io::ATTN_KEEP,
-                io::ATTN_ADD,
-                io::MLP_KEEP,
-                io::MLP_ADD,
-            ];
-            for ((name, width), array) in names.into_iter().zip(widths).zip(values) {
+            for ((name, width), array) in io::HOOKS.into_iter().zip(widths).zip(values) {
                 inputs.push((
                     name.into(),
                     TensorRef::from_array_view(([n, width], &array[..]))
@@ -987,16 +1008,13 @@ impl<'c> Engine<'c> {
         }
         // Every request of a stack overrides this block's tensors alike
         // (`stacks_for_block`): the first one's overrides stand for all.
-        let overrides = requests[stack[0]].overrides;
-        for (input, name) in &self.map.blocks[block] {
-            let (shape, stored) = &self.values[name];
-            let data = overrides
-                .iter()
-                .find(|o| o.tensor == name)
-                .map_or(&stored[..], |o| o.values);
-            let tensor = TensorRef::from_array_view((shape.clone(), data)).map_err(&fail)?;
-            inputs.push((Cow::Borrowed(*input), tensor.into()));
-        }
+        Self::block_weight_inputs(
+            &self.values,
+            &self.map.blocks[block],
+            requests[stack[0]].overrides,
+            &mut inputs,
+        )
+        .map_err(&fail)?;
         let graph = &mut self.graphs[self.graph_of[block]];
         let session = match variant {
             graph::BlockGraphKind::Whole => Some(&mut graph.session),
@@ -1098,7 +1116,7 @@ impl<'c> Engine<'c> {
             }
             offset += len;
             p.done += 1;
-            apply_edits(&mut p.residual, hidden, requests[i].edits, p.done);
+            apply_edits(&mut p.residual, hidden, requests[i].edits, p.done, 0);
             if capture.residuals {
                 p.trace.residuals.push(p.residual.clone());
             }
@@ -1318,12 +1336,21 @@ impl<'c> Engine<'c> {
     }
 }
 
-fn apply_edits(residual: &mut [f32], hidden: usize, edits: &[Edit], stage: usize) {
+/// The residual edits at `stage` on `residual`, whose first row is the
+/// sequence's row `origin` (edits before it are not the caller's).
+pub(crate) fn apply_edits(
+    residual: &mut [f32],
+    hidden: usize,
+    edits: &[Edit],
+    stage: usize,
+    origin: usize,
+) {
     for edit in edits
         .iter()
-        .filter(|e| e.hook.is_resid() && e.stage == stage)
+        .filter(|e| e.hook.is_resid() && e.stage == stage && e.position >= origin)
     {
-        let row = &mut residual[edit.position * hidden..(edit.position + 1) * hidden];
+        let row = edit.position - origin;
+        let row = &mut residual[row * hidden..(row + 1) * hidden];
         match &edit.change {
             EditChange::Replace(values) => row.copy_from_slice(values),
             EditChange::Add(values) => row.iter_mut().zip(values).for_each(|(r, v)| *r += v),
@@ -1332,7 +1359,7 @@ fn apply_edits(residual: &mut [f32], hidden: usize, edits: &[Edit], stage: usize
 }
 
 /// A request's edits inside its block run `run` (every hook but the residual).
-fn hooks_at(edits: &[Edit], run: usize) -> impl Iterator<Item = &Edit> {
+pub(crate) fn hooks_at(edits: &[Edit], run: usize) -> impl Iterator<Item = &Edit> {
     edits
         .iter()
         .filter(move |e| !e.hook.is_resid() && e.stage == run)
@@ -1340,9 +1367,10 @@ fn hooks_at(edits: &[Edit], run: usize) -> impl Iterator<Item = &Edit> {
 
 /// The patched graph's hook inputs for `n` stacked rows — `z_keep`, `z_add`,
 /// `attn_keep`, `attn_add`, `mlp_keep`, `mlp_add` — from each request's first
-/// row and its edits in this block run: keep 1 and add 0 everywhere else.
-fn hook_inputs<'e>(
-    requests: impl Iterator<Item = (usize, impl Iterator<Item = &'e Edit>)>,
+/// stacked row, the sequence row that row holds (`origin`) and its edits in
+/// this block run: keep 1 and add 0 everywhere else.
+pub(crate) fn hook_inputs<'e>(
+    requests: impl Iterator<Item = (usize, usize, impl Iterator<Item = &'e Edit>)>,
     n: usize,
     hidden: usize,
     z_width: usize,
@@ -1352,9 +1380,9 @@ fn hook_inputs<'e>(
         [z_width, hidden, hidden].map(|w| vec![1.0f32; n * w]);
     let [mut z_add, mut attn_add, mut mlp_add] =
         [z_width, hidden, hidden].map(|w| vec![0.0f32; n * w]);
-    for (first, edits) in requests {
+    for (first, origin, edits) in requests {
         for edit in edits {
-            let row = first + edit.position;
+            let row = first + edit.position - origin;
             let (keep, add, start) = match edit.hook {
                 Hook::Resid => continue,
                 Hook::AttnOut => (&mut attn_keep, &mut attn_add, row * hidden),

@@ -21,14 +21,36 @@ use ort::value::TensorRef;
 
 use probe_store::arch::Attention;
 
-use crate::engine::{ort_error, rope_table, session_builder, Engine, Request};
-use crate::graph::{self, io, BlockGraphKind};
+use crate::engine::{ort_error, rope_table, Engine, KeysValues, Request, WeightOverride};
+use crate::graph::{io, BlockGraphKind};
 use crate::lens::top_ids;
 use crate::ForwardError;
 
 /// The batch's cache: per block, keys and values `[B, kv_heads, S, head_dim]`,
 /// and for every sequence the position each of the `S` columns holds (`None`
 /// for padding).
+/// New rows of `B` sequences, `T` each, to run through one block on top of
+/// cached keys and values.
+pub(crate) struct StepRows<'a> {
+    pub block: usize,
+    /// The new rows `[B·T, hidden]`, sequence by sequence.
+    pub rows: &'a [f32],
+    /// The position of each new row, `B·T` of them.
+    pub positions: &'a [usize],
+    /// Per sequence, the position each of its `P + T` key columns holds —
+    /// the cached ones, then the new rows' own (`None`: padding, never seen).
+    pub columns: &'a [Vec<Option<usize>>],
+    /// Cached keys (rotated) and values `[B, kv_heads, P, head_dim]`.
+    pub past_keys: &'a [f32],
+    pub past_values: &'a [f32],
+    /// The hooks' keep/add inputs per new row (`hook_inputs`), for an edit
+    /// inside the block.
+    pub hooks: Option<&'a [Vec<f32>; 6]>,
+    pub overrides: &'a [WeightOverride<'a>],
+    /// Hand back every column's keys and values.
+    pub keep_cache: bool,
+}
+
 struct Cache {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
@@ -190,20 +212,6 @@ impl Engine<'_> {
             .collect())
     }
 
-    /// Build the step session of `block`'s graph unless it exists.
-    fn build_step_session(&mut self, block: usize) -> Result<(), ForwardError> {
-        let g = self.graph_of[block];
-        if self.graphs[g].step.is_none() {
-            let what = format!("building the cache step graph of block {block}");
-            let fail = ort_error(self.checkpoint, &what);
-            let model = graph::block(&self.arch, &self.graphs[g].shapes, BlockGraphKind::Step)
-                .map_err(&fail)?;
-            let builder = session_builder(self.options, &fail)?;
-            self.graphs[g].step = Some(model.into_session(&builder).map_err(&fail)?);
-        }
-        Ok(())
-    }
-
     /// One new row per sequence through `block`, on top of the cache (whose
     /// columns already include the new rows' own); the cache grows by them.
     fn step_block(
@@ -214,33 +222,78 @@ impl Engine<'_> {
         positions: &[usize],
         tables: &[(Vec<f32>, Vec<f32>)],
     ) -> Result<Vec<f32>, ForwardError> {
-        let (hidden, kv_heads, dh) = (self.arch.hidden, self.arch.kv_heads, self.arch.head_dim);
-        let b = positions.len();
-        let width = cache.width();
-        let past = width - 1;
-        let kind = self.arch.blocks[block];
-        self.build_step_session(block)?;
-        let fail = ort_error(self.checkpoint, &format!("running block {block} one step"));
+        let step = StepRows {
+            block,
+            rows: x,
+            positions,
+            columns: &cache.columns,
+            past_keys: &cache.keys[block],
+            past_values: &cache.values[block],
+            hooks: None,
+            overrides: &[],
+            keep_cache: true,
+        };
+        let (out, keys_values) = self.step_rows(&step, tables)?;
+        if let Some((keys, values)) = keys_values {
+            cache.keys[block] = keys;
+            cache.values[block] = values;
+        }
+        Ok(out)
+    }
 
-        let mut mask = vec![f32::NEG_INFINITY; b * width];
-        for (s, (columns, &p)) in cache.columns.iter().zip(positions).enumerate() {
-            for (j, column) in columns.iter().enumerate() {
-                let allowed = column.is_some_and(|q| {
-                    q <= p
-                        && match kind.attention {
-                            Attention::Sliding { window } => p - q < window,
-                            Attention::Causal | Attention::Bidirectional => true,
-                        }
-                });
-                if allowed {
-                    mask[s * width + j] = 0.0;
+    /// New rows of `B` sequences through `block` on its step graph, each
+    /// attending to its cached keys and values and to its own new rows; the
+    /// residual after the block `[B·T, hidden]` and, with `keep_cache`, the
+    /// keys and values of every column `[B, kv_heads, P + T, head_dim]`.
+    pub(crate) fn step_rows(
+        &mut self,
+        step: &StepRows<'_>,
+        tables: &[(Vec<f32>, Vec<f32>)],
+    ) -> Result<(Vec<f32>, Option<KeysValues>), ForwardError> {
+        let (hidden, kv_heads, dh) = (self.arch.hidden, self.arch.kv_heads, self.arch.head_dim);
+        let block = step.block;
+        let b = step.columns.len();
+        let rows = step.positions.len();
+        let t = rows / b.max(1);
+        let width = step.columns.first().map_or(0, Vec::len);
+        let past = width - t;
+        let kind = self.arch.blocks[block];
+        let variant = if step.hooks.is_some() {
+            BlockGraphKind::PatchedStep
+        } else {
+            BlockGraphKind::Step
+        };
+        self.build_variant(block, variant)?;
+        let fail = ort_error(
+            self.checkpoint,
+            &format!("running block {block} after cached rows"),
+        );
+
+        // Row i of sequence s (at position p) sees the columns at positions
+        // up to p (within the window of a sliding layer).
+        let mut mask = vec![f32::NEG_INFINITY; rows * width];
+        for (s, columns) in step.columns.iter().enumerate() {
+            for i in 0..t {
+                let p = step.positions[s * t + i];
+                let row = &mut mask[(s * t + i) * width..(s * t + i + 1) * width];
+                for (cell, column) in row.iter_mut().zip(columns) {
+                    let allowed = column.is_some_and(|q| {
+                        q <= p
+                            && match kind.attention {
+                                Attention::Sliding { window } => p - q < window,
+                                Attention::Causal | Attention::Bidirectional => true,
+                            }
+                    });
+                    if allowed {
+                        *cell = 0.0;
+                    }
                 }
             }
         }
         let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
         inputs.push((
             io::RESIDUAL.into(),
-            TensorRef::from_array_view(([b, hidden], x))
+            TensorRef::from_array_view(([rows, hidden], step.rows))
                 .map_err(&fail)?
                 .into(),
         ));
@@ -248,7 +301,7 @@ impl Engine<'_> {
         if let Some(rope) = kind.rope {
             let (cos, sin) = &tables[rope];
             let gather = |table: &[f32]| -> Vec<f32> {
-                positions
+                step.positions
                     .iter()
                     .flat_map(|&p| table[p * dh..(p + 1) * dh].iter().copied())
                     .collect()
@@ -257,7 +310,7 @@ impl Engine<'_> {
             for (name, table) in [(io::COS, &rotations.0), (io::SIN, &rotations.1)] {
                 inputs.push((
                     name.into(),
-                    TensorRef::from_array_view(([b, 1, 1, dh], &table[..]))
+                    TensorRef::from_array_view(([b, 1, t, dh], &table[..]))
                         .map_err(&fail)?
                         .into(),
                 ));
@@ -265,34 +318,55 @@ impl Engine<'_> {
         }
         inputs.push((
             io::MASK.into(),
-            TensorRef::from_array_view(([b, 1, 1, width], &mask[..]))
+            TensorRef::from_array_view(([b, 1, t, width], &mask[..]))
                 .map_err(&fail)?
                 .into(),
         ));
         let past_shape = [b, kv_heads, past, dh];
-        let (keys, values) = (&cache.keys[block], &cache.values[block]);
-        inputs.push((
-            io::PAST_KEYS.into(),
-            TensorRef::from_array_view((past_shape, &keys[..]))
-                .map_err(&fail)?
-                .into(),
-        ));
-        inputs.push((
-            io::PAST_VALUES.into(),
-            TensorRef::from_array_view((past_shape, &values[..]))
-                .map_err(&fail)?
-                .into(),
-        ));
-        Self::weight_inputs(&self.values, &self.map.blocks[block], &mut inputs).map_err(&fail)?;
-        let selector = OutputSelector::no_default()
-            .with(io::OUT)
-            .with(io::KEYS)
-            .with(io::VALUES);
+        for (name, cached) in [
+            (io::PAST_KEYS, step.past_keys),
+            (io::PAST_VALUES, step.past_values),
+        ] {
+            inputs.push((
+                name.into(),
+                TensorRef::from_array_view((past_shape, cached))
+                    .map_err(&fail)?
+                    .into(),
+            ));
+        }
+        if let Some(hooks) = step.hooks {
+            let z_width = self.arch.heads * dh;
+            for ((name, width), array) in io::HOOKS
+                .into_iter()
+                .zip([z_width, z_width, hidden, hidden, hidden, hidden])
+                .zip(hooks)
+            {
+                inputs.push((
+                    name.into(),
+                    TensorRef::from_array_view(([rows, width], &array[..]))
+                        .map_err(&fail)?
+                        .into(),
+                ));
+            }
+        }
+        Self::block_weight_inputs(
+            &self.values,
+            &self.map.blocks[block],
+            step.overrides,
+            &mut inputs,
+        )
+        .map_err(&fail)?;
+        let mut selector = OutputSelector::no_default().with(io::OUT);
+        if step.keep_cache {
+            selector = selector.with(io::KEYS).with(io::VALUES);
+        }
         let run_options = RunOptions::new().map_err(&fail)?.with_outputs(selector);
         let session = self.graphs[self.graph_of[block]]
-            .step
-            .as_mut()
-            .ok_or_else(|| ForwardError::Runtime(format!("block {block} has no step session")))?;
+            .variants
+            .get_mut(&variant)
+            .ok_or_else(|| {
+                ForwardError::Runtime(format!("block {block} has no {variant:?} session"))
+            })?;
         let outputs = session
             .run_with_options(inputs, &run_options)
             .map_err(&fail)?;
@@ -304,9 +378,12 @@ impl Engine<'_> {
                 .to_vec())
         };
         let out = array(io::OUT)?;
-        cache.keys[block] = array(io::KEYS)?;
-        cache.values[block] = array(io::VALUES)?;
+        let keys_values = if step.keep_cache {
+            Some((array(io::KEYS)?, array(io::VALUES)?))
+        } else {
+            None
+        };
         self.block_runs += 1;
-        Ok(out)
+        Ok((out, keys_values))
     }
 }

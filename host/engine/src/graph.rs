@@ -54,6 +54,8 @@ pub mod io {
     pub const ATTN_ADD: &str = "attn_add";
     pub const MLP_KEEP: &str = "mlp_keep";
     pub const MLP_ADD: &str = "mlp_add";
+    /// The hook inputs in the order `hook_inputs` makes them.
+    pub const HOOKS: [&str; 6] = [Z_KEEP, Z_ADD, ATTN_KEEP, ATTN_ADD, MLP_KEEP, MLP_ADD];
 }
 
 type Result<T> = std::result::Result<T, ort::Error>;
@@ -361,6 +363,9 @@ pub enum BlockGraphKind {
     /// the MLP update each become `value × keep + add` from inputs
     /// ([`io::Z_KEEP`] …) — activation patching and steering inside a block.
     Patched,
+    /// [`BlockGraphKind::Step`] with the hooks of [`BlockGraphKind::Patched`]:
+    /// an edit inside a block on rows that run after cached ones.
+    PatchedStep,
 }
 
 /// One transformer block: residual in, residual out, plus each sublayer's
@@ -371,10 +376,10 @@ pub enum BlockGraphKind {
 /// [`BlockGraphKind::Mlp`] are one sublayer of it, with only that
 /// sublayer's outputs.
 pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Result<Model> {
-    let step = kind == BlockGraphKind::Step;
+    let step = matches!(kind, BlockGraphKind::Step | BlockGraphKind::PatchedStep);
     let attention_runs = kind != BlockGraphKind::Mlp;
     let mlp_runs = kind != BlockGraphKind::Attention;
-    let patched = kind == BlockGraphKind::Patched;
+    let patched = matches!(kind, BlockGraphKind::Patched | BlockGraphKind::PatchedStep);
     let mut b = Builder::new()?;
     let (kv, dh) = (arch.kv_heads as i64, arch.head_dim as i64);
     b.input(
@@ -402,14 +407,7 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
     if patched {
         let z = (arch.heads * arch.head_dim) as i64;
         let d = arch.hidden as i64;
-        for (name, width) in [
-            (io::Z_KEEP, z),
-            (io::Z_ADD, z),
-            (io::ATTN_KEEP, d),
-            (io::ATTN_ADD, d),
-            (io::MLP_KEEP, d),
-            (io::MLP_ADD, d),
-        ] {
+        for (name, width) in io::HOOKS.into_iter().zip([z, z, d, d, d, d]) {
             b.input(name, TensorElementType::Float32, &[-1, width]);
         }
     }

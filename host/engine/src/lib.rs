@@ -13,6 +13,7 @@ mod generate;
 pub mod graph;
 pub mod lens;
 pub mod runtime;
+mod suffix;
 
 pub use probe_store::arch;
 

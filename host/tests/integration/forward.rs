@@ -890,6 +890,131 @@ fn edits_inside_a_block_equal_the_patched_run_computed_by_hand() {
     }
 }
 
+/// Edited runs in one batch that share tokens, start and blocks run as the
+/// rows from their first edit on over one unedited base run (its keys and
+/// values cached): each gives what it gives alone, where it runs whole —
+/// residual edits at several stages, sublayer outputs and one head's
+/// output, runs that start inside the model, the loss from the reassembled
+/// final residual — on every causal family (Gemma 3's sliding window
+/// included); a bidirectional model runs whole.
+#[test]
+fn edited_runs_over_a_shared_base_equal_whole_runs() {
+    let families = [
+        "llama-tied-f32",
+        "qwen2-untied-f16",
+        "qwen3-tied-bf16",
+        "gpt2-tied-f32",
+        "gemma3-tied-f32",
+        "bert-f32",
+    ];
+    let tokens: Vec<u32> = vec![3, 17, 4, 9, 22, 5, 11, 8, 30];
+    let other: Vec<u32> = vec![3, 17, 4, 9, 22, 5, 11, 8, 31];
+    let t = tokens.len();
+    for name in families {
+        let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
+        let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+        let n = engine.num_blocks();
+        let (d, heads, dh) = (engine.arch.hidden, engine.arch.heads, engine.arch.head_dim);
+        let whole = run(
+            &mut engine,
+            &tokens,
+            Capture {
+                residuals: true,
+                ..Capture::default()
+            },
+        );
+        let start = whole.residuals[1].clone();
+        let rest: Vec<usize> = (1..n).collect();
+        let vector = |seed: usize, width: usize| -> Vec<f32> {
+            (0..width)
+                .map(|k| 0.5 * ((seed * 31 + k) as f32).sin())
+                .collect()
+        };
+        // Every kind of edit at every position from 1 on, and a few that
+        // combine two edits.
+        let mut edits: Vec<Vec<Edit>> = Vec::new();
+        for p in 1..t {
+            edits.push(vec![Edit::replace(0, p, vector(p, d))]);
+            edits.push(vec![Edit::replace(1, p, vector(p + 1, d)).at(Hook::AttnOut)]);
+            edits.push(vec![Edit::add(0, p, vector(p + 2, d)).at(Hook::MlpOut)]);
+            edits.push(vec![
+                Edit::replace(n - 1, p, vector(p + 3, dh)).at(Hook::Z { head: heads - 1 })
+            ]);
+        }
+        edits.push(vec![
+            Edit::replace(0, 3, vector(7, dh)).at(Hook::Z { head: 0 }),
+            Edit::add(2, 5, vector(8, d)),
+        ]);
+        let mut requests: Vec<Request> = edits
+            .iter()
+            .map(|e| Request {
+                tokens: &tokens,
+                edits: e,
+                ..Request::default()
+            })
+            .collect();
+        // Runs that start from block 1's input (their stages count from it),
+        // some asking for the loss, and runs of other tokens: their own bases.
+        let late: Vec<Vec<Edit>> = (2..t)
+            .map(|p| vec![Edit::replace(0, p, vector(p + 4, d))])
+            .collect();
+        for (k, e) in late.iter().enumerate() {
+            requests.push(Request {
+                tokens: &tokens,
+                blocks: Some(&rest),
+                start: Some(&start),
+                edits: e,
+                capture: Capture {
+                    loss: k % 2 == 0 && name != "bert-f32",
+                    ..Capture::default()
+                },
+                ..Request::default()
+            });
+            requests.push(Request {
+                tokens: &other,
+                edits: e,
+                ..Request::default()
+            });
+        }
+        let before = engine.rows_reused();
+        let batch = engine.run_batch(&requests).unwrap();
+        let reused = engine.rows_reused() - before;
+        if name == "bert-f32" {
+            assert_eq!(reused, 0, "{name}: a bidirectional model reuses no rows");
+        } else {
+            assert!(reused > 0, "{name}: no run reused its base's rows");
+        }
+        for (k, (request, got)) in requests.iter().zip(&batch).enumerate() {
+            let before = engine.rows_reused();
+            let alone = engine.run(request).unwrap();
+            assert_eq!(engine.rows_reused(), before, "a run alone runs whole");
+            assert_eq!(got.output.len(), alone.output.len());
+            for (i, (a, b)) in got.output.iter().zip(&alone.output).enumerate() {
+                assert!(
+                    (a - b).abs() <= 2e-4 * b.abs().max(1.0),
+                    "{name} request {k} [{i}]: {a} vs {b}"
+                );
+            }
+            match (got.loss(), alone.loss()) {
+                (Some(a), Some(b)) => {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs(),
+                        "{name} loss {k}: {a} vs {b}"
+                    )
+                }
+                (None, None) => {}
+                other => panic!("{name} request {k}: loss {other:?}"),
+            }
+        }
+        // The edits moved the output (a suffix that ignored them fails here).
+        assert!(batch[0]
+            .output
+            .iter()
+            .zip(&whole.output)
+            .any(|(a, b)| (a - b).abs() > 1e-3));
+    }
+}
+
 fn engine_error(
     engine: &mut Engine,
     tokens: &[u32],
