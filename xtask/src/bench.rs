@@ -196,16 +196,7 @@ pub fn contrastive(root: &Path) -> Result<()> {
         bail!("{} is missing: run `cargo xtask models`", model.display());
     }
     let site = root.join(".cache/py");
-    if !site.join("tokenizers").exists() || !site.join("jinja2").exists() {
-        let status = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--target"])
-            .arg(&site)
-            .args(REFERENCE_PACKAGES)
-            .status()?;
-        if !status.success() {
-            bail!("pip install {} failed", REFERENCE_PACKAGES.join(" "));
-        }
-    }
+    reference_packages(&site)?;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .to_string();
@@ -603,8 +594,97 @@ pub fn residual(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Python packages the contrastive reference needs besides numpy.
+/// Python packages the contrastive and patch references need besides numpy.
 const REFERENCE_PACKAGES: [&str; 2] = ["tokenizers==0.23.3", "jinja2==3.1.6"];
+
+/// Install [`REFERENCE_PACKAGES`] into `site` unless they are there.
+fn reference_packages(site: &Path) -> Result<()> {
+    if !site.join("tokenizers").exists() || !site.join("jinja2").exists() {
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--target"])
+            .arg(site)
+            .args(REFERENCE_PACKAGES)
+            .status()?;
+        if !status.success() {
+            bail!("pip install {} failed", REFERENCE_PACKAGES.join(" "));
+        }
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench patch`: the patch plugin on SmolLM2 over the shipped
+/// pair set — the default run (resid, attn and mlp at every layer and
+/// position) and every head at the last position, each timed whole — and
+/// both on every fourth pair against the numpy f64 reference
+/// (`plugins/patch/reference/patch_reference.py`: its own tokenization,
+/// forward passes and patches, the no-op patches skipped as probe skips
+/// them) on the same threads, in the same run.
+pub fn patch(root: &Path) -> Result<()> {
+    let bench = PluginBench::open(root)?;
+    reference_packages(&bench.site)?;
+    let (model, site, threads, dir) = (&bench.model, &bench.site, &bench.threads, &bench.dir);
+    let run = |params: &[&str], out: &Path| bench.run("patch", params, out);
+    let heads = ["components=heads", "positions=last"];
+    let whole = run(&[], &dir.join("patch.csv"))?;
+    let whole_heads = run(&heads, &dir.join("patch-heads.csv"))?;
+    let all_pairs = std::fs::read_to_string(root.join("probes/patching.jsonl"))?;
+    let subset: Vec<&str> = all_pairs
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .step_by(4)
+        .collect();
+    let pairs = dir.join("patching-subset.jsonl");
+    std::fs::write(&pairs, subset.join("\n") + "\n")?;
+    let pairs_param = format!("pairs={}", pairs.display());
+    let (part, part_heads) = (
+        dir.join("patch-subset.csv"),
+        dir.join("patch-subset-heads.csv"),
+    );
+    let ours = run(&[&pairs_param], &part)?;
+    let ours_heads = run(&[&pairs_param, heads[0], heads[1]], &part_heads)?;
+    let script = root.join("plugins/patch/reference/patch_reference.py");
+    let diff_path = dir.join("patch-diff.json");
+    let numpy = time_command(1, || {
+        let mut c = python(site, threads);
+        c.arg(&script)
+            .arg(model)
+            .arg(&pairs)
+            .arg("--table")
+            .arg(&part)
+            .arg("--table")
+            .arg(&part_heads)
+            .arg("--diff")
+            .arg(&diff_path);
+        c
+    })
+    .context("the numpy reference failed (above)")?;
+    let diff: serde_json::Value = serde_json::from_slice(&std::fs::read(&diff_path)?)?;
+    let worst = |c: &str| diff["max_abs_diff"][c].as_f64().unwrap_or(f64::NAN);
+    let reference = diff["seconds"]["patch"].as_f64().unwrap_or(f64::NAN);
+    let probe_seconds = ours.median.as_secs_f64() + ours_heads.median.as_secs_f64();
+    let line = format!(
+        "| {} | {} | patch, SmolLM2-135M, every fourth pair of probes/patching.jsonl ({} pairs, {} rows): resid, attn, mlp at every layer and position, and every head at the last position, {threads} threads, 1 run each; on the whole set (38 pairs) the default run took {:.1} s, the heads at the last position {:.1} s, peak RSS {:.0} MB | probe {:.1} s (both runs whole: {:.1} s + {:.1} s), peak RSS {:.0} MB | numpy f64 reference (tokenizers, own forward passes and patches, no-op patches skipped) {:.1} s (computation alone), peak RSS {:.0} MB; ld agrees to {:.1e}, effect to {:.1e}, kl to {:.1e} (max abs) | {:.2}× |",
+        today(),
+        machine(),
+        diff["pairs"],
+        diff["rows"],
+        whole.median.as_secs_f64(),
+        whole_heads.median.as_secs_f64(),
+        whole.peak_rss_kb.max(whole_heads.peak_rss_kb) as f64 / 1024.0,
+        probe_seconds,
+        ours.median.as_secs_f64(),
+        ours_heads.median.as_secs_f64(),
+        ours.peak_rss_kb.max(ours_heads.peak_rss_kb) as f64 / 1024.0,
+        reference,
+        numpy.peak_rss_kb as f64 / 1024.0,
+        worst("ld"),
+        worst("effect"),
+        worst("kl"),
+        reference / probe_seconds,
+    );
+    println!("{line}");
+    record(root, &line)
+}
 
 /// `cargo xtask bench forward`: tokens per second of a full forward pass on
 /// SmolLM2 with every block's residual captured, against llama.cpp (the

@@ -10,6 +10,7 @@
 //! - `bench studies`: lens, knockout and swap on SmolLM2 against a numpy f64 reference.
 //! - `bench quant`: the quant plugin on SmolLM2 (the default run, and 3 bits against a numpy f64 reference).
 //! - `bench residual`: geometry, autopsy and linearity on SmolLM2 against a numpy f64 reference.
+//! - `bench patch`: the patch plugin on SmolLM2 against a numpy f64 reference.
 //! - `fuzz [--seconds N]`: every cargo fuzz target for a bounded time.
 //! - `bench shuffle`: every shuffle method on a shuffled SmolLM2 against the
 //!   published pipeline (loss bubble seeded by flow), the default on N seeds.
@@ -48,13 +49,14 @@ fn run() -> Result<()> {
         ["bench", "studies"] => bench::studies(&workspace_root()),
         ["bench", "quant"] => bench::quant(&workspace_root()),
         ["bench", "residual"] => bench::residual(&workspace_root()),
+        ["bench", "patch"] => bench::patch(&workspace_root()),
         ["bench", "shuffle"] => bench::shuffle(&workspace_root(), 20),
         ["bench", "shuffle", "--seeds", n] => bench::shuffle(&workspace_root(), n.parse()?),
         ["new-plugin", name, "--path", dir] => scaffold::new_plugin(&workspace_root(), name, Path::new(dir)),
         ["plugins"] => plugins(&workspace_root(), false),
         ["plugins", "--release"] => plugins(&workspace_root(), true),
         _ => bail!(
-            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  ort                  fetch the ONNX Runtime library into .ort/\n  fuzz [--seconds N]   every cargo fuzz target for N s (default 30)\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  bench forward        time forward passes on SmolLM2 against llama.cpp\n  bench contrastive    the contrastive plugin on SmolLM2 against a numpy reference\n  bench studies        lens, knockout and swap on SmolLM2 against a numpy reference\n  bench quant          the quant plugin on SmolLM2 (3 bits against a numpy reference)\n  bench residual       geometry, autopsy and linearity on SmolLM2 against a numpy reference\n  bench shuffle [--seeds N]  every shuffle method on SmolLM2, the default on N seeds\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
+            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  ort                  fetch the ONNX Runtime library into .ort/\n  fuzz [--seconds N]   every cargo fuzz target for N s (default 30)\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  bench forward        time forward passes on SmolLM2 against llama.cpp\n  bench contrastive    the contrastive plugin on SmolLM2 against a numpy reference\n  bench studies        lens, knockout and swap on SmolLM2 against a numpy reference\n  bench quant          the quant plugin on SmolLM2 (3 bits against a numpy reference)\n  bench residual       geometry, autopsy and linearity on SmolLM2 against a numpy reference\n  bench patch          the patch plugin on SmolLM2 against a numpy reference\n  bench shuffle [--seeds N]  every shuffle method on SmolLM2, the default on N seeds\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
         ),
     }
 }

@@ -10,6 +10,9 @@
 //! only blocks l … L−1; a patch whose value equals what is already there
 //! (a position before the first token the prompts differ in, where a causal
 //! model's activations are identical) is not run: its effect is exactly 0.
+//! The runs of one pair and block share everything before the patched
+//! position, and the engine runs only the rows from there on, over the keys
+//! and values it caches from one unedited run (the engine's `suffix`).
 //! Only each run's last residual row reaches the plugin's measures; logits
 //! are reduced in the host (`lens_reduce`).
 

@@ -44,6 +44,14 @@
 //! })?;
 //! ```
 //!
+//! Send many patched runs in one [`Host::forward_batch`]: runs that share
+//! their tokens, `start` and `blocks`, keep nothing but the output and touch
+//! only rows from some position p on cost only those rows — the host runs
+//! the unedited sequence once and each patched run's rows p … T−1 over its
+//! cached keys and values (a causal model's earlier rows cannot change).
+//! Patching at the last position is then one row per block, not the whole
+//! prompt.
+//!
 //! [`Edit`]: crate::Edit
 
 use probe_contract::{
