@@ -163,6 +163,41 @@ pub fn spectral(root: &Path) -> Result<()> {
         c.arg(&script).arg(&model).arg("--time");
         c
     })?;
+    // WeightWatcher itself, the same columns (its own Python, installed
+    // apart: it pulls pandas, scipy, scikit-learn and matplotlib).
+    let ww_site = root.join(".cache/ww");
+    if !ww_site.join("weightwatcher").exists() {
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--target"])
+            .arg(&ww_site)
+            .arg(WEIGHTWATCHER)
+            .status()?;
+        if !status.success() {
+            bail!("pip install {WEIGHTWATCHER} failed");
+        }
+    }
+    let ww_script = root.join("plugins/spectral/reference/weightwatcher_reference.py");
+    let weightwatcher = time_command(1, || {
+        let mut c = python(&ww_site, &threads);
+        c.arg(&ww_script)
+            .arg(&model)
+            .arg(root.join("target/bench/weightwatcher.csv"));
+        c
+    })
+    .context("WeightWatcher failed (above)")?;
+    let default_route = &rows[0].1;
+    let line = format!(
+        "| {} | {} | spectral against WeightWatcher 0.7.7 (`analyze()`, its defaults, scipy LAPACK f64 SVDs; its columns alpha … warning, which probe's table has under the same names), SmolLM2-135M (211 matrices), {threads} threads | probe default route {:.2} s (whole run, median of {runs}), peak RSS {:.0} MB | WeightWatcher {:.2} s (whole script, 1 run), peak RSS {:.0} MB | {:.2}× |",
+        today(),
+        machine(),
+        default_route.median.as_secs_f64(),
+        default_route.peak_rss_kb as f64 / 1024.0,
+        weightwatcher.median.as_secs_f64(),
+        weightwatcher.peak_rss_kb as f64 / 1024.0,
+        weightwatcher.median.as_secs_f64() / default_route.median.as_secs_f64(),
+    );
+    println!("{line}");
+    record(root, &line)?;
     for (route, timing) in rows {
         let line = format!(
             "| {} | {} | spectral, SmolLM2-135M (211 matrices), {route}, {threads} threads, median of {runs} | probe {:.2} s (whole run), peak RSS {:.0} MB | numpy LAPACK f64 SVDs alone {:.2} s (script {:.2} s), peak RSS {:.0} MB | {:.2}× |",
@@ -264,45 +299,22 @@ pub fn contrastive(root: &Path) -> Result<()> {
 /// same threads, in the same run. Swap runs on adjacent pairs (`max_gap=1`)
 /// here: all 435 pairs take the numpy reference hours.
 pub fn studies(root: &Path) -> Result<()> {
-    let probe = build_release(root)?;
-    let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
-    if !model.join(".complete").exists() {
-        bail!("{} is missing: run `cargo xtask models`", model.display());
-    }
-    let site = numpy_site(root)?;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .to_string();
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let studies: [(&str, &[&str]); 3] = [
-        ("lens", &[]),
-        ("knockout", &[]),
-        ("swap", &["--param", "max_gap=1"]),
-    ];
+    let bench = PluginBench::open(root)?;
+    let (model, site, threads, dir) = (&bench.model, &bench.site, &bench.threads, &bench.dir);
+    let studies: [(&str, &[&str]); 3] =
+        [("lens", &[]), ("knockout", &[]), ("swap", &["max_gap=1"])];
     // One run each: the three take minutes, and the numpy reference much longer.
-    let runs = 1;
     let mut ours = Vec::new();
     for (plugin, params) in studies {
-        let lib = root.join(format!("target/release/libprobe_plugin_{plugin}.so"));
         let out = dir.join(format!("{plugin}.csv"));
-        let timing = time_command(runs, || {
-            let mut c = Command::new(&probe);
-            c.args(["run", "--quiet", "--threads", &threads, "--plugin"])
-                .arg(&lib)
-                .arg(&model)
-                .args(params)
-                .arg("--out")
-                .arg(&out);
-            c
-        })?;
+        let timing = bench.run(plugin, params, &out)?;
         ours.push((plugin, out, timing));
     }
     let script = root.join("plugins/lens/reference/studies_reference.py");
     let diff_path = dir.join("studies-diff.json");
     let numpy = time_command(1, || {
-        let mut c = python(&site, &threads);
-        c.arg(&script).arg(&model).arg(dir.join("lens.tokens.csv"));
+        let mut c = python(site, threads);
+        c.arg(&script).arg(model).arg(dir.join("lens.tokens.csv"));
         for (plugin, out, _) in &ours {
             c.arg(format!("--{plugin}")).arg(out);
         }
@@ -344,7 +356,7 @@ pub fn studies(root: &Path) -> Result<()> {
         // each study needs) plus the study itself.
         let reference = seconds("forward") + seconds(plugin);
         let line = format!(
-            "| {} | {} | {what}, {threads} threads, {runs} run | probe {:.1} s (whole run, generation included), peak RSS {:.0} MB | numpy f64 reference over probe's token sequences {:.1} s (forward {:.1} s + {plugin} {:.1} s, no generation), peak RSS {:.0} MB (all three); {agreement} | {:.2}× |",
+            "| {} | {} | {what}, {threads} threads, 1 run | probe {:.1} s (whole run, generation included), peak RSS {:.0} MB | numpy f64 reference over probe's token sequences {:.1} s (forward {:.1} s + {plugin} {:.1} s, no generation), peak RSS {:.0} MB (all three); {agreement} | {:.2}× |",
             today(),
             machine(),
             timing.median.as_secs_f64(),
@@ -593,6 +605,9 @@ pub fn residual(root: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The WeightWatcher release probe's spectral columns follow.
+const WEIGHTWATCHER: &str = "weightwatcher==0.7.7";
 
 /// Python packages the contrastive and patch references need besides numpy.
 const REFERENCE_PACKAGES: [&str; 2] = ["tokenizers==0.23.3", "jinja2==3.1.6"];

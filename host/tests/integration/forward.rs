@@ -20,6 +20,18 @@ fn reference(name: &str) -> Value {
     serde_json::from_slice(&std::fs::read(&path).expect("committed reference")).expect("valid JSON")
 }
 
+/// One fixture of every family the engine runs: llama, qwen2 (biases,
+/// f16), qwen3 (q/k norms, bf16), GPT-2 (learned positions, Conv1D),
+/// Gemma 3 (sandwich norms, sliding window) and BERT (bidirectional).
+const ONE_OF_EACH_FAMILY: [&str; 6] = [
+    "llama-tied-f32",
+    "qwen2-untied-f16",
+    "qwen3-tied-bf16",
+    "gpt2-tied-f32",
+    "gemma3-tied-f32",
+    "bert-f32",
+];
+
 fn everything() -> Capture {
     Capture {
         residuals: true,
@@ -521,14 +533,7 @@ fn a_batch_gives_what_each_request_gives_alone_in_fewer_block_runs() {
 /// apart and give what they give alone; the other sublayer's update is zero.
 #[test]
 fn each_sublayer_alone_composes_into_the_block() {
-    let families = [
-        "llama-tied-f32",
-        "qwen2-untied-f16",
-        "qwen3-tied-bf16",
-        "gemma3-tied-f32",
-        "gpt2-tied-f32",
-        "bert-f32",
-    ];
+    let families = ONE_OF_EACH_FAMILY;
     let tokens: Vec<u32> = vec![3, 17, 4, 9, 22, 5, 11];
     let close = |what: &str, a: &[f32], b: &[f32]| {
         assert_eq!(a.len(), b.len(), "{what}: length");
@@ -659,14 +664,7 @@ fn everything_but_logits() -> Capture {
 /// bad hooks are refused.
 #[test]
 fn edits_inside_a_block_equal_the_patched_run_computed_by_hand() {
-    let families = [
-        "llama-tied-f32",
-        "qwen2-untied-f16",
-        "qwen3-tied-bf16",
-        "gpt2-tied-f32",
-        "gemma3-tied-f32",
-        "bert-f32",
-    ];
+    let families = ONE_OF_EACH_FAMILY;
     let clean: Vec<u32> = vec![3, 17, 4, 9, 22, 5, 11];
     let corrupt: Vec<u32> = vec![3, 17, 8, 9, 30, 5, 11];
     let close = |what: &str, a: &[f32], b: &[f32]| {
@@ -899,14 +897,7 @@ fn edits_inside_a_block_equal_the_patched_run_computed_by_hand() {
 /// included); a bidirectional model runs whole.
 #[test]
 fn edited_runs_over_a_shared_base_equal_whole_runs() {
-    let families = [
-        "llama-tied-f32",
-        "qwen2-untied-f16",
-        "qwen3-tied-bf16",
-        "gpt2-tied-f32",
-        "gemma3-tied-f32",
-        "bert-f32",
-    ];
+    let families = ONE_OF_EACH_FAMILY;
     let tokens: Vec<u32> = vec![3, 17, 4, 9, 22, 5, 11, 8, 30];
     let other: Vec<u32> = vec![3, 17, 4, 9, 22, 5, 11, 8, 31];
     let t = tokens.len();
@@ -1039,14 +1030,7 @@ fn engine_error(
 /// most of them; GPT-2's positions are learned; BERT attends both ways.
 #[test]
 fn requests_of_different_shapes_pack_into_one_run_per_block() {
-    let families = [
-        "llama-tied-f32",
-        "qwen2-untied-f16",
-        "qwen3-tied-bf16",
-        "gemma3-tied-f32",
-        "gpt2-tied-f32",
-        "bert-f32",
-    ];
+    let families = ONE_OF_EACH_FAMILY;
     let plain_a: Vec<u32> = vec![5, 9, 2, 7, 30];
     let plain_b: Vec<u32> = (1..=9).collect();
     let forked: Vec<u32> = vec![4, 4, 6, 11, 12, 3, 2];

@@ -5,9 +5,11 @@ Reads a safetensors checkpoint with numpy alone (no probe code), takes the
 singular values of every 2-D weight matrix with LAPACK
 (np.linalg.svd(W.astype(float64), compute_uv=False)) and computes every
 metric of docs/metrics.md ("Weight spectra") from them, written afresh here.
-The heavy-tail alpha maximises the truncated power-law likelihood directly
-with scipy (probe solves the score equation instead: same estimator, two
-different routes).
+The heavy-tail `alpha_truncated` maximises the likelihood of the power law
+bounded at λ_max directly with scipy (probe solves the score equation
+instead: same estimator, two different routes). WeightWatcher's own columns
+(`alpha` and the rest) come from WeightWatcher itself:
+weightwatcher_reference.py.
 
     spectral_reference.py MODEL_DIR OUT.csv            # reference values
     spectral_reference.py MODEL_DIR --time             # time the SVDs alone (benchmark)
@@ -85,7 +87,7 @@ def ks(tail, alpha, xmax):
     return np.max(np.abs(model - below))
 
 
-def ww_alpha(sigma):
+def truncated_alpha(sigma):
     """WeightWatcher: λ = σ² above 1e-5, at least 10; xmax = λ_max; x_min by
     KS, among fits with alpha > 1 when there are any (powerlaw's in_range)."""
     evals = np.sort(sigma**2)
@@ -117,7 +119,7 @@ def metrics(sigma):
     x = np.log(np.arange(1, k + 1)[positive])
     y = np.log(s[positive])
     slope = np.polyfit(x, y, 1)[0] if len(x) >= 2 else None
-    alpha = ww_alpha(s)
+    alpha = truncated_alpha(s)
     nz_q = q[q > 0]
     nz_p = p[p > 0]
     return {
@@ -135,8 +137,7 @@ def metrics(sigma):
         "r99": rank_at(0.99),
         "condition": s[0] / above[-1],
         "alpha_loglog": -slope if slope is not None else None,
-        "alpha": alpha,
-        "alpha_weighted": alpha * np.log10(s[0] ** 2) if alpha is not None else None,
+        "alpha_truncated": alpha,
     }
 
 

@@ -6,6 +6,7 @@
 //! own, so memory stays near (largest matrix × workers).
 
 pub mod spectrum;
+pub mod weightwatcher;
 
 use probe_sdk::prelude::*;
 use rayon::prelude::*;
@@ -247,7 +248,8 @@ fn analyse(
     };
     let stable_rank_power =
         (sigma_max_power > 0.0).then(|| frobenius_sq / (sigma_max_power * sigma_max_power));
-    let metrics = sigma.as_deref().map(metrics);
+    let largest_dim = matrix.rows.max(matrix.cols);
+    let metrics = sigma.as_deref().map(|s| metrics(s, largest_dim));
     let sigma = if params.bool("singular_values")? {
         sigma
     } else {
@@ -276,9 +278,12 @@ impl Plugin for Spectral {
     const DESCRIPTION: &'static str =
         "One row per 2-D weight matrix (banks and fused QKV split per layer and role) with
 sigma_max, sigma_min, frobenius, stable_rank(_ratio), pr_rank(_ratio), erank,
-spectral_entropy, r50/r90/r99, condition, alpha_loglog, alpha and alpha_weighted
-(WeightWatcher's power-law fit), stable_rank_power and recommended_rank, as
-defined in docs/metrics.md of the probe repository. method=power skips the SVD and gives the power-iteration
+spectral_entropy, r50/r90/r99, condition, alpha_loglog, alpha_truncated (the power
+law bounded at the largest eigenvalue), WeightWatcher 0.7.7's columns under its
+names (alpha, alpha_weighted, xmin, xmax, D, sigma, num_pl_spikes, num_evals,
+log_norm, log_spectral_norm, log_alpha_norm, entropy, rank_loss, warning), and
+stable_rank_power and recommended_rank, as defined in docs/metrics.md of the probe
+repository. method=power skips the SVD and gives the power-iteration
 stable rank alone, for models too big to decompose.";
 
     fn params() -> Vec<ParamSpec> {
@@ -370,6 +375,9 @@ stable rank alone, for models too big to decompose.";
         })?;
         if params.str("method")? == "svd" && !rows.is_empty() {
             for line in role_summary(&rows) {
+                host.info(&line);
+            }
+            if let Some(line) = weightwatcher_summary(&rows) {
                 host.info(&line);
             }
         }
@@ -464,8 +472,58 @@ fn frame(rows: &[Row], power_only: bool) -> Result<DataFrame, PluginError> {
             Column::new("r99".into(), mr(|x| x.r99)),
             Column::new("condition".into(), m(|x| x.condition)),
             Column::new("alpha_loglog".into(), m(|x| x.alpha_loglog)),
-            Column::new("alpha".into(), m(|x| x.alpha)),
-            Column::new("alpha_weighted".into(), m(|x| x.alpha_weighted)),
+            Column::new("alpha_truncated".into(), m(|x| x.alpha_truncated)),
+        ]);
+        // WeightWatcher 0.7.7's columns, under its names.
+        let ww = |f: fn(&weightwatcher::Layer) -> Option<f64>| -> Vec<Option<f64>> {
+            rows.iter()
+                .map(|r| r.metrics.as_ref().and_then(|m| m.ww.as_ref()).and_then(f))
+                .collect()
+        };
+        let ww_count = |f: fn(&weightwatcher::Layer) -> Option<u32>| -> Vec<Option<u32>> {
+            rows.iter()
+                .map(|r| r.metrics.as_ref().and_then(|m| m.ww.as_ref()).and_then(f))
+                .collect()
+        };
+        let fit = |f: fn(&weightwatcher::Fit) -> f64| -> Vec<Option<f64>> {
+            rows.iter()
+                .map(|r| {
+                    r.metrics
+                        .as_ref()
+                        .and_then(|m| m.ww.as_ref())
+                        .and_then(|l| l.fit.as_ref())
+                        .map(f)
+                })
+                .collect()
+        };
+        columns.extend([
+            Column::new("alpha".into(), fit(|f| f.alpha)),
+            Column::new("alpha_weighted".into(), ww(|l| l.alpha_weighted)),
+            Column::new("xmin".into(), fit(|f| f.xmin)),
+            Column::new("xmax".into(), fit(|f| f.xmax)),
+            Column::new("D".into(), fit(|f| f.d)),
+            Column::new("sigma".into(), fit(|f| f.sigma)),
+            Column::new("num_pl_spikes".into(), ww_count(|l| l.num_pl_spikes)),
+            Column::new("num_evals".into(), ww_count(|l| Some(l.num_evals))),
+            Column::new("log_norm".into(), ww(|l| Some(l.log_norm))),
+            Column::new(
+                "log_spectral_norm".into(),
+                ww(|l| Some(l.log_spectral_norm)),
+            ),
+            Column::new("log_alpha_norm".into(), ww(|l| l.log_alpha_norm)),
+            Column::new("entropy".into(), ww(|l| Some(l.entropy))),
+            Column::new("rank_loss".into(), ww_count(|l| Some(l.rank_loss))),
+            Column::new(
+                "warning".into(),
+                rows.iter()
+                    .map(|r| {
+                        r.metrics
+                            .as_ref()
+                            .and_then(|m| m.ww.as_ref())
+                            .and_then(|l| l.warning)
+                    })
+                    .collect::<Vec<_>>(),
+            ),
         ]);
     }
     columns.extend([
@@ -481,6 +539,39 @@ fn frame(rows: &[Row], power_only: bool) -> Result<DataFrame, PluginError> {
         ),
     ]);
     Ok(DataFrame::new(rows.len(), columns)?)
+}
+
+/// WeightWatcher's `get_summary()`: the means of its summary metrics over
+/// the layers it analyses, with how many it flags.
+fn weightwatcher_summary(rows: &[Row]) -> Option<String> {
+    let layers: Vec<&weightwatcher::Layer> = rows
+        .iter()
+        .filter_map(|r| r.metrics.as_ref()?.ww.as_ref())
+        .collect();
+    let fitted: Vec<&weightwatcher::Layer> =
+        layers.iter().copied().filter(|l| l.fit.is_some()).collect();
+    if fitted.is_empty() {
+        return None;
+    }
+    let mean = |f: &dyn Fn(&weightwatcher::Layer) -> Option<f64>| -> f64 {
+        let values: Vec<f64> = layers.iter().filter_map(|l| f(l)).collect();
+        values.iter().sum::<f64>() / values.len() as f64
+    };
+    let flagged = |w: &str| fitted.iter().filter(|l| l.warning == Some(w)).count();
+    Some(format!(
+        "WeightWatcher summary over {} matrices: log_norm {:.4}, alpha {:.4}, alpha_weighted {:.4}, log_alpha_norm {:.4}, log_spectral_norm {:.4}, stable_rank {:.4}; {} under-trained (alpha > {}), {} over-trained (alpha < {})",
+        layers.len(),
+        mean(&|l| Some(l.log_norm)),
+        mean(&|l| l.fit.map(|f| f.alpha)),
+        mean(&|l| l.alpha_weighted),
+        mean(&|l| l.log_alpha_norm),
+        mean(&|l| Some(l.log_spectral_norm)),
+        mean(&|l| Some(l.stable_rank)),
+        flagged("under-trained"),
+        weightwatcher::UNDER_TRAINED_ABOVE,
+        flagged("over-trained"),
+        weightwatcher::OVER_TRAINED_BELOW,
+    ))
 }
 
 /// Mean ratios by role, lowest-rank first: the "Q/K lower-rank than V/O and
@@ -596,11 +687,11 @@ mod tests {
         let identity: Vec<f32> = (0..n * n)
             .map(|i| f32::from(u8::from(i % (n + 1) == 0)))
             .collect();
-        let m = metrics(&singular_values(&identity, n, n, false).unwrap());
+        let m = metrics(&singular_values(&identity, n, n, false).unwrap(), n);
         assert!((m.stable_rank.unwrap() - 6.0).abs() < 1e-5);
         assert!((m.erank.unwrap() - 6.0).abs() < 1e-5);
         let orthogonal = with_spectrum(n, n, &[1.0; 6]);
-        let m = metrics(&singular_values(&orthogonal, n, n, true).unwrap());
+        let m = metrics(&singular_values(&orthogonal, n, n, true).unwrap(), n);
         assert!((m.pr_rank.unwrap() - 6.0).abs() < 1e-6);
         assert!((m.condition.unwrap() - 1.0).abs() < 1e-6);
         assert_eq!((m.r50, m.r90, m.r99), (Some(3), Some(6), Some(6)));

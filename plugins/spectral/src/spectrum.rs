@@ -2,6 +2,7 @@
 //! them ("Spectral structure"). σ are the singular values, sorted
 //! descending; k = min(m, n); pᵢ = σᵢ² / Σσ².
 
+use crate::weightwatcher;
 /// Singular values below this fraction of σ₁ are numerically zero for
 /// `sigma_min` and `condition`.
 pub const SIGMA_MIN_RELATIVE: f64 = 1e-6;
@@ -31,12 +32,15 @@ pub struct Metrics {
     pub r99: Option<u32>,
     pub condition: Option<f64>,
     pub alpha_loglog: Option<f64>,
-    pub alpha: Option<f64>,
-    pub alpha_weighted: Option<f64>,
+    /// The power law bounded at λ_max ([`powerlaw_fit`]).
+    pub alpha_truncated: Option<f64>,
+    /// WeightWatcher 0.7.7's columns, its `alpha` among them.
+    pub ww: Option<weightwatcher::Layer>,
 }
 
-/// Metrics from singular values (any order; any non-negative values).
-pub fn metrics(sigma: &[f64]) -> Metrics {
+/// Metrics from singular values (any order; any non-negative values) of a
+/// matrix whose larger dimension is `largest_dim`.
+pub fn metrics(sigma: &[f64], largest_dim: usize) -> Metrics {
     let mut sigma: Vec<f64> = sigma.iter().map(|s| s.abs()).collect();
     sigma.sort_by(|a, b| b.total_cmp(a));
     let k = sigma.len();
@@ -60,8 +64,8 @@ pub fn metrics(sigma: &[f64]) -> Metrics {
             r99: None,
             condition: None,
             alpha_loglog: None,
-            alpha: None,
-            alpha_weighted: None,
+            alpha_truncated: None,
+            ww: None,
         };
     }
     let kf = k as f64;
@@ -99,8 +103,6 @@ pub fn metrics(sigma: &[f64]) -> Metrics {
         k as u32
     };
     let eigenvalues: Vec<f64> = sigma.iter().map(|s| s * s).collect();
-    let alpha = powerlaw_fit(&eigenvalues).map(|fit| fit.alpha);
-    let lambda_max = sigma_max * sigma_max;
     Metrics {
         sigma_max,
         sigma_min,
@@ -116,8 +118,8 @@ pub fn metrics(sigma: &[f64]) -> Metrics {
         r99: Some(rank_at(0.99)),
         condition: sigma_min.map(|s| sigma_max / s),
         alpha_loglog: loglog_slope(&sigma).map(|slope| -slope),
-        alpha,
-        alpha_weighted: alpha.map(|a| a * lambda_max.log10()),
+        alpha_truncated: powerlaw_fit(&eigenvalues).map(|fit| fit.alpha),
+        ww: weightwatcher::layer(&sigma, largest_dim),
     }
 }
 
@@ -157,11 +159,13 @@ pub struct PowerLawFit {
     pub n_tail: usize,
 }
 
-/// The heavy-tail fit as WeightWatcher does it: eigenvalues above 1e-5, a
-/// power law on [x_min, λ_max] (WeightWatcher passes xmax = λ_max to the
-/// `powerlaw` package), its exponent by maximum likelihood, and x_min the
-/// candidate (every distinct eigenvalue but the largest) whose fit has the
-/// smallest KS distance, among fits with alpha > 1 when there are any.
+/// The heavy-tail fit bounded at λ_max (`alpha_truncated`): eigenvalues
+/// above 1e-5, a power law on [x_min, λ_max] — the `powerlaw` package's
+/// fit with xmax = λ_max, which WeightWatcher runs with `xmax='force',
+/// pl_package='powerlaw'` — its exponent by maximum likelihood, and x_min
+/// the candidate (every distinct eigenvalue but the largest) whose fit has
+/// the smallest KS distance, among fits with alpha > 1 when there are any.
+/// WeightWatcher's default fit is [`weightwatcher::fit`].
 pub fn powerlaw_fit(eigenvalues: &[f64]) -> Option<PowerLawFit> {
     let mut x: Vec<f64> = eigenvalues
         .iter()
@@ -339,7 +343,7 @@ mod tests {
 
     #[test]
     fn identity_spectrum() {
-        let m = metrics(&[1.0; 16]);
+        let m = metrics(&[1.0; 16], 16);
         assert_eq!(m.sigma_max, 1.0);
         assert_eq!(m.sigma_min, Some(1.0));
         assert!(close(m.frobenius, 4.0));
@@ -352,14 +356,14 @@ mod tests {
         assert!(close(m.condition.unwrap(), 1.0));
         assert!(close(m.alpha_loglog.unwrap(), 0.0));
         // All eigenvalues equal: no tail to fit (only one distinct value).
-        assert_eq!(m.alpha, None);
+        assert_eq!(m.alpha_truncated, None);
     }
 
     #[test]
     fn rank_one_spectrum() {
         let mut sigma = vec![0.0; 10];
         sigma[0] = 3.0;
-        let m = metrics(&sigma);
+        let m = metrics(&sigma, 10);
         assert_eq!(m.sigma_min, Some(3.0));
         assert!(close(m.stable_rank.unwrap(), 1.0));
         assert!(close(m.stable_rank_ratio.unwrap(), 0.1));
@@ -374,7 +378,7 @@ mod tests {
     #[test]
     fn chosen_diagonal_spectrum() {
         // σ = 4, 2, 1, 1 — worked by hand: Σσ² = 22, Σσ⁴ = 274, Σσ = 8.
-        let m = metrics(&[1.0, 4.0, 1.0, 2.0]);
+        let m = metrics(&[1.0, 4.0, 1.0, 2.0], 4);
         assert!(close(m.frobenius, 22f64.sqrt()));
         assert!(close(m.stable_rank.unwrap(), 22.0 / 16.0));
         assert!(close(m.pr_rank.unwrap(), 22.0 * 22.0 / 274.0));
@@ -403,17 +407,18 @@ mod tests {
 
     #[test]
     fn sigma_min_ignores_numerical_zeros() {
-        let m = metrics(&[10.0, 1.0, 1e-8]);
+        let m = metrics(&[10.0, 1.0, 1e-8], 3);
         assert_eq!(m.sigma_min, Some(1.0));
         assert!(close(m.condition.unwrap(), 10.0));
     }
 
     #[test]
     fn zero_matrix_has_no_ranks() {
-        let m = metrics(&[0.0; 5]);
+        let m = metrics(&[0.0; 5], 5);
         assert_eq!(m.sigma_max, 0.0);
         assert_eq!(m.stable_rank, None);
-        assert_eq!(m.alpha, None);
+        assert_eq!(m.alpha_truncated, None);
+        assert_eq!(m.ww, None);
     }
 
     #[test]
