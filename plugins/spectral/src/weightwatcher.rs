@@ -62,12 +62,16 @@ pub fn fit(eigenvalues: &[f64]) -> Option<Fit> {
         tail_log_sum[i] = tail_log_sum[i + 1] + logs[i];
     }
     let total = data.len();
+    // (λ / x_min)^(1 − alpha) as exp((1 − alpha)(ln λ − ln x_min)): one
+    // exponential per term from the logs at hand, not a power (the fit is
+    // quadratic in the eigenvalues, and this is its inner loop).
     let ks = |i: usize, alpha: f64| -> f64 {
         let n = (total - i) as f64;
-        data[i..]
+        let (log_min, exponent) = (logs[i], 1.0 - alpha);
+        logs[i..]
             .iter()
             .enumerate()
-            .map(|(k, &x)| (1.0 - (x / data[i]).powf(1.0 - alpha) - k as f64 / n).abs())
+            .map(|(k, &log_x)| (1.0 - (exponent * (log_x - log_min)).exp() - k as f64 / n).abs())
             .fold(f64::NEG_INFINITY, f64::max)
     };
     let candidates = total - 1;
