@@ -199,6 +199,14 @@ fn f32_tolerance(column: &str) -> f64 {
     }
 }
 
+/// A committed reference table of `plugins/spectral/reference/`.
+fn reference_csv(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/spectral/reference")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// Compare probe's table with the committed numpy/LAPACK reference.
 fn check_against_reference(
     model: &Path,
@@ -212,10 +220,7 @@ fn check_against_reference(
     let params: Vec<&str> = params.iter().map(String::as_str).collect();
     let df = run_to_frame(model, &params);
     let precision = route;
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/spectral/reference")
-        .join(reference);
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = reference_csv(reference);
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let names = strings(&df, "tensor");
@@ -281,10 +286,7 @@ fn check_against_reference(
 /// closer when both choose the same x_min) — and nothing where it analyses
 /// nothing.
 fn check_against_weightwatcher(df: &DataFrame, reference: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/spectral/reference")
-        .join(reference);
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = reference_csv(reference);
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let names = strings(df, "tensor");
