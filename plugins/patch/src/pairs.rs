@@ -43,17 +43,10 @@ impl PairSet {
     /// the line (from 1). Blank lines are skipped (a pair keeps its line).
     pub fn parse(name: &str, text: &str) -> Result<Self, PluginError> {
         let mut pairs = Vec::new();
-        for (index, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let at =
-                |problem: &str| PluginError::from(format!("{name}: line {}: {problem}", index + 1));
-            let mut pair: Pair = serde_json::from_str(line).map_err(|e| {
-                at(&format!(
-                    "not a pair object {{\"clean\", \"corrupt\", \"answer\", \"wrong\", \"category\"?}}: {e}"
-                ))
-            })?;
+        let shape = "a pair object {\"clean\", \"corrupt\", \"answer\", \"wrong\", \"category\"?}";
+        for line in probe_sdk::jsonl::parse_lines::<Pair>(name, text, shape) {
+            let (index, mut pair) = line?;
+            let at = |problem: &str| probe_sdk::jsonl::at_line(name, index, problem);
             for (field, value) in [
                 ("clean", &pair.clean),
                 ("corrupt", &pair.corrupt),
@@ -78,13 +71,9 @@ impl PairSet {
 
     /// The set `--param pairs` names, or the built-in one.
     pub fn from_params(params: &Params) -> Result<Self, PluginError> {
-        let path = params.str("pairs")?;
-        if path.is_empty() {
-            return Self::parse(BUILT_IN_NAME, BUILT_IN);
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| PluginError::from(format!("{path}: cannot read the pairs: {e}")))?;
-        Self::parse(path, &text)
+        let (name, text) =
+            probe_sdk::jsonl::param_file(params, "pairs", (BUILT_IN_NAME, BUILT_IN), "the pairs")?;
+        Self::parse(&name, &text)
     }
 }
 

@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod forward;
+pub mod jsonl;
 pub mod matrices;
 pub mod prompts;
 pub mod table;

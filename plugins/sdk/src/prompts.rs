@@ -68,17 +68,10 @@ impl PromptSet {
     /// line, counted from 1 as editors do.
     pub fn parse(name: &str, text: &str) -> Result<Self, PluginError> {
         let mut prompts = Vec::new();
-        for (index, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let at =
-                |problem: &str| PluginError::from(format!("{name}: line {}: {problem}", index + 1));
-            let parsed: Line = serde_json::from_str(line).map_err(|e| {
-                at(&format!(
-                    "not a prompt object {{\"category\", \"prompt\", \"completion\"?}}: {e}"
-                ))
-            })?;
+        let shape = "a prompt object {\"category\", \"prompt\", \"completion\"?}";
+        for line in crate::jsonl::parse_lines::<Line>(name, text, shape) {
+            let (index, parsed) = line?;
+            let at = |problem: &str| crate::jsonl::at_line(name, index, problem);
             if parsed.category.trim().is_empty() {
                 return Err(at("empty `category`"));
             }
@@ -108,13 +101,13 @@ impl PromptSet {
 
     /// The set `--param prompts` names, or the built-in one.
     pub fn from_params(params: &Params) -> Result<Self, PluginError> {
-        let path = params.str("prompts")?;
-        if path.is_empty() {
-            return Self::parse(BUILT_IN_NAME, BUILT_IN);
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| PluginError::from(format!("{path}: cannot read the prompt set: {e}")))?;
-        Self::parse(path, &text)
+        let (name, text) = crate::jsonl::param_file(
+            params,
+            "prompts",
+            (BUILT_IN_NAME, BUILT_IN),
+            "the prompt set",
+        )?;
+        Self::parse(&name, &text)
     }
 }
 
