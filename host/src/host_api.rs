@@ -120,7 +120,7 @@ impl<'a> RunContext<'a> {
             tied_embeddings: schema.tied_embeddings,
             config: checkpoint.config.clone(),
             metadata: checkpoint.user_metadata(),
-            chat_template: probe_text::has_chat_template(&checkpoint.dir),
+            chat_template: crate::codec::has_chat_template(checkpoint),
         };
         let run = RunInfo {
             device: engine_options.device.as_str().to_string(),
@@ -492,7 +492,7 @@ impl<'a> RunContext<'a> {
     fn encode(&self, text: &str, mode: TextMode) -> Result<Vec<u32>, String> {
         let codec = self
             .codec
-            .get_or_init(|| TextCodec::open(&self.checkpoint.dir).map_err(|e| e.to_string()))
+            .get_or_init(|| crate::codec::open(self.checkpoint).map_err(|e| e.to_string()))
             .as_ref()
             .map_err(Clone::clone)?;
         match mode {

@@ -15,6 +15,9 @@ pub struct TensorRow {
     pub dtype: String,
     pub shape: Vec<usize>,
     pub params: usize,
+    /// Storage bits per weight: 16 for BF16, 5 for GGUF's Q4_1 (its block
+    /// scales included); `None` for types probe cannot size.
+    pub bits_per_weight: Option<f64>,
 }
 
 /// Everything `probe inspect` says about one checkpoint.
@@ -29,6 +32,10 @@ pub struct Inspection {
     pub vocab_size: Option<usize>,
     pub tied_embeddings: bool,
     pub params: usize,
+    /// `safetensors` or `gguf`.
+    pub format: String,
+    /// Bytes the tensors take on disk.
+    pub stored_bytes: usize,
     pub tensors: Vec<TensorRow>,
 }
 
@@ -44,6 +51,7 @@ impl Inspection {
                 dtype: entry.dtype.to_string(),
                 shape: entry.shape.clone(),
                 params: entry.numel(),
+                bits_per_weight: entry.dtype.bits_per_weight(),
             })
             .collect();
         // Globals first, then block by block in numeric order, names within.
@@ -58,6 +66,13 @@ impl Inspection {
             vocab_size: schema.vocab_size,
             tied_embeddings: schema.tied_embeddings,
             params: tensors.iter().map(|t| t.params).sum(),
+            format: if checkpoint.gguf_metadata().is_some() {
+                "gguf"
+            } else {
+                "safetensors"
+            }
+            .to_string(),
+            stored_bytes: checkpoint.tensors().iter().map(|t| t.stored_bytes()).sum(),
             tensors,
         }
     }
@@ -65,8 +80,9 @@ impl Inspection {
     /// The summary lines printed above the terminal table.
     pub fn summary(&self) -> String {
         let opt = |v: Option<usize>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
+        let bits = 8.0 * self.stored_bytes as f64 / self.params.max(1) as f64;
         format!(
-            "{}family {} · {} layers · hidden {} · vocab {} · tied embeddings: {} · {} tensors · {} parameters",
+            "{}family {} · {} layers · hidden {} · vocab {} · tied embeddings: {} · {} tensors · {} parameters · {} at {bits:.2} bits/weight",
             self.checkpoint.as_ref().map(|c| format!("{c}: ")).unwrap_or_default(),
             self.family,
             self.num_layers,
@@ -75,6 +91,7 @@ impl Inspection {
             if self.tied_embeddings { "yes" } else { "no" },
             self.tensors.len(),
             self.params,
+            self.format,
         )
     }
 }
@@ -92,6 +109,7 @@ pub fn tensor_frame(inspections: &[Inspection]) -> PolarsResult<DataFrame> {
     let mut dtype = Vec::new();
     let mut shape = Vec::new();
     let mut params = Vec::new();
+    let mut bits = Vec::new();
     for (inspection, t) in rows {
         checkpoint.push(inspection.checkpoint.clone().unwrap_or_default());
         name.push(t.name.as_str());
@@ -103,6 +121,7 @@ pub fn tensor_frame(inspections: &[Inspection]) -> PolarsResult<DataFrame> {
             t.shape.iter().map(|&d| d as i64).collect::<Vec<_>>(),
         ));
         params.push(t.params as i64);
+        bits.push(t.bits_per_weight);
     }
     let mut columns = Vec::new();
     if inspections.len() > 1 {
@@ -116,6 +135,7 @@ pub fn tensor_frame(inspections: &[Inspection]) -> PolarsResult<DataFrame> {
         Column::new("dtype".into(), dtype),
         Column::new("shape".into(), shape),
         Column::new("params".into(), params),
+        Column::new("bits_per_weight".into(), bits),
     ]);
     DataFrame::new(height, columns)
 }

@@ -4,6 +4,8 @@
 //!
 //! See ARCHITECTURE.md for how data flows from a file to a table.
 
+pub mod codec;
+pub mod convert;
 pub mod host_api;
 pub mod inspect;
 pub mod plugin;
@@ -29,6 +31,6 @@ pub mod forward {
 #[doc(hidden)]
 pub mod fuzzing {
     pub use probe_contract::params::fuzz_plugin_params as plugin_params;
-    pub use probe_store::fuzzing::{config_json, safetensors_file, shard_index};
+    pub use probe_store::fuzzing::{config_json, gguf_file, safetensors_file, shard_index};
     pub use probe_text::fuzz_tokenizer_json as tokenizer_json;
 }

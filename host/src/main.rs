@@ -30,8 +30,9 @@ struct Cli {
 enum Command {
     /// Say what a checkpoint is, from its headers alone (no weights are read).
     Inspect {
-        /// A .safetensors file, a folder holding one, a sharded checkpoint
-        /// (its index or its folder), or a folder of a run's checkpoints.
+        /// A .safetensors or .gguf file, a folder holding one, a sharded
+        /// checkpoint (its index, its folder, or one of its GGUF splits), or
+        /// a folder of a run's checkpoints.
         #[arg(required = true)]
         models: Vec<PathBuf>,
         /// table, json, csv or parquet (default: from --out's extension, else table).
@@ -61,6 +62,15 @@ enum Command {
         #[arg(long)]
         seed: u64,
         /// Folder for `model.safetensors` (config and tokenizer copied along).
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+    },
+    /// Write a checkpoint (a GGUF file: dequantized to F32, under Hugging
+    /// Face names) as a safetensors folder with its config and tokenizer.
+    Convert {
+        model: PathBuf,
+        /// The folder to write `model.safetensors`, `config.json` and the
+        /// tokenizer files into.
         #[arg(long, short = 'o')]
         out: PathBuf,
     },
@@ -244,6 +254,15 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Convert { model, out } => {
+            let checkpoint = probe::store::Checkpoint::open(&model)?;
+            let tensors = probe::convert::to_safetensors(&checkpoint, &out)?;
+            eprintln!(
+                "probe: wrote {tensors} tensors to {}",
+                out.join("model.safetensors").display()
+            );
+            Ok(())
+        }
         Command::Report {
             results,
             out,
@@ -264,15 +283,13 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn forward(args: ForwardArgs) -> Result<()> {
-    use probe::forward::{
-        summary::Summary, text::TextCodec, Capture, Engine, EngineOptions, Request,
-    };
+    use probe::forward::{summary::Summary, Capture, Engine, EngineOptions, Request};
     let format = Format::resolve(args.format, args.out.as_deref());
     if !matches!(format, Format::Table | Format::Json) {
         bail!("probe forward writes a table or json, not {format:?}");
     }
     let checkpoint = probe::store::Checkpoint::open(&args.model)?;
-    let codec = TextCodec::open(&checkpoint.dir);
+    let codec = probe::codec::open(&checkpoint);
     let tokens = match (&args.tokens, &args.text) {
         (Some(tokens), _) => tokens.clone(),
         (None, Some(text)) => {

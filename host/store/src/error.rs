@@ -52,7 +52,7 @@ pub enum StoreError {
     },
 
     #[error(
-        "{}: no safetensors checkpoint here (expected a .safetensors file, a *.safetensors.index.json shard index, or folders holding checkpoints)",
+        "{}: no checkpoint here (expected a .safetensors or .gguf file, a *.safetensors.index.json shard index, or folders holding checkpoints)",
         path.display()
     )]
     NoCheckpoint { path: PathBuf },

@@ -24,6 +24,19 @@ pub fn safetensors_file(bytes: &[u8]) {
     }
 }
 
+/// Bytes as a `.gguf` file: parse its header, place its tensors, read its
+/// architecture and config, and dequantize every tensor (what the file
+/// holds, never what it claims).
+pub fn gguf_file(bytes: &[u8]) {
+    if let Ok(checkpoint) = Checkpoint::from_bytes("model.gguf", bytes.to_vec(), None) {
+        let schema = Schema::of(&checkpoint);
+        let _ = Arch::of(&checkpoint, &schema);
+        for entry in checkpoint.tensors() {
+            let _ = checkpoint.view(entry).to_f32();
+        }
+    }
+}
+
 /// Bytes as `model.safetensors.index.json`.
 pub fn shard_index(bytes: &[u8]) {
     let _ = crate::source::parse_index(Path::new("model.safetensors.index.json"), bytes);

@@ -1,5 +1,6 @@
 //! probe's checkpoint store: what a path holds ([`source`]), the tensors of
-//! one checkpoint memory-mapped with only their headers parsed ([`store`]),
+//! one checkpoint memory-mapped with only their headers parsed ([`store`];
+//! safetensors, or GGUF through [`gguf`], [`gguf_model`] and [`quants`]),
 //! where each tensor sits in the model ([`schema`]) and what the model
 //! computes ([`arch`]). Every reader takes bytes as well as paths, so the
 //! fuzzers run in memory. No polars, no ONNX Runtime, no tokenizer: this
@@ -9,7 +10,10 @@ pub mod arch;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gguf;
+pub mod gguf_model;
 pub mod limits;
+pub mod quants;
 pub mod schema;
 pub mod source;
 pub mod store;

@@ -44,7 +44,7 @@ impl Placement {
 }
 
 /// Segments after which a number is a block index.
-const BLOCK_CONTAINERS: [&str; 5] = ["layers", "h", "layer", "blocks", "block"];
+const BLOCK_CONTAINERS: [&str; 6] = ["layers", "h", "layer", "blocks", "block", "blk"];
 
 /// Split `model.layers.7.self_attn.q_proj.weight` into (Some(7), "self_attn.q_proj", false).
 /// Returns the layer, the local name without its `.weight`/`.bias` suffix, and
@@ -110,6 +110,20 @@ fn block_role(family: Family, local: &str) -> Role {
         "attention.output.LayerNorm" => Role::PostAttnNorm,
         "output.LayerNorm" => Role::PostMlpNorm,
         "attn.q_gain" | "q_gain" => Role::QGain,
+        // GGUF (llama.cpp) names.
+        "attn_q" => Role::Q,
+        "attn_k" => Role::K,
+        "attn_v" => Role::V,
+        "attn_output" => Role::O,
+        "attn_qkv" => Role::Qkv,
+        "attn_q_norm" => Role::QNorm,
+        "attn_k_norm" => Role::KNorm,
+        "ffn_gate" => Role::Gate,
+        "ffn_up" => Role::Up,
+        "ffn_down" => Role::Down,
+        "ffn_norm" => Role::MlpNorm,
+        "post_attention_norm" | "attn_output_norm" => Role::PostAttnNorm,
+        "post_ffw_norm" | "layer_output_norm" => Role::PostMlpNorm,
         _ => match last {
             "attn_scale" => Role::AttnScale,
             "mlp_scale" => Role::MlpScale,
@@ -127,11 +141,13 @@ fn global_role(local: &str) -> Role {
         return Role::EmbedNorm;
     }
     match last {
-        "embed_tokens" | "wte" | "word_embeddings" | "tok_emb" | "tok_embeddings" => Role::Embed,
-        "wpe" | "position_embeddings" | "pos_emb" => Role::PosEmbed,
-        "token_type_embeddings" => Role::TypeEmbed,
+        "embed_tokens" | "wte" | "word_embeddings" | "tok_emb" | "tok_embeddings"
+        | "token_embd" => Role::Embed,
+        "wpe" | "position_embeddings" | "pos_emb" | "position_embd" => Role::PosEmbed,
+        "token_type_embeddings" | "token_types" => Role::TypeEmbed,
+        "token_embd_norm" => Role::EmbedNorm,
         "lm_head" | "output" => Role::LmHead,
-        "norm" | "ln_f" | "final_norm" | "final_layernorm" => Role::FinalNorm,
+        "norm" | "ln_f" | "final_norm" | "final_layernorm" | "output_norm" => Role::FinalNorm,
         "skip_weights" => Role::SkipWeights,
         "skip_gates" => Role::SkipGates,
         "qo_bank" => Role::QoBank,
@@ -440,6 +456,32 @@ mod tests {
         assert_eq!(
             placed(Family::ParamGolf, "skip_weights"),
             (None, "skip_weights".into())
+        );
+    }
+
+    #[test]
+    fn gguf_names() {
+        let f = Family::Llama;
+        assert_eq!(placed(f, "blk.12.attn_q.weight"), (Some(12), "q".into()));
+        assert_eq!(
+            placed(f, "blk.0.ffn_norm.weight"),
+            (Some(0), "mlp_norm".into())
+        );
+        assert_eq!(placed(f, "blk.3.attn_output.weight"), (Some(3), "o".into()));
+        assert_eq!(
+            placed(Family::Qwen2, "blk.1.attn_k.bias"),
+            (Some(1), "k_bias".into())
+        );
+        assert_eq!(placed(f, "token_embd.weight"), (None, "embed".into()));
+        assert_eq!(placed(f, "output.weight"), (None, "lm_head".into()));
+        assert_eq!(placed(f, "output_norm.weight"), (None, "final_norm".into()));
+        assert_eq!(
+            placed(Family::Gemma3, "blk.2.post_ffw_norm.weight"),
+            (Some(2), "post_mlp_norm".into())
+        );
+        assert_eq!(
+            with_layer("blk.2.attn_q.weight", 5).unwrap(),
+            "blk.5.attn_q.weight"
         );
     }
 

@@ -1,5 +1,6 @@
-//! What a path the user names holds: one safetensors file, a sharded
-//! checkpoint, or a folder of several checkpoints of one training run.
+//! What a path the user names holds: one safetensors or GGUF file, a sharded
+//! (or split) checkpoint, or a folder of several checkpoints of one
+//! training run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -13,7 +14,8 @@ pub enum Layout {
     /// One `.safetensors` file.
     Single(PathBuf),
     /// Shards, read through their index when there is one (shards named
-    /// `*-0000i-of-0000n.safetensors` without an index are accepted too).
+    /// `*-0000i-of-0000n.safetensors` without an index are accepted too, and
+    /// the splits of a GGUF file, `*-0000i-of-0000n.gguf`).
     Sharded {
         index: Option<PathBuf>,
         shards: Vec<PathBuf>,
@@ -50,7 +52,7 @@ pub fn classify(path: &Path) -> Result<Layout, StoreError> {
             subdirs.push(child);
         } else if name.ends_with(INDEX_SUFFIX) {
             indexes.push(child);
-        } else if name.ends_with(".safetensors") {
+        } else if name.ends_with(".safetensors") || name.ends_with(".gguf") {
             safetensors.push(child);
         }
     }
@@ -125,20 +127,58 @@ fn classify_file(path: &Path) -> Result<Layout, StoreError> {
         (".pt", "a PyTorch pickle"),
         (".pth", "a PyTorch pickle"),
         (".ckpt", "a pickle checkpoint"),
-        (".gguf", "a GGUF file"),
         (".onnx", "an ONNX model"),
     ] {
         if lower.ends_with(ext) {
             return Err(StoreError::Unsupported {
                 path: path.to_path_buf(),
                 problem: format!(
-                    "this is {what}; probe reads safetensors checkpoints (convert it first)"
+                    "this is {what}; probe reads safetensors and GGUF checkpoints (convert it first)"
                 ),
             });
         }
     }
-    // Any other file is tried as safetensors; the header check says if it is not.
+    // One split of a GGUF file stands for all of them.
+    if let Some((_, total)) = shard_numbers(&name) {
+        if lower.ends_with(".gguf") && total > 1 {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            return gguf_splits(dir, &name, total);
+        }
+    }
+    // Any other file is tried as safetensors or GGUF (by its first bytes,
+    // so Ollama's extensionless blobs open too); the header check says if
+    // it is neither.
     Ok(Layout::Single(path.to_path_buf()))
+}
+
+/// Every split of `name` (`model-00002-of-00003.gguf`) in `dir`.
+fn gguf_splits(dir: &Path, name: &str, total: u32) -> Result<Layout, StoreError> {
+    let stem = name
+        .strip_suffix(".gguf")
+        .and_then(|s| s.rsplit_once("-of-"))
+        .and_then(|(head, _)| head.rsplit_once('-'))
+        .map_or(name, |(stem, _)| stem);
+    let width = name
+        .rsplit_once("-of-")
+        .map_or(5, |(_, tail)| tail.trim_end_matches(".gguf").len());
+    let mut shards = Vec::with_capacity(total as usize);
+    for i in 1..=total {
+        let split = dir.join(format!("{stem}-{i:0width$}-of-{total:0width$}.gguf"));
+        if !split.is_file() {
+            return Err(StoreError::Unsupported {
+                path: dir.join(name),
+                problem: format!(
+                    "is one of {total} GGUF splits, and split {i} ({}) is missing",
+                    split.display()
+                ),
+            });
+        }
+        shards.push(split);
+    }
+    Ok(Layout::Sharded {
+        index: None,
+        shards,
+    })
 }
 
 /// Read the `weight_map` of a shard index: tensor name → shard file name.
@@ -242,9 +282,11 @@ fn shards_by_name(dir: &Path, files: &[PathBuf]) -> Result<Option<Layout>, Store
     }))
 }
 
-/// `…-00002-of-00005.safetensors` → (2, 5).
+/// `…-00002-of-00005.safetensors` (or `.gguf`) → (2, 5).
 fn shard_numbers(name: &str) -> Option<(u32, u32)> {
-    let stem = name.strip_suffix(".safetensors")?;
+    let stem = name
+        .strip_suffix(".safetensors")
+        .or_else(|| name.strip_suffix(".gguf"))?;
     let (head, total) = stem.rsplit_once("-of-")?;
     let (_, index) = head.rsplit_once('-')?;
     Some((index.parse().ok()?, total.parse().ok()?))

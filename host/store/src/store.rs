@@ -1,9 +1,10 @@
-//! The checkpoint store: memory-mapped safetensors files, single or sharded.
+//! The checkpoint store: memory-mapped safetensors or GGUF files, single or
+//! sharded (split).
 //!
-//! Opening a checkpoint maps each file and parses only its JSON header, so it
+//! Opening a checkpoint maps each file and parses only its header, so it
 //! costs milliseconds and touches no weight pages. Tensor bytes are borrowed
-//! straight from the mapping; they are converted (to f32) only on request and
-//! only for the tensor asked for.
+//! straight from the mapping; they are converted (to f32, dequantized for
+//! GGUF block types) only on request and only for the tensor asked for.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -16,6 +17,8 @@ use safetensors::tensor::{Metadata, SafeTensorError};
 use safetensors::SafeTensors;
 
 use crate::error::StoreError;
+use crate::gguf;
+use crate::gguf_model::{self, Transform};
 use crate::limits;
 
 pub use probe_contract::Dtype;
@@ -77,7 +80,7 @@ pub fn dtype_to_safetensors(dtype: Dtype) -> Option<safetensors::Dtype> {
         Dtype::Other("F6_E3M2") => D::F6_E3M2,
         Dtype::Other("F4") => D::F4,
         Dtype::Other("C64") => D::C64,
-        Dtype::Other(_) => return None,
+        Dtype::Quant(_) | Dtype::Other(_) => return None,
     })
 }
 
@@ -113,12 +116,19 @@ pub struct TensorEntry {
     pub shape: Vec<usize>,
     shard: usize,
     bytes: Range<usize>,
+    /// How stored values become the layout `shape` describes (GGUF only).
+    transform: Transform,
 }
 
 impl TensorEntry {
     /// Number of elements (the product of the shape; validated not to overflow).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Bytes the tensor takes in its file.
+    pub fn stored_bytes(&self) -> usize {
+        self.bytes.len()
     }
 }
 
@@ -134,8 +144,11 @@ pub struct Checkpoint {
     /// Sorted by name, so listing order never depends on file order.
     tensors: Vec<TensorEntry>,
     by_name: HashMap<String, usize>,
-    /// The parsed `config.json`, when one sits beside the weights.
+    /// The parsed `config.json`, when one sits beside the weights; for a
+    /// GGUF file, the same keys made from its metadata.
     pub config: Option<serde_json::Value>,
+    /// A GGUF checkpoint's metadata (its first split's).
+    gguf: Option<gguf::Metadata>,
 }
 
 /// A tensor's bytes, borrowed from the mapping.
@@ -160,8 +173,41 @@ impl<'a> TensorView<'a> {
     }
 
     /// The values as f32. F32 data aligned in the mapping is borrowed; F16,
-    /// BF16 and F64 (and unaligned F32) are converted into a new buffer.
+    /// BF16 and F64 (and unaligned F32) are converted into a new buffer, GGUF
+    /// block types dequantized, and GGUF storage conventions undone (see
+    /// `gguf_model`).
     pub fn to_f32(&self) -> Result<Cow<'a, [f32]>, StoreError> {
+        let values = self.stored_f32()?;
+        match self.entry.transform {
+            Transform::None => Ok(values),
+            transform => {
+                let mut values = values.into_owned();
+                let stored_shape = match transform {
+                    Transform::Transpose => self.entry.shape.iter().rev().copied().collect(),
+                    _ => self.entry.shape.clone(),
+                };
+                transform.apply(&mut values, &stored_shape);
+                Ok(Cow::Owned(values))
+            }
+        }
+    }
+
+    /// The tensor as a safetensors file can hold it: its own bytes when
+    /// they are its values as read (a plain dtype, no GGUF convention to
+    /// undo), else the values as F32.
+    pub fn safetensors_bytes(&self) -> Result<(Dtype, Cow<'a, [u8]>), StoreError> {
+        let plain = dtype_to_safetensors(self.entry.dtype).is_some();
+        if plain && self.entry.transform == Transform::None {
+            return Ok((self.entry.dtype, Cow::Borrowed(self.bytes)));
+        }
+        let values = self.to_f32()?;
+        Ok((
+            Dtype::F32,
+            Cow::Owned(bytemuck::cast_slice(&values).to_vec()),
+        ))
+    }
+
+    fn stored_f32(&self) -> Result<Cow<'a, [f32]>, StoreError> {
         let bytes = self.bytes;
         match self.entry.dtype {
             Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
@@ -191,6 +237,12 @@ impl<'a> TensorView<'a> {
                     .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
                     .collect(),
             )),
+            Dtype::Quant(quant) => crate::quants::dequantize(quant, bytes)
+                .map(Cow::Owned)
+                .map_err(|problem| StoreError::Malformed {
+                    file: self.file.to_path_buf(),
+                    problem: format!("tensor `{}` {problem}", self.entry.name),
+                }),
             other => Err(StoreError::NotFloat {
                 file: self.file.to_path_buf(),
                 tensor: self.entry.name.clone(),
@@ -226,11 +278,19 @@ impl Checkpoint {
             .and_then(|f| f.parent())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let mapped = files
+            .iter()
+            .map(|file| map_file(file))
+            .collect::<Result<Vec<_>, _>>()?;
+        if mapped.iter().any(|bytes| gguf::has_magic(bytes)) {
+            let named: Vec<(PathBuf, ShardBytes)> = files.iter().cloned().zip(mapped).collect();
+            return Self::from_gguf(label, path.to_path_buf(), dir, named);
+        }
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors = Vec::new();
         let mut first_seen: HashMap<String, usize> = HashMap::new();
-        for (shard_index, file) in files.iter().enumerate() {
-            let (shard, entries) = map_shard(file, shard_index)?;
+        for ((shard_index, file), bytes) in files.iter().enumerate().zip(mapped) {
+            let (shard, entries) = parse_shard(file, shard_index, bytes)?;
             for entry in entries {
                 if let Some(&other) = first_seen.get(&entry.name) {
                     return Err(StoreError::DuplicateTensor {
@@ -256,7 +316,133 @@ impl Checkpoint {
             shards,
             tensors,
             config,
+            None,
         ))
+    }
+
+    /// A GGUF checkpoint: one file, or the splits of one
+    /// (`…-00001-of-00003.gguf`), ordered by their `split.no`. Its config
+    /// comes from the metadata of the first split.
+    fn from_gguf(
+        label: String,
+        path: PathBuf,
+        dir: PathBuf,
+        files: Vec<(PathBuf, ShardBytes)>,
+    ) -> Result<Self, StoreError> {
+        let mut parsed = Vec::with_capacity(files.len());
+        for (file, bytes) in files {
+            if !gguf::has_magic(&bytes) {
+                return Err(StoreError::Unsupported {
+                    path: file,
+                    problem: "is not a GGUF file, but the other files of this checkpoint are"
+                        .into(),
+                });
+            }
+            let header = gguf::parse(&file, &bytes)?;
+            parsed.push((file, bytes, header));
+        }
+        let split_no = |header: &gguf::Header| header.metadata.u64("split.no").unwrap_or(0);
+        parsed.sort_by_key(|(_, _, header)| split_no(header));
+        let count = parsed.len() as u64;
+        for (position, (file, _, header)) in parsed.iter().enumerate() {
+            let declared = header.metadata.u64("split.count").unwrap_or(1);
+            if declared != count || split_no(header) != position as u64 {
+                return Err(StoreError::Unsupported {
+                    path: file.clone(),
+                    problem: format!(
+                        "is split {} of {declared} (0-based), but {count} split file(s) were found: a split is missing or from another model",
+                        split_no(header)
+                    ),
+                });
+            }
+        }
+        let metadata = parsed[0].2.metadata.clone();
+        let mut shards = Vec::with_capacity(parsed.len());
+        let mut tensors = Vec::new();
+        let mut first_seen: HashMap<String, usize> = HashMap::new();
+        let mut all_infos = Vec::new();
+        let mut frequency_factors = None;
+        for (shard_index, (file, bytes, header)) in parsed.into_iter().enumerate() {
+            for info in &header.tensors {
+                if let Some(&other) = first_seen.get(&info.name) {
+                    return Err(StoreError::DuplicateTensor {
+                        file: file.clone(),
+                        tensor: info.name.clone(),
+                        other: shards
+                            .get(other)
+                            .map_or(file.clone(), |s: &Shard| s.path.clone()),
+                    });
+                }
+                first_seen.insert(info.name.clone(), shard_index);
+                let stored_shape: Vec<usize> = info.extents.iter().rev().copied().collect();
+                let transform = gguf_model::transform(&metadata, &info.name, &stored_shape)
+                    .map_err(|problem| StoreError::Malformed {
+                        file: file.clone(),
+                        problem,
+                    })?;
+                if info.name == "rope_freqs.weight" {
+                    frequency_factors = gguf_model::f32_values(
+                        &bytes[info.start..info.start + info.len],
+                        info.dtype,
+                    );
+                }
+                tensors.push(TensorEntry {
+                    name: info.name.clone(),
+                    dtype: info.dtype,
+                    shape: transform.shape(&stored_shape),
+                    shard: shard_index,
+                    bytes: info.start..info.start + info.len,
+                    transform,
+                });
+            }
+            limits::check_tensor_count(&file, tensors.len())?;
+            all_infos.extend(header.tensors.iter().cloned());
+            shards.push(Shard {
+                path: file,
+                data: bytes,
+                user_metadata: HashMap::new(),
+            });
+        }
+        let whole = gguf::Header {
+            version: 3,
+            metadata: metadata.clone(),
+            tensors: all_infos,
+            data_start: 0,
+        };
+        let config = gguf_model::hf_config(&whole, frequency_factors);
+        // Scalar metadata reaches plugins and tables as text; arrays (the
+        // vocabulary) stay in the store.
+        if let Some(first) = shards.first_mut() {
+            first.user_metadata = metadata
+                .values
+                .iter()
+                .filter(|(_, v)| v.as_array().is_none())
+                .map(|(k, v)| (k.clone(), v.summary()))
+                .collect();
+        }
+        Ok(Self::assemble(
+            label,
+            path,
+            dir,
+            shards,
+            tensors,
+            Some(config),
+            Some(metadata),
+        ))
+    }
+
+    /// The metadata of a GGUF checkpoint (its vocabulary included).
+    pub fn gguf_metadata(&self) -> Option<&gguf::Metadata> {
+        self.gguf.as_ref()
+    }
+
+    /// The file the config is read from: `config.json` beside the weights,
+    /// or the GGUF file whose metadata stands in for it.
+    pub fn config_source(&self) -> PathBuf {
+        match (&self.gguf, self.shards.first()) {
+            (Some(_), Some(shard)) => shard.path.clone(),
+            _ => self.dir.join("config.json"),
+        }
     }
 
     /// The checkpoint of parsed shards: tensors sorted by name (never file
@@ -268,6 +454,7 @@ impl Checkpoint {
         shards: Vec<Shard>,
         mut tensors: Vec<TensorEntry>,
         config: Option<serde_json::Value>,
+        gguf: Option<gguf::Metadata>,
     ) -> Self {
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         let by_name = tensors
@@ -283,6 +470,7 @@ impl Checkpoint {
             tensors,
             by_name,
             config,
+            gguf,
         }
     }
 
@@ -295,6 +483,14 @@ impl Checkpoint {
         config_json: Option<&[u8]>,
     ) -> Result<Self, StoreError> {
         let path = PathBuf::from(name);
+        if gguf::has_magic(&bytes) {
+            return Self::from_gguf(
+                name.to_string(),
+                path.clone(),
+                PathBuf::from("."),
+                vec![(path, ShardBytes::Owned(bytes))],
+            );
+        }
         let (shard, tensors) = parse_shard(&path, 0, ShardBytes::Owned(bytes))?;
         limits::check_tensor_count(&path, tensors.len())?;
         let config = config_json
@@ -307,6 +503,7 @@ impl Checkpoint {
             vec![shard],
             tensors,
             config,
+            None,
         ))
     }
 
@@ -354,7 +551,7 @@ impl Checkpoint {
     }
 }
 
-fn map_shard(file: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorEntry>), StoreError> {
+fn map_file(file: &Path) -> Result<ShardBytes, StoreError> {
     let handle = File::open(file).map_err(|source| StoreError::io(file, source))?;
     let len = handle
         .metadata()
@@ -363,14 +560,14 @@ fn map_shard(file: &Path, shard_index: usize) -> Result<(Shard, Vec<TensorEntry>
     if len < 8 {
         return Err(StoreError::Malformed {
             file: file.to_path_buf(),
-            problem: format!("file is {len} bytes, too short to hold a safetensors header"),
+            problem: format!("file is {len} bytes, too short to hold a safetensors or GGUF header"),
         });
     }
     // SAFETY: the mapping is read-only and private to this process. Like every
     // memory-mapped reader (safetensors' own loaders included) we rely on the
     // file not being truncated or rewritten while probe runs.
     let mmap = unsafe { Mmap::map(&handle) }.map_err(|source| StoreError::io(file, source))?;
-    parse_shard(file, shard_index, ShardBytes::Mapped(mmap))
+    Ok(ShardBytes::Mapped(mmap))
 }
 
 /// Parse a shard's header (the safetensors crate's checked parser) and
@@ -422,6 +619,7 @@ fn entries_of(
             shape: info.shape.clone(),
             shard: shard_index,
             bytes: data_start + begin..data_start + end,
+            transform: Transform::None,
         });
     }
     Ok(entries)

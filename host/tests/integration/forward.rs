@@ -71,10 +71,6 @@ fn norms(matrix: &[f32], hidden: usize) -> Vec<f64> {
 #[test]
 fn every_family_matches_the_numpy_reference() {
     let reference = reference("fixtures_forward.json");
-    let tokens: Vec<u32> = as_f64s(&reference["tokens"])
-        .iter()
-        .map(|&t| t as u32)
-        .collect();
     let fixtures = reference["fixtures"].as_object().unwrap();
     assert_eq!(
         fixtures.len(),
@@ -82,44 +78,68 @@ fn every_family_matches_the_numpy_reference() {
         "llama ×3, qwen2, qwen3, gemma3, gpt2, bert"
     );
     for (name, expected) in fixtures {
-        let checkpoint = Checkpoint::open(&fixture(name)).unwrap();
-        let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
-        let bert = name.starts_with("bert");
-        let capture = Capture {
-            residuals: true,
-            logits: !bert,
-            ..Capture::default()
-        };
-        let trace = run(&mut engine, &tokens, capture);
-        let stages = expected["residual_norms"].as_array().unwrap();
-        assert_eq!(trace.residuals.len(), stages.len(), "{name}: stages");
-        for (stage, (ours, theirs)) in trace.residuals.iter().zip(stages).enumerate() {
-            for (a, b) in norms(ours, trace.hidden).iter().zip(as_f64s(theirs)) {
-                assert!(
-                    (a - b).abs() < 1e-4 * b.max(1.0),
-                    "{name} stage {stage}: norm {a} vs numpy {b}"
-                );
-            }
+        check_against_numpy(&reference, name, &fixture(name), expected);
+    }
+}
+
+/// The same fixtures written as GGUF files by the `gguf` Python package the
+/// way llama.cpp's converter writes them (permuted Q/K rows for llama,
+/// Gemma's norms as `w + 1`, GPT-2's matrices transposed): read back, they
+/// run as their safetensors do.
+#[test]
+fn every_family_as_gguf_matches_the_numpy_reference() {
+    let reference = reference("fixtures_forward.json");
+    for name in ONE_OF_EACH_FAMILY {
+        let gguf = crate::gguf::gguf_fixture(&format!("{name}.gguf"));
+        check_against_numpy(&reference, name, &gguf, &reference["fixtures"][name]);
+    }
+}
+
+/// Residual norms at every stage and the logits (BERT: the last hidden
+/// states) of the checkpoint at `path` against the numpy reference of `name`.
+fn check_against_numpy(reference: &Value, name: &str, path: &Path, expected: &Value) {
+    let tokens: Vec<u32> = as_f64s(&reference["tokens"])
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    let checkpoint = Checkpoint::open(path).unwrap();
+    let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+    let bert = name.starts_with("bert");
+    let capture = Capture {
+        residuals: true,
+        logits: !bert,
+        ..Capture::default()
+    };
+    let trace = run(&mut engine, &tokens, capture);
+    let stages = expected["residual_norms"].as_array().unwrap();
+    assert_eq!(trace.residuals.len(), stages.len(), "{name}: stages");
+    for (stage, (ours, theirs)) in trace.residuals.iter().zip(stages).enumerate() {
+        for (a, b) in norms(ours, trace.hidden).iter().zip(as_f64s(theirs)) {
+            assert!(
+                (a - b).abs() < 1e-4 * b.max(1.0),
+                "{name} stage {stage}: norm {a} vs numpy {b}"
+            );
         }
-        let (ours, theirs, width) = if bert {
-            (&trace.output, &expected["hidden"], trace.hidden)
-        } else {
-            (
-                trace.logits.as_ref().unwrap(),
-                &expected["logits"],
-                trace.vocab,
-            )
-        };
-        let rows = theirs.as_array().unwrap();
-        assert_eq!(rows.len(), tokens.len());
-        for (p, row) in rows.iter().enumerate() {
-            for (i, b) in as_f64s(row).into_iter().enumerate() {
-                let a = ours[p * width + i] as f64;
-                assert!(
-                    (a - b).abs() < 1e-4,
-                    "{name} position {p} index {i}: {a} vs numpy {b}"
-                );
-            }
+    }
+    let (ours, theirs, width) = if bert {
+        (&trace.output, &expected["hidden"], trace.hidden)
+    } else {
+        (
+            trace.logits.as_ref().unwrap(),
+            &expected["logits"],
+            trace.vocab,
+        )
+    };
+    let rows = theirs.as_array().unwrap();
+    assert_eq!(rows.len(), tokens.len());
+    for (p, row) in rows.iter().enumerate() {
+        for (i, b) in as_f64s(row).into_iter().enumerate() {
+            let a = ours[p * width + i] as f64;
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{} {name} position {p} index {i}: {a} vs numpy {b}",
+                path.display()
+            );
         }
     }
 }

@@ -30,6 +30,7 @@ fn replay(target: &str, run: impl Fn(&[u8])) {
 fn fuzz_corpus_replays_without_panics() {
     use probe::fuzzing;
     replay("safetensors_file", fuzzing::safetensors_file);
+    replay("gguf_file", fuzzing::gguf_file);
     replay("shard_index", fuzzing::shard_index);
     let fixture = crate::util::fixture("llama-tied-f32");
     replay("config_json", |b| fuzzing::config_json(b, &fixture));

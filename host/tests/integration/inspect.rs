@@ -182,7 +182,10 @@ fn run_folder_gives_one_row_set_per_checkpoint_in_natural_order() {
     ])
     .ok();
     let header = csv.lines().next().unwrap();
-    assert_eq!(header, "checkpoint,name,layer,role,dtype,shape,params");
+    assert_eq!(
+        header,
+        "checkpoint,name,layer,role,dtype,shape,params,bits_per_weight"
+    );
     assert_eq!(csv.lines().count(), 1 + 3 * (3 * 9 + 2));
     assert!(
         csv.contains("step-900,model.layers.1.self_attn.k_proj.weight,1,k,F32,\"[16, 32]\",512")
@@ -220,7 +223,15 @@ fn parquet_output_reads_back() {
             .iter()
             .map(|n| n.as_str())
             .collect::<Vec<_>>(),
-        ["name", "layer", "role", "dtype", "shape", "params"]
+        [
+            "name",
+            "layer",
+            "role",
+            "dtype",
+            "shape",
+            "params",
+            "bits_per_weight"
+        ]
     );
     assert_eq!(df.height(), 2 + 3 * 12 + 2);
     let params: i64 = df
@@ -400,7 +411,7 @@ fn other_formats_and_empty_folders() {
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     probe(["inspect".as_ref(), empty.as_os_str()])
-        .fails_with(&[empty.to_str().unwrap(), "no safetensors checkpoint here"]);
+        .fails_with(&[empty.to_str().unwrap(), "no checkpoint here"]);
 }
 
 #[test]

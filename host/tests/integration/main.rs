@@ -8,6 +8,7 @@ mod contrastive;
 mod forward;
 mod fuzz_corpus;
 mod geometry;
+mod gguf;
 mod inspect;
 mod knockout;
 mod lens;

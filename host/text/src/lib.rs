@@ -1,12 +1,16 @@
-//! Text in, token ids out: the checkpoint's own `tokenizer.json` through the
-//! `tokenizers` crate, and its chat template (from `tokenizer_config.json`)
-//! through minijinja.
+//! Text in, token ids out: the checkpoint's own `tokenizer.json` (or the
+//! vocabulary a GGUF file carries, see [`gguf`]) through the `tokenizers`
+//! crate, and its chat template (from `tokenizer_config.json` or the GGUF
+//! metadata) through minijinja.
 
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+
+pub mod gguf;
+pub use gguf::GgufVocabulary;
 
 /// A tokenizer or chat template that cannot be used, naming its file.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +23,8 @@ pub struct TextError {
 pub struct TextCodec {
     tokenizer: tokenizers::Tokenizer,
     file: PathBuf,
+    /// Where the chat template came from (`tokenizer_config.json`, or the GGUF file).
+    template_file: PathBuf,
     chat_template: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -94,6 +100,7 @@ impl TextCodec {
         Ok(TextCodec {
             tokenizer,
             file,
+            template_file: config_file,
             chat_template: config
                 .get("chat_template")
                 .and_then(Value::as_str)
@@ -136,7 +143,7 @@ impl TextCodec {
     pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>, TextError> {
         let Some(template) = &self.chat_template else {
             return Err(TextError {
-                file: self.file.with_file_name("tokenizer_config.json"),
+                file: self.template_file.clone(),
                 problem: "the model has no chat template".into(),
             });
         };
@@ -146,7 +153,7 @@ impl TextCodec {
 
     pub fn render_chat(&self, template: &str, text: &str) -> Result<String, TextError> {
         let fail = |e: minijinja::Error| TextError {
-            file: self.file.with_file_name("tokenizer_config.json"),
+            file: self.template_file.clone(),
             problem: format!("chat template: {e}"),
         };
         let mut env = minijinja::Environment::new();

@@ -41,5 +41,5 @@ pub use forward::{
 };
 pub use lens::{LensReply, LensRequest, LensRow};
 pub use messages::{EncodeRequest, RunInfo, TextMode, WriteReordered};
-pub use model::{Dtype, Family, ModelInfo, Role, TensorInfo};
+pub use model::{Dtype, Family, ModelInfo, Quant, Role, TensorInfo};
 pub use params::{ParamError, ParamKind, ParamSpec, Params};

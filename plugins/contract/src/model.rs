@@ -313,7 +313,8 @@ impl Role {
 
 string_serde!(Role, "role");
 
-/// A stored element type, named as safetensors names it.
+/// A stored element type, named as safetensors (or, for block-quantized
+/// GGUF tensors, llama.cpp) names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dtype {
     /// 64-bit float.
@@ -342,8 +343,139 @@ pub enum Dtype {
     U8,
     /// Boolean (one byte).
     Bool,
+    /// A llama.cpp block-quantized type (GGUF files): values are read
+    /// dequantized to f32.
+    Quant(Quant),
     /// FP8, FP6, FP4 and complex types: listed, never analysed.
     Other(&'static str),
+}
+
+/// llama.cpp's block-quantized weight types (`ggml_type`), as GGUF files
+/// store them: `block` weights packed into `bytes` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum Quant {
+    /// 4-bit, one f16 scale per 32 weights.
+    Q4_0,
+    /// 4-bit, an f16 scale and minimum per 32 weights.
+    Q4_1,
+    /// 5-bit, one f16 scale per 32 weights.
+    Q5_0,
+    /// 5-bit, an f16 scale and minimum per 32 weights.
+    Q5_1,
+    /// 8-bit, one f16 scale per 32 weights.
+    Q8_0,
+    /// 8-bit, an f16 scale and sum per 32 weights.
+    Q8_1,
+    /// 2-bit k-quant: 256-weight super-blocks of 16-weight blocks.
+    Q2_K,
+    /// 3-bit k-quant.
+    Q3_K,
+    /// 4-bit k-quant (8 blocks of 32 with 6-bit scales and minimums).
+    Q4_K,
+    /// 5-bit k-quant.
+    Q5_K,
+    /// 6-bit k-quant (16 blocks of 16 with 8-bit scales).
+    Q6_K,
+    /// 8-bit k-quant (llama.cpp's intermediate type).
+    Q8_K,
+    /// 2.06-bit i-quant (lattice codebook).
+    IQ2_XXS,
+    /// 2.31-bit i-quant.
+    IQ2_XS,
+    /// 3.06-bit i-quant.
+    IQ3_XXS,
+    /// 1.56-bit i-quant.
+    IQ1_S,
+    /// 4-bit non-linear i-quant, blocks of 32.
+    IQ4_NL,
+    /// 3.44-bit i-quant.
+    IQ3_S,
+    /// 2.56-bit i-quant.
+    IQ2_S,
+    /// 4.25-bit non-linear i-quant.
+    IQ4_XS,
+    /// 1.75-bit i-quant.
+    IQ1_M,
+    /// Ternary, 1.69 bits.
+    TQ1_0,
+    /// Ternary, 2.06 bits.
+    TQ2_0,
+    /// OCP microscaling FP4 (4-bit e2m1, a shared 8-bit exponent per 32).
+    MXFP4,
+    /// NVIDIA's FP4 (e2m1 with FP8 scales per 16, blocks of 64).
+    NVFP4,
+    /// 1-bit, blocks of 128.
+    Q1_0,
+}
+
+impl Quant {
+    /// Every type, with its `ggml_type` id, its name, the weights in one
+    /// block and the bytes that block takes (llama.cpp's `ggml.h` and the
+    /// `gguf` Python package's `GGML_QUANT_SIZES`).
+    pub const ALL: [(Quant, u32, &'static str, usize, usize); 26] = [
+        (Quant::Q4_0, 2, "Q4_0", 32, 18),
+        (Quant::Q4_1, 3, "Q4_1", 32, 20),
+        (Quant::Q5_0, 6, "Q5_0", 32, 22),
+        (Quant::Q5_1, 7, "Q5_1", 32, 24),
+        (Quant::Q8_0, 8, "Q8_0", 32, 34),
+        (Quant::Q8_1, 9, "Q8_1", 32, 36),
+        (Quant::Q2_K, 10, "Q2_K", 256, 84),
+        (Quant::Q3_K, 11, "Q3_K", 256, 110),
+        (Quant::Q4_K, 12, "Q4_K", 256, 144),
+        (Quant::Q5_K, 13, "Q5_K", 256, 176),
+        (Quant::Q6_K, 14, "Q6_K", 256, 210),
+        (Quant::Q8_K, 15, "Q8_K", 256, 292),
+        (Quant::IQ2_XXS, 16, "IQ2_XXS", 256, 66),
+        (Quant::IQ2_XS, 17, "IQ2_XS", 256, 74),
+        (Quant::IQ3_XXS, 18, "IQ3_XXS", 256, 98),
+        (Quant::IQ1_S, 19, "IQ1_S", 256, 50),
+        (Quant::IQ4_NL, 20, "IQ4_NL", 32, 18),
+        (Quant::IQ3_S, 21, "IQ3_S", 256, 110),
+        (Quant::IQ2_S, 22, "IQ2_S", 256, 82),
+        (Quant::IQ4_XS, 23, "IQ4_XS", 256, 136),
+        (Quant::IQ1_M, 29, "IQ1_M", 256, 56),
+        (Quant::TQ1_0, 34, "TQ1_0", 256, 54),
+        (Quant::TQ2_0, 35, "TQ2_0", 256, 66),
+        (Quant::MXFP4, 39, "MXFP4", 32, 17),
+        (Quant::NVFP4, 40, "NVFP4", 64, 36),
+        (Quant::Q1_0, 41, "Q1_0", 128, 18),
+    ];
+
+    fn row(&self) -> (Quant, u32, &'static str, usize, usize) {
+        Self::ALL
+            .into_iter()
+            .find(|row| row.0 == *self)
+            .expect("every Quant has a row in ALL")
+    }
+
+    /// llama.cpp's name: `Q4_K`, `IQ2_XS`, …
+    pub fn as_str(&self) -> &'static str {
+        self.row().2
+    }
+
+    /// Its `ggml_type` id in a GGUF tensor header.
+    pub fn ggml_id(&self) -> u32 {
+        self.row().1
+    }
+
+    /// The type of a `ggml_type` id; `None` for ids that are not block types.
+    pub fn from_ggml_id(id: u32) -> Option<Quant> {
+        Self::ALL
+            .into_iter()
+            .find(|row| row.1 == id)
+            .map(|row| row.0)
+    }
+
+    /// Weights per block (a row's length must be a multiple).
+    pub fn block_weights(&self) -> usize {
+        self.row().3
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(&self) -> usize {
+        self.row().4
+    }
 }
 
 /// Names of the types probe lists but never reads.
@@ -393,8 +525,28 @@ impl Dtype {
             Self::U16 => "U16",
             Self::U8 => "U8",
             Self::Bool => "BOOL",
+            Self::Quant(quant) => quant.as_str(),
             Self::Other(name) => name,
         }
+    }
+
+    /// Storage bits per weight: 32 for F32, 4.5 for Q4_K (its block scales
+    /// included), 1 byte for BOOL; `None` for the unknown.
+    pub fn bits_per_weight(&self) -> Option<f64> {
+        Some(match self {
+            Self::F64 | Self::I64 | Self::U64 => 64.0,
+            Self::F32 | Self::I32 | Self::U32 => 32.0,
+            Self::F16 | Self::BF16 | Self::I16 | Self::U16 => 16.0,
+            Self::I8 | Self::U8 | Self::Bool => 8.0,
+            Self::Quant(q) => (q.block_bytes() * 8) as f64 / q.block_weights() as f64,
+            Self::Other(name) => match *name {
+                "C64" => 64.0,
+                "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "F8_E4M3FNUZ" | "F8_E5M2FNUZ" => 8.0,
+                "F6_E2M3" | "F6_E3M2" => 6.0,
+                "F4" => 4.0,
+                _ => return None,
+            },
+        })
     }
 
     /// The dtype of a safetensors name (`F32`, `BF16`, `F8_E4M3`, …); `None` for unknown text.
@@ -408,15 +560,32 @@ impl Dtype {
                     .find(|other| **other == name)
                     .map(|other| Dtype::Other(other))
             })
+            .or_else(|| {
+                Quant::ALL
+                    .into_iter()
+                    .find(|row| row.2 == name)
+                    .map(|row| Dtype::Quant(row.0))
+            })
     }
 
-    /// Floating-point dtypes the analyses read (converted to f32 on request).
+    /// Dtypes the analyses read, as f32 on request: the floating-point
+    /// types and the GGUF block-quantized ones (a type the store cannot
+    /// dequantize is refused when its values are asked for, naming it).
     pub fn is_float(&self) -> bool {
-        matches!(self, Self::F64 | Self::F32 | Self::F16 | Self::BF16)
+        matches!(
+            self,
+            Self::F64 | Self::F32 | Self::F16 | Self::BF16 | Self::Quant(_)
+        )
     }
 }
 
 string_serde!(Dtype, "dtype");
+
+impl fmt::Display for Quant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Model facts the host knows about one checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -487,7 +656,9 @@ mod tests {
         for family in Family::ALL {
             assert_eq!(Family::parse(family.as_str()), Some(family));
         }
-        for name in ["F32", "BF16", "BOOL", "F8_E4M3", "unknown"] {
+        for name in [
+            "F32", "BF16", "BOOL", "F8_E4M3", "unknown", "Q4_K", "IQ2_XS",
+        ] {
             assert_eq!(Dtype::parse(name).unwrap().as_str(), name);
         }
         assert_eq!(Dtype::parse("F12"), None);
@@ -502,6 +673,15 @@ mod tests {
         assert!(!Role::Buffer.is_weight_matrix() && !Role::ResidMix.is_weight_matrix());
         assert_eq!(Role::Q.table_name(true), "q_bias");
         assert!(Dtype::BF16.is_float() && !Dtype::I8.is_float());
+        assert!(Dtype::Quant(Quant::Q4_1).is_float());
+        assert_eq!(Dtype::Quant(Quant::Q4_K).bits_per_weight(), Some(4.5));
+        assert_eq!(Dtype::Quant(Quant::Q4_1).bits_per_weight(), Some(5.0));
+        assert_eq!(Dtype::Quant(Quant::Q6_K).bits_per_weight(), Some(6.5625));
+        assert_eq!(Dtype::BF16.bits_per_weight(), Some(16.0));
+        for (quant, id, ..) in Quant::ALL {
+            assert_eq!(Quant::from_ggml_id(id), Some(quant));
+            assert_eq!(quant.ggml_id(), id);
+        }
         assert!(!Family::Bert.is_decoder() && Family::Gpt2.stores_transposed());
         assert!(!Family::Bert.is_causal() && Family::Gemma3.is_causal());
     }

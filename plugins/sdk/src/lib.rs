@@ -225,9 +225,9 @@ impl<'a> Host<'a> {
         let role = Role::parse(&role_name).ok_or_else(|| {
             PluginError::Host(format!("tensor `{name}`: unknown role `{role_name}`"))
         })?;
-        let dtype = Dtype::parse(&dtype_name).ok_or_else(|| {
-            PluginError::Host(format!("tensor `{name}`: unknown dtype `{dtype_name}`"))
-        })?;
+        // A dtype named by a newer host than this SDK knows is listed as
+        // `unknown` (not analysed), so an older plugin still runs.
+        let dtype = Dtype::parse(&dtype_name).unwrap_or(Dtype::Other("unknown"));
         Ok(TensorInfo {
             index,
             name,

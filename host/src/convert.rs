@@ -1,0 +1,50 @@
+//! `probe convert`: a checkpoint rewritten as one safetensors file in the
+//! Hugging Face layout, with its `config.json` and tokenizer files — for a
+//! GGUF file, every tensor dequantized to F32 with llama.cpp's storage
+//! conventions undone and renamed to its Hugging Face name (llama, qwen2,
+//! qwen3, gemma3; other architectures keep their GGUF names, which probe
+//! reads as well).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use probe_store::gguf_model;
+
+use crate::shuffle::{write_checkpoint, ShuffleError};
+use crate::store::Checkpoint;
+
+/// Write `checkpoint` into `out_dir`; returns how many tensors were written.
+pub fn to_safetensors(checkpoint: &Checkpoint, out_dir: &Path) -> Result<usize, ShuffleError> {
+    let arch = checkpoint
+        .gguf_metadata()
+        .and_then(|m| m.architecture())
+        .map(str::to_string);
+    let mut metadata: BTreeMap<String, String> = BTreeMap::new();
+    metadata.insert("format".into(), "pt".into());
+    metadata.insert(
+        "probe.converted_from".into(),
+        checkpoint
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let mut config = checkpoint.config.clone();
+    if let (Some(serde_json::Value::Object(config)), Some(_)) = (&mut config, &arch) {
+        // GGUF tensors are written dequantized.
+        config.insert("torch_dtype".into(), "float32".into());
+    }
+    write_checkpoint(
+        checkpoint,
+        &|entry, _| {
+            Ok(arch
+                .as_deref()
+                .and_then(|arch| gguf_model::hf_name(arch, &entry.name))
+                .unwrap_or_else(|| entry.name.clone()))
+        },
+        metadata,
+        config.as_ref(),
+        out_dir,
+    )?;
+    Ok(checkpoint.tensors().len())
+}
