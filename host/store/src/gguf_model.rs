@@ -15,7 +15,7 @@
 
 use serde_json::{json, Map, Value as Json};
 
-use crate::gguf::{Header, Metadata};
+use crate::gguf::{Metadata, TensorInfo};
 use probe_contract::Dtype;
 
 /// How a tensor's stored values become the Hugging Face layout.
@@ -187,8 +187,11 @@ pub fn transform(meta: &Metadata, name: &str, stored_shape: &[usize]) -> Result<
 /// and the architecture read. `frequency_factors` are the values of
 /// `rope_freqs.weight` when the file has that tensor (Llama 3.1's RoPE
 /// scaling, which llama.cpp stores as per-frequency divisors).
-pub fn hf_config(header: &Header, frequency_factors: Option<Vec<f32>>) -> Json {
-    let meta = &header.metadata;
+pub fn hf_config(
+    meta: &Metadata,
+    tensors: &[TensorInfo],
+    frequency_factors: Option<Vec<f32>>,
+) -> Json {
     let arch = meta.architecture().unwrap_or("unknown");
     let key = |k: &str| format!("{arch}.{k}");
     let mut config = Map::new();
@@ -282,16 +285,13 @@ pub fn hf_config(header: &Header, frequency_factors: Option<Vec<f32>>) -> Json {
             json!({ "rope_type": "frequency_factors", "factors": factors }),
         );
     }
-    let embed = header
-        .tensors
-        .iter()
-        .find(|t| t.name == "token_embd.weight");
+    let embed = tensors.iter().find(|t| t.name == "token_embd.weight");
     if let Some(rows) = embed.and_then(|t| t.extents.get(1)) {
         config.insert("vocab_size".into(), json!(rows));
     } else if let Some(tokens) = meta.strings("tokenizer.ggml.tokens") {
         config.insert("vocab_size".into(), json!(tokens.len()));
     }
-    let has_output = header.tensors.iter().any(|t| t.name == "output.weight");
+    let has_output = tensors.iter().any(|t| t.name == "output.weight");
     config.insert("tie_word_embeddings".into(), json!(!has_output));
     for (hf, gguf) in [
         ("bos_token_id", "tokenizer.ggml.bos_token_id"),
@@ -302,7 +302,7 @@ pub fn hf_config(header: &Header, frequency_factors: Option<Vec<f32>>) -> Json {
         }
     }
     let dtypes: std::collections::BTreeSet<&str> =
-        header.tensors.iter().map(|t| t.dtype.as_str()).collect();
+        tensors.iter().map(|t| t.dtype.as_str()).collect();
     config.insert(
         "gguf_tensor_types".into(),
         json!(dtypes.into_iter().collect::<Vec<_>>()),

@@ -403,13 +403,7 @@ impl Checkpoint {
                 user_metadata: HashMap::new(),
             });
         }
-        let whole = gguf::Header {
-            version: 3,
-            metadata: metadata.clone(),
-            tensors: all_infos,
-            data_start: 0,
-        };
-        let config = gguf_model::hf_config(&whole, frequency_factors);
+        let config = gguf_model::hf_config(&metadata, &all_infos, frequency_factors);
         // Scalar metadata reaches plugins and tables as text; arrays (the
         // vocabulary) stay in the store.
         if let Some(first) = shards.first_mut() {

@@ -11,7 +11,9 @@ use probe_store::gguf::testing;
 use probe_store::quants::READABLE;
 
 use crate::real_models::real_model;
-use crate::util::{column_f64, column_str, fixture, inspect_json, probe, read_parquet, tempdir};
+use crate::util::{
+    column_f64, column_opt_i64, column_str, fixture, inspect_json, probe, read_parquet, tempdir,
+};
 
 /// A file written by `fixtures/reference/gguf_reference.py`.
 pub fn gguf_fixture(name: &str) -> PathBuf {
@@ -20,6 +22,20 @@ pub fn gguf_fixture(name: &str) -> PathBuf {
         .join(name);
     assert!(path.is_file(), "missing {}", path.display());
     path
+}
+
+/// Two `inspect --format json` outputs describe the same model.
+fn assert_same_model(a: &serde_json::Value, b: &serde_json::Value, what: &str) {
+    for key in [
+        "family",
+        "num_layers",
+        "hidden_size",
+        "vocab_size",
+        "tied_embeddings",
+        "params",
+    ] {
+        assert_eq!(a[key], b[key], "{what}: {key}");
+    }
 }
 
 #[test]
@@ -85,16 +101,7 @@ fn a_gguf_fixture_inspects_as_its_safetensors() {
     for name in ["llama-tied-f32", "qwen2-untied-f16", "gemma3-tied-f32"] {
         let gguf = inspect_json(&gguf_fixture(&format!("{name}.gguf")));
         let st = inspect_json(&fixture(name));
-        for key in [
-            "family",
-            "num_layers",
-            "hidden_size",
-            "vocab_size",
-            "tied_embeddings",
-            "params",
-        ] {
-            assert_eq!(gguf[key], st[key], "{name}: {key}");
-        }
+        assert_same_model(&gguf, &st, name);
         assert_eq!(gguf["format"], "gguf");
         let roles = |json: &serde_json::Value| {
             let mut roles: Vec<(Option<u64>, String)> = json["tensors"]
@@ -263,16 +270,7 @@ fn smollm2_gguf_reads_as_its_safetensors() {
         return;
     };
     let (g, s) = (inspect_json(&gguf), inspect_json(&st));
-    for key in [
-        "family",
-        "num_layers",
-        "hidden_size",
-        "vocab_size",
-        "tied_embeddings",
-        "params",
-    ] {
-        assert_eq!(g[key], s[key], "{key}");
-    }
+    assert_same_model(&g, &s, "SmolLM2");
     assert_eq!(
         (g["family"].as_str(), g["num_layers"].as_u64()),
         (Some("llama"), Some(30))
@@ -350,15 +348,7 @@ fn smollm2_gguf_reads_as_its_safetensors() {
     assert!(fa.height() >= 14, "{} rows", fa.height());
     // Rows by (layer, role): the GGUF's names differ from the converted ones.
     let keyed = |frame: &polars::prelude::DataFrame, metric: &str| {
-        let layers: Vec<Option<i64>> = frame
-            .column("layer")
-            .unwrap()
-            .cast(&polars::prelude::DataType::Int64)
-            .unwrap()
-            .i64()
-            .unwrap()
-            .iter()
-            .collect();
+        let layers = column_opt_i64(frame, "layer");
         let roles = column_str(frame, "role");
         let values = column_f64(frame, metric);
         let mut rows: Vec<(String, f64)> = layers

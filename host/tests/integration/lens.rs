@@ -8,8 +8,8 @@ use probe::store::Checkpoint;
 
 use crate::real_models::real_model;
 use crate::util::{
-    column_f64, column_i64, column_opt_f64, column_str, family_with_tokenizer, fixture,
-    fixture_with_tokenizer, plugin_lib, read_parquet, run_plugin, run_plugin_to, tempdir,
+    column_f64, column_i64, column_opt_f64, column_opt_i64, column_str, family_with_tokenizer,
+    fixture, fixture_with_tokenizer, plugin_lib, read_parquet, run_plugin, run_plugin_to, tempdir,
     DECODER_FIXTURES,
 };
 
@@ -22,18 +22,6 @@ pub const FIXTURE_SET: &str = r#"{"category": "facts", "prompt": "the cat sat on
 {"category": "weather", "prompt": "the day was", "completion": "very hot and dry"}
 {"category": "facts", "prompt": "is it big"}
 "#;
-
-fn column_opt_i64(frame: &polars::prelude::DataFrame, name: &str) -> Vec<Option<i64>> {
-    frame
-        .column(name)
-        .unwrap()
-        .cast(&polars::prelude::DataType::Int64)
-        .unwrap()
-        .i64()
-        .unwrap()
-        .iter()
-        .collect()
-}
 
 /// The reference lens of one logits row, in f64: rank and probability of
 /// `target`, the top-1 (lowest id among equals), entropy, log-probabilities.

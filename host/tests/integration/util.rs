@@ -245,6 +245,19 @@ pub fn column_opt_f64(frame: &DataFrame, name: &str) -> Vec<Option<f64>> {
     frame.column(name).unwrap().f64().unwrap().iter().collect()
 }
 
+/// An integer column with its nulls (any integer type).
+pub fn column_opt_i64(frame: &DataFrame, name: &str) -> Vec<Option<i64>> {
+    frame
+        .column(name)
+        .unwrap()
+        .cast(&polars::prelude::DataType::Int64)
+        .unwrap()
+        .i64()
+        .unwrap()
+        .iter()
+        .collect()
+}
+
 /// An integer column without nulls.
 pub fn column_i64(frame: &DataFrame, name: &str) -> Vec<i64> {
     frame
