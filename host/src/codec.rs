@@ -30,7 +30,12 @@ pub fn gguf_vocabulary(meta: &Metadata) -> Option<GgufVocabulary<'_>> {
 /// Open the checkpoint's tokenizer.
 pub fn open(checkpoint: &Checkpoint) -> Result<TextCodec, TextError> {
     if let Some(vocab) = checkpoint.gguf_metadata().and_then(gguf_vocabulary) {
-        return TextCodec::from_gguf(&checkpoint.config_source(), &vocab);
+        let from_file = TextCodec::from_gguf(&checkpoint.config_source(), &vocab);
+        // A vocabulary probe cannot rebuild (SentencePiece) gives way to a
+        // tokenizer.json the user put beside the file.
+        if from_file.is_ok() || !checkpoint.dir.join("tokenizer.json").is_file() {
+            return from_file;
+        }
     }
     TextCodec::open(&checkpoint.dir)
 }
