@@ -19,20 +19,25 @@ pub fn to_safetensors(checkpoint: &Checkpoint, out_dir: &Path) -> Result<usize, 
         .gguf_metadata()
         .and_then(|m| m.architecture())
         .map(str::to_string);
+    // One key only: the safetensors crate writes `__metadata__` in hash
+    // order, and a converted file must have the same bytes every time (its
+    // sha256 is pinned by `cargo xtask models`). Where it came from goes
+    // into config.json.
     let mut metadata: BTreeMap<String, String> = BTreeMap::new();
     metadata.insert("format".into(), "pt".into());
-    metadata.insert(
-        "probe.converted_from".into(),
-        checkpoint
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    );
     let mut config = checkpoint.config.clone();
     if let (Some(serde_json::Value::Object(config)), Some(_)) = (&mut config, &arch) {
         // GGUF tensors are written dequantized.
         config.insert("torch_dtype".into(), "float32".into());
+        config.insert(
+            "probe_converted_from".into(),
+            checkpoint
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .into(),
+        );
     }
     write_checkpoint(
         checkpoint,

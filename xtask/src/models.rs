@@ -75,7 +75,7 @@ fn models() -> [Model; 2] {
                 sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                 gguf_dir: SMOLLM2_GGUF,
             },
-            weights_sha256: "1464a50a45cc742261d4f98ead5d6ff97ee9cba7b74d1291ad19b848bf8873e3",
+            weights_sha256: "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
         },
     ]
 }
