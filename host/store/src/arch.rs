@@ -179,6 +179,20 @@ impl Arch {
         }
 
         let weights = weight_map(checkpoint, schema, layers)?;
+        // The config's head size must be the one the weights have: it sizes
+        // the RoPE tables, so an absurd value must stop here.
+        if let Some(q) = weights.blocks[0].get("q.weight") {
+            let rows = checkpoint.entry(q).and_then(|e| e.shape.first().copied());
+            if heads.checked_mul(head_dim) != rows {
+                return Err(ArchError::Config {
+                    file: checkpoint.config_source(),
+                    problem: format!(
+                        "{heads} heads of size {head_dim} do not match `{q}` ({} rows)",
+                        rows.map_or("no".into(), |r| r.to_string())
+                    ),
+                });
+            }
+        }
 
         let rms_eps = config_f64(config, &["rms_norm_eps"]).unwrap_or(1e-6) as f32;
         let ln_eps =
@@ -518,6 +532,17 @@ fn weight_map(
     schema: &Schema,
     layers: usize,
 ) -> Result<WeightMap, ArchError> {
+    // The block count comes from tensor names or, without them, from the
+    // config: neither may size a table before the weights are found to be
+    // there, so a gap is reported first.
+    let present: std::collections::BTreeSet<usize> =
+        schema.placements.iter().filter_map(|p| p.layer).collect();
+    if let Some(gap) = (0..layers).find(|l| !present.contains(l)) {
+        return Err(ArchError::MissingTensor {
+            file: checkpoint.path.clone(),
+            what: format!("every weight of block {gap} (the model has {layers} blocks)"),
+        });
+    }
     let mut map = WeightMap {
         blocks: vec![BTreeMap::new(); layers],
         ..Default::default()
@@ -593,4 +618,94 @@ fn weight_map(
         return Err(missing("the position embedding".into()));
     }
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::testing;
+
+    /// A two-head llama GGUF with hidden size 4 whose blocks are named by
+    /// `blocks`; `head_dim` goes into the metadata as `attention.key_length`.
+    fn llama(blocks: &[u64], block_count: u32, head_dim: u32) -> Result<(Arch, WeightMap), String> {
+        let u32_value = |v: u32| v.to_le_bytes().to_vec();
+        let kv = [
+            ("general.architecture", 8, testing::string("llama")),
+            ("llama.block_count", 4, u32_value(block_count)),
+            ("llama.embedding_length", 4, u32_value(4)),
+            ("llama.feed_forward_length", 4, u32_value(8)),
+            ("llama.attention.head_count", 4, u32_value(2)),
+            ("llama.attention.key_length", 4, u32_value(head_dim)),
+        ];
+        let square = [0u8; 4 * 4 * 4];
+        let wide = [0u8; 4 * 8 * 4];
+        let norm = [0u8; 4 * 4];
+        let mut names = vec![];
+        for b in blocks {
+            for (part, extents) in [
+                ("attn_q", &[4u64, 4][..]),
+                ("attn_k", &[4, 4]),
+                ("attn_v", &[4, 4]),
+                ("attn_output", &[4, 4]),
+                ("ffn_gate", &[4, 8]),
+                ("ffn_up", &[4, 8]),
+                ("ffn_down", &[8, 4]),
+                ("attn_norm", &[4]),
+                ("ffn_norm", &[4]),
+            ] {
+                names.push((format!("blk.{b}.{part}.weight"), extents));
+            }
+        }
+        let mut tensors: Vec<(&str, &[u64], u32, &[u8])> = vec![
+            ("token_embd.weight", &[4, 16], 0, &[0u8; 4 * 16 * 4][..]),
+            ("output_norm.weight", &[4], 0, &norm),
+        ];
+        for (name, extents) in &names {
+            let data: &[u8] = match extents.len() {
+                1 => &norm,
+                _ if extents.contains(&8) => &wide,
+                _ => &square,
+            };
+            tensors.push((name, extents, 0, data));
+        }
+        let checkpoint = Checkpoint::from_bytes("m.gguf", testing::file(&kv, &tensors), None)
+            .map_err(|e| e.to_string())?;
+        let schema = Schema::of(&checkpoint);
+        Arch::of(&checkpoint, &schema).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_well_formed_model_builds() {
+        let (arch, map) = llama(&[0, 1], 2, 2).unwrap();
+        assert_eq!((arch.blocks.len(), arch.head_dim), (2, 2));
+        assert_eq!(map.blocks[1]["q.weight"], "blk.1.attn_q.weight");
+    }
+
+    #[test]
+    fn an_absurd_block_count_is_a_missing_block_not_an_allocation() {
+        // Found by the gguf_file fuzzer: a file without block tensors whose
+        // `block_count` said 10⁸ sized a table of 10⁸ blocks (2.4 GB) before
+        // any check ran.
+        let error = llama(&[], 100_000_000, 2).unwrap_err();
+        assert!(
+            error.contains("every weight of block 0 (the model has 100000000 blocks)"),
+            "{error}"
+        );
+        // Names decide when there are any; a gap in them is the same error.
+        let error = llama(&[0, 999_999], 2, 2).unwrap_err();
+        assert!(
+            error.contains("every weight of block 1 (the model has 1000000 blocks)"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_head_size_the_weights_do_not_have_is_refused() {
+        let error = llama(&[0], 1, 1 << 30).unwrap_err();
+        assert!(
+            error
+                .contains("2 heads of size 1073741824 do not match `blk.0.attn_q.weight` (4 rows)"),
+            "{error}"
+        );
+    }
 }
