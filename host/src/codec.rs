@@ -15,14 +15,17 @@ pub fn gguf_vocabulary(meta: &Metadata) -> Option<GgufVocabulary<'_>> {
         pre: meta.str("tokenizer.ggml.pre"),
         tokens: meta.strings("tokenizer.ggml.tokens")?,
         merges: meta.strings("tokenizer.ggml.merges"),
+        scores: meta.floats("tokenizer.ggml.scores"),
         token_types: meta
             .get("tokenizer.ggml.token_type")
             .and_then(|v| v.as_array())
             .and_then(|a| a.integers()),
         bos: id("tokenizer.ggml.bos_token_id"),
         eos: id("tokenizer.ggml.eos_token_id"),
-        add_bos: meta.bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
-        add_eos: meta.bool("tokenizer.ggml.add_eos_token").unwrap_or(false),
+        unknown: id("tokenizer.ggml.unknown_token_id"),
+        add_bos: meta.bool("tokenizer.ggml.add_bos_token"),
+        add_eos: meta.bool("tokenizer.ggml.add_eos_token"),
+        add_space_prefix: meta.bool("tokenizer.ggml.add_space_prefix").unwrap_or(true),
         chat_template: meta.str("tokenizer.chat_template"),
     })
 }
@@ -31,7 +34,7 @@ pub fn gguf_vocabulary(meta: &Metadata) -> Option<GgufVocabulary<'_>> {
 pub fn open(checkpoint: &Checkpoint) -> Result<TextCodec, TextError> {
     if let Some(vocab) = checkpoint.gguf_metadata().and_then(gguf_vocabulary) {
         let from_file = TextCodec::from_gguf(&checkpoint.config_source(), &vocab);
-        // A vocabulary probe cannot rebuild (SentencePiece) gives way to a
+        // A vocabulary probe cannot rebuild (Gemma 4's, a BERT WordPiece) gives way to a
         // tokenizer.json the user put beside the file.
         if from_file.is_ok() || !checkpoint.dir.join("tokenizer.json").is_file() {
             return from_file;

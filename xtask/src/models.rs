@@ -9,6 +9,11 @@
 //!   itself (`probe convert`: dequantized to F32, Q/K rows un-permuted back
 //!   to Hugging Face order, the tokenizer rebuilt from the GGUF vocabulary)
 //!   into the Hugging Face layout some tests need.
+//!
+//! A third source is not a model: llama.cpp's tokenizer test set
+//! (vocabulary-only GGUF files of real models, texts, and the token ids each
+//! model's Hugging Face tokenizer gives), from the `llama-cpp-python`
+//! source archive that vendors llama.cpp, into `.models/llama-cpp-vocab/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -133,6 +138,91 @@ pub fn fetch_all(root: &Path) -> Result<()> {
         std::fs::rename(&staging, &dest)?;
         println!("{}: ready in {}", model.name, dest.display());
     }
+    fetch_vocabularies(&out_root, &cache)
+}
+
+/// The `llama-cpp-python` source archive on PyPI (files.pythonhosted.org is
+/// PyPI's file host), pinned by sha256. Fetched by URL: `pip download`
+/// would build the package's metadata, which needs a C++ toolchain.
+const LLAMA_CPP_SDIST: (&str, &str) = (
+    "https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-0.3.36.tar.gz",
+    "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+);
+/// The vocabularies the tests check (`ggml-vocab-NAME.gguf` with its
+/// `.inp` texts and `.out` ids).
+const VOCABULARIES: [&str; 8] = [
+    "llama-spm",
+    "phi-3",
+    "gpt-2",
+    "starcoder",
+    "refact",
+    "qwen2",
+    "llama-bpe",
+    "deepseek-llm",
+];
+pub const LLAMA_CPP_VOCAB: &str = "llama-cpp-vocab";
+
+fn fetch_vocabularies(out_root: &Path, cache: &Path) -> Result<()> {
+    let (url, sha256) = LLAMA_CPP_SDIST;
+    let dest = out_root.join(LLAMA_CPP_VOCAB);
+    let stamp = dest.join(".complete");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(sha256) {
+        println!("{LLAMA_CPP_VOCAB}: cached in {}", dest.display());
+        return Ok(());
+    }
+    let archive = cache
+        .join("sdist")
+        .join(url.rsplit('/').next().unwrap_or("sdist.tar.gz"));
+    if !archive.is_file() || sha256_file(&archive)? != sha256 {
+        println!("{LLAMA_CPP_VOCAB}: fetching {url}");
+        std::fs::create_dir_all(archive.parent().unwrap_or(cache))?;
+        const DOWNLOAD: &str = r#"
+import sys, urllib.request
+url, dest = sys.argv[1], sys.argv[2]
+with urllib.request.urlopen(url, timeout=180) as r, open(dest, "wb") as out:
+    while chunk := r.read(1 << 20):
+        out.write(chunk)
+"#;
+        run(Command::new(python())
+            .args(["-c", DOWNLOAD, url])
+            .arg(&archive))?;
+        let actual = sha256_file(&archive)?;
+        if actual != sha256 {
+            bail!(
+                "{}: sha256 {actual} does not match the pinned {sha256}",
+                archive.display()
+            );
+        }
+    }
+    let staging = out_root.join(format!(".{LLAMA_CPP_VOCAB}.partial"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
+    const EXTRACT: &str = r#"
+import sys, tarfile, pathlib
+archive, dest, names = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3:]
+wanted = {f"ggml-vocab-{n}.gguf{suffix}" for n in names for suffix in ("", ".inp", ".out")}
+with tarfile.open(archive) as tar:
+    for member in tar:
+        path = pathlib.PurePosixPath(member.name)
+        if member.isfile() and path.parent.name == "models" and path.name in wanted:
+            (dest / path.name).write_bytes(tar.extractfile(member).read())
+            wanted.discard(path.name)
+if wanted:
+    raise SystemExit(f"missing from the archive: {sorted(wanted)}")
+"#;
+    run(Command::new(python())
+        .args(["-c", EXTRACT])
+        .arg(&archive)
+        .arg(&staging)
+        .args(VOCABULARIES))?;
+    std::fs::write(staging.join(".complete"), sha256)?;
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest)?;
+    }
+    std::fs::rename(&staging, &dest)?;
+    println!("{LLAMA_CPP_VOCAB}: ready in {}", dest.display());
     Ok(())
 }
 

@@ -376,3 +376,72 @@ fn smollm2_gguf_reads_as_its_safetensors() {
         }
     }
 }
+
+/// llama.cpp's own tokenizer test set: vocabulary-only GGUF files of real
+/// models (written by llama.cpp from each model's Hugging Face tokenizer)
+/// and, for about 40 texts each, the token ids that Hugging Face tokenizer
+/// gives (`ggml-vocab-NAME.gguf.inp` / `.out`, from the llama.cpp source
+/// `cargo xtask models` fetches). The rebuilt tokenizer must give the same
+/// ids for every text, special tokens not added.
+#[test]
+fn gguf_tokenizers_match_llama_cpp_test_vocabularies() {
+    let Some(dir) = real_model("llama-cpp-vocab") else {
+        return;
+    };
+    let mut checked = 0;
+    for name in [
+        "llama-spm", // SentencePiece BPE with a space prefix (Llama 2)
+        "phi-3",     // the same kind, with added control tokens
+        "gpt-2",
+        "starcoder",
+        "refact",
+        "qwen2",
+        "llama-bpe", // Llama 3
+    ] {
+        let file = dir.join(format!("ggml-vocab-{name}.gguf"));
+        let bytes = std::fs::read(&file).unwrap();
+        let header = probe_store::gguf::parse(&file, &bytes).unwrap();
+        let vocab = probe::codec::gguf_vocabulary(&header.metadata).unwrap();
+        let codec = probe_text::TextCodec::from_gguf(&file, &vocab)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let inputs =
+            std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp"))).unwrap();
+        let outputs =
+            std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out"))).unwrap();
+        // Texts separated by this line, the last one followed by it too.
+        let inputs: Vec<&str> = inputs
+            .strip_suffix("\n__ggml_vocab_test__\n")
+            .unwrap_or(&inputs)
+            .split("\n__ggml_vocab_test__\n")
+            .collect();
+        let outputs: Vec<&str> = outputs.lines().collect();
+        assert_eq!(inputs.len(), outputs.len(), "{name}");
+        let mut wrong = vec![];
+        for (text, ids) in inputs.iter().zip(&outputs) {
+            let expected: Vec<u32> = ids.split_whitespace().map(|i| i.parse().unwrap()).collect();
+            let got = codec.encode_continuation(text).unwrap();
+            if got != expected {
+                wrong.push(format!("{text:?}: {got:?} != {expected:?}"));
+            }
+            checked += 1;
+        }
+        assert!(wrong.is_empty(), "{name}:\n{}", wrong.join("\n"));
+    }
+    assert!(checked > 200, "{checked}");
+
+    // A pre-tokenizer probe does not rebuild is refused by name.
+    let file = dir.join("ggml-vocab-deepseek-llm.gguf");
+    let bytes = std::fs::read(&file).unwrap();
+    let header = probe_store::gguf::parse(&file, &bytes).unwrap();
+    let vocab = probe::codec::gguf_vocabulary(&header.metadata).unwrap();
+    let error = probe_text::TextCodec::from_gguf(&file, &vocab)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains(
+            "its pre-tokenizer `deepseek-llm` (`tokenizer.ggml.pre`) is not one probe knows"
+        ),
+        "{error}"
+    );
+}
