@@ -127,12 +127,7 @@ fn byte_level_parts(
     let llama3 = is_llama3(pre);
     Ok(ModelParts {
         add_bos: llama3,
-        model: json!({
-            "type": "BPE", "dropout": null, "unk_token": null,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": false, "byte_fallback": false, "ignore_merges": llama3,
-            "vocab": vocab_map(vocab.tokens), "merges": merges,
-        }),
+        model: bpe_model(vocab.tokens, json!(merges), None, llama3),
         normalizer,
         pre_tokenizer,
         decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
@@ -211,12 +206,7 @@ fn sentencepiece_parts(
     decoders.extend(decoder_strip);
     Ok(ModelParts {
         add_bos: true,
-        model: json!({
-            "type": "BPE", "dropout": null, "unk_token": unknown,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-            "vocab": vocab_map(vocab.tokens), "merges": merges,
-        }),
+        model: bpe_model(vocab.tokens, json!(merges), Some(unknown), false),
         normalizer,
         pre_tokenizer: Value::Null,
         decoder: json!({"type": "Sequence", "decoders": decoders}),
@@ -224,12 +214,25 @@ fn sentencepiece_parts(
     })
 }
 
-fn vocab_map(tokens: &[String]) -> serde_json::Map<String, Value> {
-    tokens
+/// A `tokenizer.json` BPE model; `byte_fallback` (SentencePiece's) carries
+/// the unknown token, if the vocabulary has one.
+fn bpe_model(
+    tokens: &[String],
+    merges: Value,
+    byte_fallback: Option<Option<&String>>,
+    ignore_merges: bool,
+) -> Value {
+    let vocab: serde_json::Map<String, Value> = tokens
         .iter()
         .enumerate()
         .map(|(i, t)| (t.clone(), json!(i)))
-        .collect()
+        .collect();
+    json!({
+        "type": "BPE", "dropout": null, "unk_token": byte_fallback.flatten(),
+        "continuing_subword_prefix": null, "end_of_word_suffix": null,
+        "fuse_unk": byte_fallback.is_some(), "byte_fallback": byte_fallback.is_some(),
+        "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges,
+    })
 }
 
 impl TextCodec {
