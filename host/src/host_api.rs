@@ -386,13 +386,18 @@ unsafe extern "C" fn tensor_f32(ctx: *const c_void, index: usize, out: *mut F32B
             Ok(values) => values,
             Err(error) => return fail(error.to_string()),
         };
+        // A converted copy no longer needs the file's pages; a borrow gives
+        // them back when the plugin releases it.
+        if matches!(values, Cow::Owned(_)) {
+            run.checkpoint.release_pages(entry);
+        }
         // SAFETY: non-null, and the plugin passes a place for one buffer.
         unsafe { out.write(lend_f32(values)) };
         abi::STATUS_OK
     })
 }
 
-unsafe extern "C" fn release_f32(_ctx: *const c_void, buffer: *mut F32Buffer) {
+unsafe extern "C" fn release_f32(ctx: *const c_void, buffer: *mut F32Buffer) {
     host_call("release_f32", (), || {
         // SAFETY: null or the buffer this host lent, as the ABI requires.
         let Some(buffer) = (unsafe { buffer.as_mut() }) else {
@@ -402,6 +407,14 @@ unsafe extern "C" fn release_f32(_ctx: *const c_void, buffer: *mut F32Buffer) {
             // SAFETY: `owner` came from Box::into_raw in `lend_f32`, and is
             // nulled below so a second release does nothing.
             drop(unsafe { Box::from_raw(buffer.owner as *mut Vec<f32>) });
+        } else if !ctx.is_null() {
+            // A borrow of the mapping: the plugin is done with those pages.
+            // SAFETY: the table's own ctx.
+            let run = unsafe { context(ctx) };
+            run.checkpoint.release_pages_at(
+                buffer.data as usize,
+                buffer.len * std::mem::size_of::<f32>(),
+            );
         }
         *buffer = F32Buffer::empty();
     })

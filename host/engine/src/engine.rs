@@ -341,6 +341,10 @@ impl<'c> Engine<'c> {
             }
             let view = checkpoint.tensor(name)?;
             let data = view.to_f32()?;
+            // Converted: the graphs read the copy, never the file's pages.
+            if matches!(data, Cow::Owned(_)) {
+                checkpoint.release_pages(view.entry);
+            }
             values.insert(name.clone(), (view.shape().to_vec(), data));
         }
         let shapes = |inputs: &BTreeMap<&'static str, String>| -> WeightShapes {

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Metadata, SafeTensorError};
 use safetensors::SafeTensors;
 
@@ -528,6 +528,55 @@ impl Checkpoint {
         }
     }
 
+    /// Give back the mapped file pages under one tensor, once its values
+    /// are no longer read from the mapping (converted, or done with): they
+    /// count toward a job's memory (Slurm, Kubernetes cgroups) until the
+    /// kernel needs them, and a pass over a large checkpoint would otherwise
+    /// keep every page it ever read. Reading the tensor again faults them
+    /// back in from the file; a no-op for bytes held in memory.
+    pub fn release_pages(&self, entry: &TensorEntry) {
+        let bytes = &self.shards[entry.shard].data[entry.bytes.clone()];
+        self.release_pages_at(bytes.as_ptr() as usize, bytes.len());
+    }
+
+    /// The same for the bytes at an address this checkpoint lent out (a
+    /// borrowed tensor handed back by a plugin); an address outside every
+    /// mapping is ignored.
+    pub fn release_pages_at(&self, address: usize, len: usize) {
+        for shard in &self.shards {
+            let ShardBytes::Mapped(mmap) = &shard.data else {
+                continue;
+            };
+            let base = mmap.as_ptr() as usize;
+            let Some(offset) = address.checked_sub(base) else {
+                continue;
+            };
+            if offset.checked_add(len).is_none_or(|end| end > mmap.len()) {
+                continue;
+            }
+            // Whole pages only: the first and last may hold a neighbour's
+            // bytes, which a neighbour still in use should not have to
+            // fault back in.
+            let page = page_size();
+            let start = offset.div_ceil(page) * page;
+            let end = (offset + len) / page * page;
+            if end > start {
+                // SAFETY: `DontNeed` on a read-only file mapping drops the
+                // pages from this process; later reads (any live borrow of
+                // these bytes included) fault the same file contents back
+                // in. The hazard memmap2 marks it unchecked for — losing
+                // writes to a private mapping — cannot arise: nothing
+                // writes to this mapping.
+                let advised = unsafe {
+                    mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+                };
+                // Advice only: a kernel that declines it costs memory, not results.
+                let _ = advised;
+            }
+            return;
+        }
+    }
+
     /// The files this checkpoint is made of.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.shards.iter().map(|s| s.path.as_path())
@@ -543,6 +592,19 @@ impl Checkpoint {
         }
         merged
     }
+}
+
+/// The system's page size (the unit `madvise` works in).
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf reads a constant of the system; no memory is touched.
+        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(size)
+            .ok()
+            .filter(|&s| s > 0)
+            .unwrap_or(4096)
+    })
 }
 
 fn map_file(file: &Path) -> Result<ShardBytes, StoreError> {
