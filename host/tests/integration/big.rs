@@ -138,21 +138,25 @@ fn a_checkpoint_bigger_than_memory_is_read_in_bounded_memory() {
 
     let out = dir.path().join("spectral.parquet");
     let plugin = crate::util::plugin_lib("probe-plugin-spectral");
-    let (code, _, stderr, rss) = run_measured(&[
-        "run".as_ref(),
-        "--plugin".as_ref(),
-        plugin.as_os_str(),
-        dir.path().as_os_str(),
-        "--param".as_ref(),
-        "method=power".as_ref(),
-        "--param".as_ref(),
-        "layers=0".as_ref(),
-        "--param".as_ref(),
-        "roles=q".as_ref(),
-        "--quiet".as_ref(),
-        "--out".as_ref(),
-        out.as_os_str(),
-    ]);
+    // Spectral's power method with these extra parameters, measured.
+    let spectral = |params: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "run".as_ref(),
+            "--plugin".as_ref(),
+            plugin.as_os_str(),
+            dir.path().as_os_str(),
+            "--param".as_ref(),
+            "method=power".as_ref(),
+            "--quiet".as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ];
+        for param in params {
+            args.extend([std::ffi::OsStr::new("--param"), std::ffi::OsStr::new(param)]);
+        }
+        run_measured(&args)
+    };
+    let (code, _, stderr, rss) = spectral(&["layers=0", "roles=q"]);
     assert_eq!(code, Some(0), "{stderr}");
     let table = crate::util::read_parquet(&out);
     assert_eq!(table.height(), 1);
@@ -181,19 +185,7 @@ fn a_checkpoint_bigger_than_memory_is_read_in_bounded_memory() {
     // Six whole blocks (42 matrices, 2.8 GB of BF16): each matrix's file
     // pages are given back once it is converted, so mapped pages do not pile
     // up block after block (before: every page read stayed resident).
-    let (code, _, stderr, rss) = run_measured(&[
-        "run".as_ref(),
-        "--plugin".as_ref(),
-        plugin.as_os_str(),
-        dir.path().as_os_str(),
-        "--param".as_ref(),
-        "method=power".as_ref(),
-        "--param".as_ref(),
-        "layers=0-5".as_ref(),
-        "--quiet".as_ref(),
-        "--out".as_ref(),
-        out.as_os_str(),
-    ]);
+    let (code, _, stderr, rss) = spectral(&["layers=0-5"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(crate::util::read_parquet(&out).height(), 6 * 7);
     assert!(
