@@ -382,15 +382,10 @@ unsafe extern "C" fn tensor_f32(ctx: *const c_void, index: usize, out: *mut F32B
         if out.is_null() {
             return fail("tensor_f32: null output");
         }
-        let values = match run.checkpoint.view(entry).to_f32() {
+        let values = match run.checkpoint.f32_values(entry) {
             Ok(values) => values,
             Err(error) => return fail(error.to_string()),
         };
-        // A converted copy no longer needs the file's pages; a borrow gives
-        // them back when the plugin releases it.
-        if matches!(values, Cow::Owned(_)) {
-            run.checkpoint.release_pages(entry);
-        }
         // SAFETY: non-null, and the plugin passes a place for one buffer.
         unsafe { out.write(lend_f32(values)) };
         abi::STATUS_OK

@@ -340,11 +340,7 @@ impl<'c> Engine<'c> {
                 continue;
             }
             let view = checkpoint.tensor(name)?;
-            let data = view.to_f32()?;
-            // Converted: the graphs read the copy, never the file's pages.
-            if matches!(data, Cow::Owned(_)) {
-                checkpoint.release_pages(view.entry);
-            }
+            let data = checkpoint.f32_values(view.entry)?;
             values.insert(name.clone(), (view.shape().to_vec(), data));
         }
         let shapes = |inputs: &BTreeMap<&'static str, String>| -> WeightShapes {

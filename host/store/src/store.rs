@@ -528,6 +528,17 @@ impl Checkpoint {
         }
     }
 
+    /// A tensor's f32 values for a reader that keeps them: a conversion no
+    /// longer needs the file's pages, so they are given back at once (a
+    /// borrow keeps them; its reader gives them back when done).
+    pub fn f32_values<'a>(&'a self, entry: &'a TensorEntry) -> Result<Cow<'a, [f32]>, StoreError> {
+        let values = self.view(entry).to_f32()?;
+        if matches!(values, Cow::Owned(_)) {
+            self.release_pages(entry);
+        }
+        Ok(values)
+    }
+
     /// Give back the mapped file pages under one tensor, once its values
     /// are no longer read from the mapping (converted, or done with): they
     /// count toward a job's memory (Slurm, Kubernetes cgroups) until the
@@ -567,11 +578,10 @@ impl Checkpoint {
                 // in. The hazard memmap2 marks it unchecked for — losing
                 // writes to a private mapping — cannot arise: nothing
                 // writes to this mapping.
-                let advised = unsafe {
+                // Advice only: a kernel that declines it costs memory, not results.
+                let _ = unsafe {
                     mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
                 };
-                // Advice only: a kernel that declines it costs memory, not results.
-                let _ = advised;
             }
             return;
         }
