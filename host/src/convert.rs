@@ -12,9 +12,16 @@ use probe_store::gguf_model;
 
 use crate::shuffle::{write_checkpoint, ShuffleError};
 use crate::store::Checkpoint;
+use crate::Dtype;
 
-/// Write `checkpoint` into `out_dir`; returns how many tensors were written.
-pub fn to_safetensors(checkpoint: &Checkpoint, out_dir: &Path) -> Result<usize, ShuffleError> {
+/// Write `checkpoint` into `out_dir`, every float tensor as `cast` when
+/// given (BF16 or F16 copies of a model, to study or to run under a memory
+/// budget); returns how many tensors were written.
+pub fn to_safetensors(
+    checkpoint: &Checkpoint,
+    cast: Option<Dtype>,
+    out_dir: &Path,
+) -> Result<usize, ShuffleError> {
     let arch = checkpoint
         .gguf_metadata()
         .and_then(|m| m.architecture())
@@ -26,9 +33,19 @@ pub fn to_safetensors(checkpoint: &Checkpoint, out_dir: &Path) -> Result<usize, 
     let mut metadata: BTreeMap<String, String> = BTreeMap::new();
     metadata.insert("format".into(), "pt".into());
     let mut config = checkpoint.config.clone();
+    if let (Some(serde_json::Value::Object(config)), Some(to)) = (&mut config, cast) {
+        let name = match to {
+            Dtype::BF16 => "bfloat16",
+            Dtype::F16 => "float16",
+            _ => "float32",
+        };
+        config.insert("torch_dtype".into(), name.into());
+    }
     if let (Some(serde_json::Value::Object(config)), Some(_)) = (&mut config, &arch) {
         // GGUF tensors are written dequantized.
-        config.insert("torch_dtype".into(), "float32".into());
+        if cast.is_none() {
+            config.insert("torch_dtype".into(), "float32".into());
+        }
         config.insert(
             "probe_converted_from".into(),
             checkpoint
@@ -49,6 +66,7 @@ pub fn to_safetensors(checkpoint: &Checkpoint, out_dir: &Path) -> Result<usize, 
         },
         metadata,
         config.as_ref(),
+        cast,
         out_dir,
     )?;
     Ok(checkpoint.tensors().len())

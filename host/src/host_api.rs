@@ -187,6 +187,14 @@ impl<'a> RunContext<'a> {
         }
     }
 
+    /// What the forward engine's weight cache did, if a forward pass ran.
+    pub fn weight_stats(&self) -> Option<crate::forward::WeightStats> {
+        let slot = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref()
+            .and_then(|engine| engine.as_ref().ok())
+            .map(Engine::weight_stats)
+    }
+
     /// The companion tables emitted so far, taken out.
     pub fn take_companions(&self) -> Vec<(String, DataFrame)> {
         std::mem::take(&mut *self.companions.lock().unwrap_or_else(|p| p.into_inner()))

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod convert;
 pub mod host_api;
 pub mod inspect;
+pub mod memory;
 pub mod plugin;
 pub mod progress;
 pub mod run;

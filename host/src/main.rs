@@ -73,6 +73,10 @@ enum Command {
         /// tokenizer files into.
         #[arg(long, short = 'o')]
         out: PathBuf,
+        /// Write every float tensor as this type (rounded to nearest, ties
+        /// to even); default: as stored (GGUF block types as F32).
+        #[arg(long)]
+        dtype: Option<CastArg>,
     },
     /// Draw result tables as one self-contained HTML page of SVG charts.
     Report {
@@ -123,6 +127,12 @@ struct ForwardArgs {
     /// ONNX Runtime threads (default: every core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// The most memory converted weights (F16, BF16, quantized → f32) may
+    /// take at once: `64MB`, `8GiB`, or `none`. Default: a quarter of the
+    /// memory free now (the cgroup's, under Slurm or Kubernetes). A model
+    /// larger than the budget streams through it block by block.
+    #[arg(long, value_name = "SIZE")]
+    memory_budget: Option<probe::memory::MemoryBudget>,
     /// table or json.
     #[arg(long, short = 'f')]
     format: Option<Format>,
@@ -133,6 +143,13 @@ struct ForwardArgs {
     /// median seconds per pass.
     #[arg(long, hide = true)]
     time_passes: Option<usize>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CastArg {
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -199,6 +216,12 @@ struct RunArgs {
     /// ONNX Runtime threads for the plugin's forward passes (default: every core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// The most memory converted weights (F16, BF16, quantized → f32) may
+    /// take at once: `64MB`, `8GiB`, or `none`. Default: a quarter of the
+    /// memory free now (the cgroup's, under Slurm or Kubernetes). A model
+    /// larger than the budget streams through it block by block.
+    #[arg(long, value_name = "SIZE")]
+    memory_budget: Option<probe::memory::MemoryBudget>,
     /// Internal: the isolated child writes its table here.
     #[arg(long, hide = true)]
     isolated_result: Option<PathBuf>,
@@ -254,9 +277,14 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Convert { model, out } => {
+        Command::Convert { model, out, dtype } => {
             let checkpoint = probe::store::Checkpoint::open(&model)?;
-            let tensors = probe::convert::to_safetensors(&checkpoint, &out)?;
+            let cast = dtype.map(|d| match d {
+                CastArg::F32 => probe::Dtype::F32,
+                CastArg::Bf16 => probe::Dtype::BF16,
+                CastArg::F16 => probe::Dtype::F16,
+            });
+            let tensors = probe::convert::to_safetensors(&checkpoint, cast, &out)?;
             eprintln!(
                 "probe: wrote {tensors} tensors to {}",
                 out.join("model.safetensors").display()
@@ -308,6 +336,7 @@ fn forward(args: ForwardArgs) -> Result<()> {
         EngineOptions {
             device,
             threads: args.threads,
+            memory_budget: probe::memory::resolve(args.memory_budget),
         },
     )?;
     let capture = Capture {
@@ -332,7 +361,7 @@ fn forward(args: ForwardArgs) -> Result<()> {
         println!("{}", seconds[seconds.len() / 2]);
         return Ok(());
     }
-    let summary = Summary::new(
+    let mut summary = Summary::new(
         checkpoint.label.clone(),
         engine.arch.family.to_string(),
         device.as_str().to_string(),
@@ -340,6 +369,7 @@ fn forward(args: ForwardArgs) -> Result<()> {
         codec.as_ref().ok(),
         args.top_k,
     );
+    summary.weights = Some(engine.weight_stats());
     let text = match format {
         Format::Json => serde_json::to_string_pretty(&summary)? + "\n",
         _ => summary.render(),
@@ -373,6 +403,7 @@ fn run_plugin(args: RunArgs) -> Result<()> {
     let engine = probe::forward::EngineOptions {
         device: args.device.device(),
         threads: args.threads,
+        memory_budget: probe::memory::resolve(args.memory_budget),
     };
     // A device that cannot be used fails the run before any work (and
     // before a plugin that makes no forward pass could hide it).
@@ -506,6 +537,9 @@ fn run_isolated(
     }
     child.arg("--device").arg(args.device.as_str());
     child.arg("--threads").arg(args.threads.to_string());
+    if let Some(budget) = args.memory_budget {
+        child.arg("--memory-budget").arg(budget.to_string());
+    }
     child.arg("--isolated-result").arg(&result);
     let status = child.status()?;
     if !status.success() {

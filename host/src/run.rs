@@ -308,6 +308,8 @@ pub fn execute(
     let mut frame: Option<DataFrame> = None;
     let mut companions: Vec<(String, DataFrame)> = Vec::new();
     let several = checkpoints.len() > 1;
+    // The weight cache's counters per checkpoint that ran forward passes.
+    let mut weights = Vec::new();
     let mut offset = 0;
     for index in 0..checkpoints.len() {
         let items: Vec<usize> = (0..counts[index])
@@ -329,6 +331,9 @@ pub fn execute(
                     name,
                     with_checkpoint(table, &labels[index], several, plugin)?,
                 ));
+            }
+            if let Some(stats) = context.weight_stats() {
+                weights.push((labels[index].clone(), stats));
             }
             append_companions(&mut companions, extra, plugin)
         })?;
@@ -389,6 +394,23 @@ pub fn execute(
         "probe.threads".to_string(),
         options.engine.threads.to_string(),
     ));
+    metadata.push((
+        "probe.memory_budget".to_string(),
+        options
+            .engine
+            .memory_budget
+            .map_or("none".into(), |bytes| bytes.to_string()),
+    ));
+    if !weights.is_empty() {
+        let by_label: serde_json::Map<String, serde_json::Value> = weights
+            .into_iter()
+            .map(|(label, stats)| (label, serde_json::to_value(stats).unwrap_or_default()))
+            .collect();
+        metadata.push((
+            "probe.weights".to_string(),
+            serde_json::Value::Object(by_label).to_string(),
+        ));
+    }
     if let Some(shard) = options.shard {
         metadata.push(("probe.shard".to_string(), shard.to_string()));
     }

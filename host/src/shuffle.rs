@@ -10,7 +10,7 @@ use rand::SeedableRng;
 
 use crate::schema::{self, Schema};
 use crate::store::{Checkpoint, TensorEntry};
-use crate::Placement;
+use crate::{Dtype, Placement};
 
 /// Metadata key: JSON array, entry `s` = the true depth of the block stored at index `s`.
 pub const TRUE_POSITION_KEY: &str = "probe.shuffle.true_position";
@@ -136,6 +136,7 @@ pub fn write_reordered(
         },
         metadata,
         config.as_ref(),
+        None,
         out_dir,
     )
 }
@@ -146,12 +147,15 @@ pub fn write_reordered(
 /// tokenizer files: copied from beside the weights, or, for a GGUF file
 /// with its own vocabulary, the `tokenizer.json` rebuilt from it. Weights
 /// are the mapping's bytes unless they must be converted (GGUF block types
-/// and storage conventions: written as F32).
+/// and storage conventions: written as F32) or `cast` names a float type
+/// for every float tensor (F32, BF16 or F16; rounded to nearest, ties to
+/// even, as PyTorch's `.to(dtype)` does).
 pub fn write_checkpoint(
     checkpoint: &Checkpoint,
     rename: &dyn Fn(&TensorEntry, &Placement) -> Result<String, ShuffleError>,
     metadata: BTreeMap<String, String>,
     config: Option<&serde_json::Value>,
+    cast: Option<Dtype>,
     out_dir: &Path,
 ) -> Result<(), ShuffleError> {
     let refuse = |problem: String| ShuffleError::Refused {
@@ -162,10 +166,16 @@ pub fn write_checkpoint(
     let mut values = Vec::new();
     for (entry, placement) in schema.placed(checkpoint) {
         let name = rename(entry, placement)?;
-        let (dtype, bytes) = checkpoint
-            .view(entry)
-            .safetensors_bytes()
-            .map_err(|e| refuse(e.to_string()))?;
+        let view = checkpoint.view(entry);
+        let (dtype, bytes) = match cast.filter(|_| entry.dtype.is_float()) {
+            Some(to) => {
+                let values = view.to_f32().map_err(|e| refuse(e.to_string()))?;
+                (to, std::borrow::Cow::Owned(cast_floats(&values, to)))
+            }
+            None => view
+                .safetensors_bytes()
+                .map_err(|e| refuse(e.to_string()))?,
+        };
         values.push((name, entry, dtype, bytes));
     }
     let mut renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
@@ -252,6 +262,21 @@ pub fn write_checkpoint(
         }
     }
     Ok(())
+}
+
+/// f32 values as little-endian bytes of `to` (F32, BF16 or F16).
+fn cast_floats(values: &[f32], to: Dtype) -> Vec<u8> {
+    match to {
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        _ => bytemuck::cast_slice(values).to_vec(),
+    }
 }
 
 /// Per-block settings in config.json travel with their blocks: Gemma 3's

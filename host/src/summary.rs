@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use probe_engine::Trace;
+use probe_engine::{Trace, WeightStats};
 use probe_text::TextCodec;
 
 #[derive(Debug, Serialize)]
@@ -49,6 +49,10 @@ pub struct Summary {
     /// (the sentence embedding of sentence-transformers models).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mean_pooled: Option<Vec<f32>>,
+    /// What the weight cache held for this pass: the memory budget, the
+    /// peak bytes of converted weights, what was converted (again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<WeightStats>,
 }
 
 /// The `k` largest logits of a row, largest first (ties by lower id).
@@ -150,6 +154,7 @@ impl Summary {
                 .logits
                 .is_none()
                 .then(|| mean_pooled(&trace.output, trace.hidden)),
+            weights: None,
         }
     }
 
@@ -224,6 +229,17 @@ impl Summary {
         }
         out.push_str(&norms.to_string());
         out.push('\n');
+        if let Some(weights) = &self.weights {
+            let size = |bytes: usize| bytesize::ByteSize(bytes as u64).to_string();
+            out.push_str(&format!(
+                "converted weights: peak {} (budget {}) · {} converted in {} tensors or row ranges · {} read in place from the file\n",
+                size(weights.peak_converted_bytes),
+                weights.budget_bytes.map_or("none".into(), size),
+                size(weights.total_converted_bytes),
+                weights.conversions,
+                size(weights.borrowed_bytes),
+            ));
+        }
         out
     }
 }

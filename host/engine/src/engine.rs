@@ -14,7 +14,8 @@ use probe_contract::{Branches, LensReply, LensRequest};
 use probe_store::schema::Schema;
 use probe_store::store::Checkpoint;
 
-use crate::graph::{self, io, WeightShapes};
+use crate::graph::{self, io, BlockGraphKind, WeightShapes};
+use crate::weights::{f32_bytes, WeightCache, WeightStats};
 use crate::{runtime, ForwardError};
 use probe_store::arch::{Arch, Attention, WeightMap};
 
@@ -42,6 +43,9 @@ pub struct EngineOptions {
     pub device: Device,
     /// Intra-op threads; 0 lets ONNX Runtime use every core.
     pub threads: usize,
+    /// The most bytes of converted (f32) weights held at once; `None` keeps
+    /// every converted tensor for the engine's life. See [`crate::weights`].
+    pub memory_budget: Option<usize>,
 }
 
 /// What to keep from a run besides the final residual.
@@ -240,7 +244,19 @@ pub(crate) struct BlockGraph {
     pub(crate) shapes: WeightShapes,
     /// The other kinds — a cache step, one sublayer alone, the block with
     /// its hooks open — built the first time a request needs one.
-    pub(crate) variants: HashMap<graph::BlockGraphKind, Session>,
+    pub(crate) variants: HashMap<BlockGraphKind, Session>,
+    /// The weight inputs each kind's graph reads (a sublayer's graph reads
+    /// that sublayer's weights only).
+    pub(crate) reads: HashMap<BlockGraphKind, Vec<&'static str>>,
+}
+
+/// The weight inputs a session declares, of those a block graph may read.
+fn weight_reads(session: &Session, shapes: &WeightShapes) -> Vec<&'static str> {
+    shapes
+        .keys()
+        .copied()
+        .filter(|k| session.inputs().iter().any(|i| i.name() == *k))
+        .collect()
 }
 
 pub struct Engine<'c> {
@@ -248,8 +264,9 @@ pub struct Engine<'c> {
     pub arch: Arch,
     pub(crate) map: WeightMap,
     /// f32 values of every tensor the graphs read: borrowed from the mapping
-    /// when stored as aligned F32, converted once otherwise.
-    pub(crate) values: HashMap<String, (Vec<usize>, Cow<'c, [f32]>)>,
+    /// when stored as aligned F32, converted on use under the memory budget
+    /// otherwise.
+    pub(crate) weights: WeightCache<'c>,
     embed: Session,
     pub(crate) graphs: Vec<BlockGraph>,
     /// Index into `graphs` for each block.
@@ -272,6 +289,12 @@ struct HeadRows {
     ids: Vec<u32>,
     /// (graph input, shape, values) per head weight that has a vocabulary axis.
     inputs: Vec<(&'static str, Vec<usize>, Vec<f32>)>,
+}
+
+impl HeadRows {
+    fn bytes(&self) -> usize {
+        self.inputs.iter().map(|(_, _, v)| f32_bytes(v.len())).sum()
+    }
 }
 
 pub(crate) fn ort_error<'a>(
@@ -329,27 +352,27 @@ impl<'c> Engine<'c> {
         // editor below included): a missing library is an error, not a panic.
         runtime::environment()?;
 
-        let mut values = HashMap::new();
         let names = map
             .embed
             .values()
             .chain(map.head.values())
             .chain(map.blocks.iter().flat_map(|b| b.values()));
-        for name in names {
-            if values.contains_key(name) {
-                continue;
-            }
-            let view = checkpoint.tensor(name)?;
-            let data = checkpoint.f32_values(view.entry)?;
-            values.insert(name.clone(), (view.shape().to_vec(), data));
-        }
+        // The embedding table and the unembedding are read a few rows at a
+        // time (a run's tokens, a tile of the vocabulary).
+        let by_rows: Vec<&str> = [map.embed.get("embed.weight")]
+            .into_iter()
+            .chain(["lm_head.weight", "lm_head.bias"].map(|i| map.head.get(i)))
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        let weights = WeightCache::new(checkpoint, names, &by_rows, options.memory_budget)?;
         let shapes = |inputs: &BTreeMap<&'static str, String>| -> WeightShapes {
             inputs
                 .iter()
-                .map(|(k, v)| (*k, values[v].0.clone()))
+                .map(|(k, v)| (*k, weights.shapes()[v].clone()))
                 .collect()
         };
-        check_shapes(checkpoint, &arch, &map, &values)?;
+        check_shapes(checkpoint, &arch, &map, weights.shapes())?;
 
         let session = |model: ort::editor::Model, what: &str| -> Result<Session, ForwardError> {
             let builder = session_builder(options, &ort_error(checkpoint, what))?;
@@ -372,14 +395,17 @@ impl<'c> Engine<'c> {
             let index = match by_shapes.get(&key) {
                 Some(&i) => i,
                 None => {
-                    let model =
-                        graph::block(&arch, &block_shapes, graph::BlockGraphKind::Whole).map_err(
-                            ort_error(checkpoint, &format!("building the graph of block {layer}")),
-                        )?;
+                    let model = graph::block(&arch, &block_shapes, BlockGraphKind::Whole).map_err(
+                        ort_error(checkpoint, &format!("building the graph of block {layer}")),
+                    )?;
+                    let session =
+                        session(model, &format!("creating the session of block {layer}"))?;
+                    let reads = weight_reads(&session, &block_shapes);
                     graphs.push(BlockGraph {
-                        session: session(model, &format!("creating the session of block {layer}"))?,
+                        session,
                         shapes: block_shapes,
                         variants: HashMap::new(),
+                        reads: HashMap::from([(BlockGraphKind::Whole, reads)]),
                     });
                     by_shapes.insert(key, graphs.len() - 1);
                     graphs.len() - 1
@@ -401,7 +427,7 @@ impl<'c> Engine<'c> {
             checkpoint,
             arch,
             map,
-            values,
+            weights,
             embed,
             graphs,
             graph_of,
@@ -412,6 +438,11 @@ impl<'c> Engine<'c> {
             block_runs: 0,
             rows_reused: 0,
         })
+    }
+
+    /// What the weight cache holds and has done (see [`crate::weights`]).
+    pub fn weight_stats(&self) -> WeightStats {
+        self.weights.stats()
     }
 
     /// Block session runs so far: a batch that stacks sequences makes fewer.
@@ -438,37 +469,79 @@ impl<'c> Engine<'c> {
         self.head.is_some()
     }
 
+    /// The graph inputs `reads` of `inputs` (graph input → stored tensor),
+    /// fed from the cache (loaded by the caller) or, for a tensor in
+    /// `overrides`, from the override.
     pub(crate) fn weight_inputs<'v>(
-        values: &'v HashMap<String, (Vec<usize>, Cow<'c, [f32]>)>,
+        weights: &'v WeightCache<'c>,
         inputs: &BTreeMap<&'static str, String>,
+        reads: &[&'static str],
+        overrides: &'v [WeightOverride<'v>],
         into: &mut Vec<(Cow<'static, str>, SessionInputValue<'v>)>,
     ) -> Result<(), ort::Error> {
-        for (input, name) in inputs {
-            let (shape, data) = &values[name];
-            let tensor = TensorRef::from_array_view((shape.clone(), &data[..]))?;
+        for input in reads {
+            let name = &inputs[input];
+            let data = match overrides.iter().find(|o| o.tensor == name) {
+                Some(o) => o.values,
+                None => weights.get(name).ok_or_else(|| {
+                    ort::Error::new(format!("the weights of `{name}` are not loaded"))
+                })?,
+            };
+            let shape = weights.shape(name).unwrap_or_default().to_vec();
+            let tensor = TensorRef::from_array_view((shape, data))?;
             into.push((Cow::Borrowed(*input), tensor.into()));
         }
         Ok(())
     }
 
-    /// [`Engine::weight_inputs`] of a block, where `overrides` replace
-    /// stored tensors.
-    pub(crate) fn block_weight_inputs<'v>(
-        values: &'v HashMap<String, (Vec<usize>, Cow<'c, [f32]>)>,
-        inputs: &BTreeMap<&'static str, String>,
-        overrides: &'v [WeightOverride<'v>],
-        into: &mut Vec<(Cow<'static, str>, SessionInputValue<'v>)>,
-    ) -> Result<(), ort::Error> {
-        for (input, name) in inputs {
-            let (shape, stored) = &values[name];
-            let data = overrides
-                .iter()
-                .find(|o| o.tensor == name)
-                .map_or(&stored[..], |o| o.values);
-            let tensor = TensorRef::from_array_view((shape.clone(), data))?;
-            into.push((Cow::Borrowed(*input), tensor.into()));
-        }
-        Ok(())
+    /// The stored tensors `block`'s graph of `kind` reads that `overrides`
+    /// do not replace.
+    fn block_tensors<'s>(
+        &'s self,
+        block: usize,
+        kind: BlockGraphKind,
+        overrides: &[WeightOverride<'_>],
+    ) -> Vec<&'s str> {
+        let inputs = &self.map.blocks[block];
+        self.graphs[self.graph_of[block]]
+            .reads
+            .get(&kind)
+            .into_iter()
+            .flatten()
+            .map(|input| inputs[input].as_str())
+            .filter(|name| !overrides.iter().any(|o| o.tensor == *name))
+            .collect()
+    }
+
+    /// Load what `block`'s graph of `kind` reads (built already) into the
+    /// weight cache; the graph's weight inputs.
+    pub(crate) fn load_block(
+        &mut self,
+        block: usize,
+        kind: BlockGraphKind,
+        overrides: &[WeightOverride<'_>],
+    ) -> Result<Vec<&'static str>, ForwardError> {
+        let names: Vec<String> = self
+            .block_tensors(block, kind, overrides)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let what = match kind {
+            BlockGraphKind::Attention => format!("the attention of block {block}"),
+            BlockGraphKind::Mlp => format!("the MLP of block {block}"),
+            _ => format!("block {block}"),
+        };
+        self.weights.load(&names, &what)?;
+        Ok(self.graphs[self.graph_of[block]].reads[&kind].clone())
+    }
+
+    /// Whether `block`'s converted weights fit the budget at once; a block
+    /// that does not runs as its attention and then its MLP.
+    fn block_fits(&self, block: usize, overrides: &[WeightOverride<'_>]) -> bool {
+        let names = self.block_tensors(block, BlockGraphKind::Whole, overrides);
+        self.weights
+            .fits(self.weights.converted_size(names.into_iter()))
     }
 
     /// Run one forward pass.
@@ -749,7 +822,7 @@ impl<'c> Engine<'c> {
                 format!("no tensor `{name}` in the checkpoint to override")
             });
         }
-        let (shape, _) = &self.values[name];
+        let shape = self.weights.shape(name).unwrap_or_default();
         let want: usize = shape.iter().product();
         if weights.values.len() != want {
             return Err(format!(
@@ -785,15 +858,94 @@ impl<'c> Engine<'c> {
         tokens: &[u32],
         positions: &[usize],
     ) -> Result<Vec<f32>, ForwardError> {
-        let t = tokens.len();
-        let ids: Vec<i64> = tokens.iter().map(|&id| id as i64).collect();
+        // The graph reads the table's rows of this run's tokens only (ids
+        // renumbered to them): a vocabulary's table need not be converted
+        // whole, nor held, to embed a few tokens.
+        let mut unique = tokens.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let table_name = self.map.embed["embed.weight"].clone();
+        let width: usize = self
+            .weights
+            .shape(&table_name)
+            .unwrap_or_default()
+            .iter()
+            .skip(1)
+            .product();
+        let others: Vec<&'static str> = self
+            .map
+            .embed
+            .keys()
+            .copied()
+            .filter(|input| *input != "embed.weight")
+            .collect();
+        let names: Vec<String> = others.iter().map(|i| self.map.embed[i].clone()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.weights.load(&names, "the embedding")?;
+        let reserved = if self.weights.get(&table_name).is_some() {
+            0
+        } else {
+            f32_bytes(unique.len() * width)
+        };
+        self.weights
+            .reserve(reserved, "the embedding of a run's tokens")?;
+        let table = self.gather_rows(&table_name, &unique, width);
+        let out = table.and_then(|table| {
+            let ids: Vec<i64> = tokens
+                .iter()
+                .map(|id| unique.binary_search(id).map_or(0, |i| i as i64))
+                .collect();
+            self.run_embedding(&ids, positions, (&table, unique.len(), width), &others)
+        });
+        self.weights.unreserve(reserved);
+        out
+    }
+
+    /// Rows `ids` (ascending) of a tensor `[rows, width]`, stacked.
+    fn gather_rows(
+        &mut self,
+        name: &str,
+        ids: &[u32],
+        width: usize,
+    ) -> Result<Vec<f32>, ForwardError> {
+        let mut rows = Vec::with_capacity(ids.len() * width);
+        let mut i = 0;
+        while i < ids.len() {
+            // Consecutive ids are read as one range.
+            let mut end = i + 1;
+            while end < ids.len() && ids[end] == ids[end - 1] + 1 {
+                end += 1;
+            }
+            let range = ids[i] as usize..ids[end - 1] as usize + 1;
+            rows.extend_from_slice(&self.weights.rows(name, range)?);
+            i = end;
+        }
+        Ok(rows)
+    }
+
+    /// The embedding graph on ids into `table` (`[rows, width]`).
+    fn run_embedding(
+        &mut self,
+        ids: &[i64],
+        positions: &[usize],
+        table: (&[f32], usize, usize),
+        others: &[&'static str],
+    ) -> Result<Vec<f32>, ForwardError> {
+        let t = ids.len();
         let positions: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
         let type_ids = vec![0i64; t];
         let fail = ort_error(self.checkpoint, "running the embedding");
         let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
         inputs.push((
             io::IDS.into(),
-            TensorRef::from_array_view(([t], &ids[..]))
+            TensorRef::from_array_view(([t], ids))
+                .map_err(&fail)?
+                .into(),
+        ));
+        let (rows, count, width) = table;
+        inputs.push((
+            "embed.weight".into(),
+            TensorRef::from_array_view(([count, width], rows))
                 .map_err(&fail)?
                 .into(),
         ));
@@ -813,7 +965,8 @@ impl<'c> Engine<'c> {
                     .into(),
             ));
         }
-        Self::weight_inputs(&self.values, &self.map.embed, &mut inputs).map_err(&fail)?;
+        Self::weight_inputs(&self.weights, &self.map.embed, others, &[], &mut inputs)
+            .map_err(&fail)?;
         let outputs = self.embed.run(inputs).map_err(&fail)?;
         Ok(outputs[io::OUT]
             .try_extract_tensor::<f32>()
@@ -837,6 +990,8 @@ impl<'c> Engine<'c> {
         let model = graph::block(&self.arch, &self.graphs[g].shapes, kind).map_err(&fail)?;
         let builder = session_builder(self.options, &fail)?;
         let session = model.into_session(&builder).map_err(&fail)?;
+        let reads = weight_reads(&session, &self.graphs[g].shapes);
+        self.graphs[g].reads.insert(kind, reads);
         self.graphs[g].variants.insert(kind, session);
         Ok(())
     }
@@ -911,23 +1066,30 @@ impl<'c> Engine<'c> {
             sublayer != Some(Sublayer::Mlp),
             sublayer != Some(Sublayer::Attention),
         );
-        let mut selector = OutputSelector::no_default().with(io::OUT);
-        if updates && attention_runs {
-            selector = selector.with(io::ATTN_UPDATE);
-        }
-        if updates && mlp_runs {
-            selector = selector.with(io::MLP_UPDATE);
-        }
-        if attention {
-            selector = selector.with(io::ATTN_PROBS);
-        }
-        if z && attention_runs {
-            selector = selector.with(io::Z);
-        }
-        if keep_cache {
-            selector = selector.with(io::KEYS).with(io::VALUES);
-        }
-        let run_options = RunOptions::new().map_err(&fail)?.with_outputs(selector);
+        // The outputs one graph of `half` gives to this stack.
+        let outputs_of = |half: BlockGraphKind| -> Vec<&'static str> {
+            let (att, mlp) = (
+                half != BlockGraphKind::Mlp,
+                half != BlockGraphKind::Attention,
+            );
+            let mut names = vec![io::OUT];
+            if updates && att && attention_runs {
+                names.push(io::ATTN_UPDATE);
+            }
+            if updates && mlp && mlp_runs {
+                names.push(io::MLP_UPDATE);
+            }
+            if attention && att {
+                names.push(io::ATTN_PROBS);
+            }
+            if z && att && attention_runs {
+                names.push(io::Z);
+            }
+            if keep_cache && att {
+                names.extend([io::KEYS, io::VALUES]);
+            }
+            names
+        };
         let (heads, dh) = (self.arch.heads, self.arch.head_dim);
         let hook_values = patched.then(|| {
             let offsets = stack.iter().scan(0, |row, &i| {
@@ -943,21 +1105,13 @@ impl<'c> Engine<'c> {
                 dh,
             )
         });
-
-        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
-        inputs.push((
-            io::RESIDUAL.into(),
-            TensorRef::from_array_view(([n, hidden], &stacked[..]))
-                .map_err(&fail)?
-                .into(),
-        ));
         // Plain sequences take the table's first t rows; branched and packed
         // ones gather each row's position from it.
         let gathered: (Vec<f32>, Vec<f32>);
-        if let Some(rope) = kind.rope {
-            let dh = self.arch.head_dim;
-            let (cos, sin) = match spans.as_slice() {
-                [(_, None)] => (&tables[rope].0, &tables[rope].1),
+        let rotation: Option<(&[f32], &[f32])> = match kind.rope {
+            None => None,
+            Some(rope) => Some(match spans.as_slice() {
+                [(_, None)] => (&tables[rope].0[..t * dh], &tables[rope].1[..t * dh]),
                 _ => {
                     let positions: Vec<usize> = spans
                         .iter()
@@ -973,62 +1127,76 @@ impl<'c> Engine<'c> {
                             .collect()
                     };
                     gathered = (gather(cos), gather(sin));
-                    (&gathered.0, &gathered.1)
+                    (&gathered.0[..], &gathered.1[..])
                 }
-            };
-            inputs.push((
-                io::COS.into(),
-                TensorRef::from_array_view(([t, dh], &cos[..t * dh]))
-                    .map_err(&fail)?
-                    .into(),
-            ));
-            inputs.push((
-                io::SIN.into(),
-                TensorRef::from_array_view(([t, dh], &sin[..t * dh]))
-                    .map_err(&fail)?
-                    .into(),
-            ));
-        }
-        inputs.push((
-            io::MASK.into(),
-            TensorRef::from_array_view(([t, t], &mask[..]))
-                .map_err(&fail)?
-                .into(),
-        ));
-        if let Some(values) = &hook_values {
-            let widths = [heads * dh, heads * dh, hidden, hidden, hidden, hidden];
-            for ((name, width), array) in io::HOOKS.into_iter().zip(widths).zip(values) {
-                inputs.push((
-                    name.into(),
-                    TensorRef::from_array_view(([n, width], &array[..]))
-                        .map_err(&fail)?
-                        .into(),
-                ));
-            }
-        }
+            }),
+        };
+        let feed = BlockFeed {
+            rows: n,
+            hidden,
+            t,
+            head_dim: dh,
+            z_width: heads * dh,
+            rotation,
+            mask,
+            hooks: hook_values.as_ref(),
+        };
         // Every request of a stack overrides this block's tensors alike
         // (`stacks_for_block`): the first one's overrides stand for all.
-        Self::block_weight_inputs(
-            &self.values,
-            &self.map.blocks[block],
-            requests[stack[0]].overrides,
-            &mut inputs,
-        )
-        .map_err(&fail)?;
-        let graph = &mut self.graphs[self.graph_of[block]];
-        let session = match variant {
-            graph::BlockGraphKind::Whole => Some(&mut graph.session),
-            _ => graph.variants.get_mut(&variant),
-        }
-        .ok_or_else(|| {
-            ForwardError::Runtime(format!("block {block} has no {variant:?} session"))
-        })?;
-        let outputs = session
-            .run_with_options(inputs, &run_options)
+        let overrides = requests[stack[0]].overrides;
+        // A block whose weights do not fit the memory budget at once runs as
+        // its attention and then its MLP, each half's weights loaded in turn
+        // (the halves chained are the block: the attention graph's output is
+        // the block's midpoint, which the MLP graph takes).
+        let halves = if variant == BlockGraphKind::Whole && !self.block_fits(block, overrides) {
+            self.build_variant(block, BlockGraphKind::Attention)?;
+            self.build_variant(block, BlockGraphKind::Mlp)?;
+            vec![BlockGraphKind::Attention, BlockGraphKind::Mlp]
+        } else {
+            vec![variant]
+        };
+        let mut arrays: HashMap<&'static str, Vec<f32>> = HashMap::new();
+        let mut residual = stacked;
+        for half in halves {
+            let reads = self.load_block(block, half, overrides)?;
+            let mut inputs = feed.inputs(&residual).map_err(&fail)?;
+            Self::weight_inputs(
+                &self.weights,
+                &self.map.blocks[block],
+                &reads,
+                overrides,
+                &mut inputs,
+            )
             .map_err(&fail)?;
-        self.block_runs += 1;
+            let wanted = outputs_of(half);
+            let selector = wanted
+                .iter()
+                .fold(OutputSelector::no_default(), |s, name| s.with(*name));
+            let run_options = RunOptions::new().map_err(&fail)?.with_outputs(selector);
+            let graph = &mut self.graphs[self.graph_of[block]];
+            let session = match half {
+                BlockGraphKind::Whole => Some(&mut graph.session),
+                _ => graph.variants.get_mut(&half),
+            }
+            .ok_or_else(|| {
+                ForwardError::Runtime(format!("block {block} has no {half:?} session"))
+            })?;
+            let outputs = session
+                .run_with_options(inputs, &run_options)
+                .map_err(&fail)?;
+            for name in wanted {
+                let values = outputs[name].try_extract_tensor::<f32>().map_err(&fail)?.1;
+                arrays.insert(name, values.to_vec());
+            }
+            drop(outputs);
+            self.block_runs += 1;
+            residual = Cow::Owned(arrays[io::OUT].clone());
+        }
         let array = |name: &str| -> Result<&[f32], ForwardError> {
-            Ok(outputs[name].try_extract_tensor::<f32>().map_err(&fail)?.1)
+            arrays
+                .get(name)
+                .map(Vec::as_slice)
+                .ok_or_else(|| ForwardError::Runtime(format!("block {block} gave no `{name}`")))
         };
         let out = array(io::OUT)?;
         // A sublayer run alone adds nothing through the other one.
@@ -1245,24 +1413,24 @@ impl<'c> Engine<'c> {
         ids: &[u32],
     ) -> Result<Vec<f32>, ForwardError> {
         if self.head_rows.as_ref().is_none_or(|rows| rows.ids != ids) {
-            let inputs = self
-                .map
-                .head
+            if let Some(old) = self.head_rows.take() {
+                self.weights.unreserve(old.bytes());
+            }
+            let vocab_inputs = self.head_vocab_inputs();
+            let bytes = vocab_inputs
                 .iter()
-                .filter(|(input, _)| input.starts_with("lm_head."))
-                .map(|(input, name)| {
-                    let (shape, data) = &self.values[name];
-                    let row = shape[1..].iter().product::<usize>();
-                    let mut rows = Vec::with_capacity(ids.len() * row);
-                    for &id in ids {
-                        let id = id as usize;
-                        rows.extend_from_slice(&data[id * row..(id + 1) * row]);
-                    }
-                    let mut shape = shape.clone();
-                    shape[0] = ids.len();
-                    (*input, shape, rows)
-                })
-                .collect();
+                .map(|(_, _, width)| f32_bytes(ids.len() * width))
+                .sum();
+            self.weights
+                .reserve(bytes, "the head's rows of a restricted vocabulary")?;
+            let mut inputs = Vec::new();
+            for (input, name, width) in vocab_inputs {
+                let rows = self.gather_rows(&name, ids, width);
+                let rows = rows.inspect_err(|_| self.weights.unreserve(bytes))?;
+                let mut shape = self.weights.shape(&name).unwrap_or_default().to_vec();
+                shape[0] = ids.len();
+                inputs.push((input, shape, rows));
+            }
             self.head_rows = Some(HeadRows {
                 ids: ids.to_vec(),
                 inputs,
@@ -1271,8 +1439,24 @@ impl<'c> Engine<'c> {
         self.head_over_rows(residual, t, true)
     }
 
+    /// The head's inputs with a vocabulary axis: (graph input, stored
+    /// tensor, values per row).
+    fn head_vocab_inputs(&self) -> Vec<(&'static str, String, usize)> {
+        self.map
+            .head
+            .iter()
+            .filter(|(input, _)| input.starts_with("lm_head."))
+            .map(|(input, name)| {
+                let shape = self.weights.shape(name).unwrap_or_default();
+                (*input, name.clone(), shape.iter().skip(1).product())
+            })
+            .collect()
+    }
+
     /// Run the head on `residual`, with the whole unembedding or, when
-    /// `restricted`, with the rows in `self.head_rows`.
+    /// `restricted`, with the rows in `self.head_rows`. A whole unembedding
+    /// larger than the memory budget runs in tiles of rows that fit it, each
+    /// converted, run and dropped.
     fn head_over_rows(
         &mut self,
         residual: &[f32],
@@ -1280,7 +1464,7 @@ impl<'c> Engine<'c> {
         restricted: bool,
     ) -> Result<Vec<f32>, ForwardError> {
         let hidden = self.arch.hidden;
-        let Some(head) = self.head.as_mut() else {
+        if self.head.is_none() {
             return Err(ForwardError::Request {
                 file: self.checkpoint.path.clone(),
                 problem: format!(
@@ -1288,7 +1472,7 @@ impl<'c> Engine<'c> {
                     self.arch.family
                 ),
             });
-        };
+        }
         // `t` may come from a plugin: no product that can overflow.
         if Some(residual.len()) != t.checked_mul(hidden) {
             return Err(ForwardError::Request {
@@ -1300,39 +1484,168 @@ impl<'c> Engine<'c> {
             });
         }
         let fail = ort_error(self.checkpoint, "running the head");
+        // The final norm and everything else without a vocabulary axis.
+        let others: Vec<&'static str> = self
+            .map
+            .head
+            .keys()
+            .copied()
+            .filter(|input| !input.starts_with("lm_head."))
+            .collect();
+        let other_names: Vec<String> = others.iter().map(|i| self.map.head[i].clone()).collect();
+        let vocab_inputs = self.head_vocab_inputs();
+        let whole = self.weights.converted_size(
+            other_names
+                .iter()
+                .chain(vocab_inputs.iter().map(|(_, name, _)| name))
+                .map(String::as_str),
+        );
+        let mut load: Vec<&str> = other_names.iter().map(String::as_str).collect();
+        let tiled = !restricted && !self.weights.fits(whole);
+        if !restricted && !tiled {
+            load.extend(vocab_inputs.iter().map(|(_, name, _)| name.as_str()));
+        }
+        self.weights.load(&load, "the head")?;
+        let head = self
+            .head
+            .as_mut()
+            .ok_or_else(|| ForwardError::Runtime("the model has no head".into()))?;
+        if restricted {
+            let rows = self.head_rows.as_ref();
+            let vocab: Vec<(&'static str, Vec<usize>, &[f32])> = rows
+                .map(|r| {
+                    r.inputs
+                        .iter()
+                        .map(|(i, shape, v)| (*i, shape.clone(), &v[..]))
+                })
+                .into_iter()
+                .flatten()
+                .collect();
+            return Self::run_head(
+                head,
+                &self.weights,
+                &self.map.head,
+                &others,
+                residual,
+                t,
+                &vocab,
+            )
+            .map_err(&fail);
+        }
+        if !tiled {
+            let vocab: Vec<(&'static str, Vec<usize>, &[f32])> = vocab_inputs
+                .iter()
+                .map(|(input, name, _)| {
+                    let shape = self.weights.shape(name).unwrap_or_default().to_vec();
+                    (*input, shape, self.weights.get(name).unwrap_or_default())
+                })
+                .collect();
+            return Self::run_head(
+                head,
+                &self.weights,
+                &self.map.head,
+                &others,
+                residual,
+                t,
+                &vocab,
+            )
+            .map_err(&fail);
+        }
+        // Tiles of as many vocabulary rows as the budget holds besides the
+        // final norm.
+        let vocab = self.arch.vocab;
+        let row_bytes: usize = vocab_inputs.iter().map(|(_, _, w)| f32_bytes(*w)).sum();
+        let keep: Vec<&str> = other_names.iter().map(String::as_str).collect();
+        let room = self.weights.room(&keep).unwrap_or(usize::MAX);
+        let tile = (room / row_bytes.max(1)).min(vocab);
+        if tile == 0 {
+            return Err(ForwardError::Budget {
+                file: self.checkpoint.path.clone(),
+                what: "the head (its final norm and one vocabulary row)".into(),
+                needed: whole.saturating_sub(vocab * row_bytes) + row_bytes,
+                budget: self.weights.stats().budget_bytes.unwrap_or_default(),
+            });
+        }
+        let mut logits = vec![0f32; t * vocab];
+        for first in (0..vocab).step_by(tile) {
+            let rows = first..(first + tile).min(vocab);
+            let bytes = rows.len() * row_bytes;
+            self.weights.reserve(bytes, "a tile of the head")?;
+            let part = self.head_tile(residual, t, rows.clone(), &vocab_inputs, &others);
+            self.weights.unreserve(bytes);
+            let part = part?;
+            let width = rows.len();
+            for (row, out) in part.chunks_exact(width).zip(logits.chunks_exact_mut(vocab)) {
+                out[rows.clone()].copy_from_slice(row);
+            }
+        }
+        Ok(logits)
+    }
+
+    /// Logits `[t, rows.len()]` of the vocabulary rows `rows`, read and
+    /// converted for this call.
+    fn head_tile(
+        &mut self,
+        residual: &[f32],
+        t: usize,
+        rows: std::ops::Range<usize>,
+        vocab_inputs: &[(&'static str, String, usize)],
+        others: &[&'static str],
+    ) -> Result<Vec<f32>, ForwardError> {
+        let mut parts = Vec::with_capacity(vocab_inputs.len());
+        for (input, name, width) in vocab_inputs {
+            let values = self.weights.rows(name, rows.clone())?.into_owned();
+            let mut shape = self.weights.shape(name).unwrap_or_default().to_vec();
+            shape[0] = values.len() / (*width).max(1);
+            parts.push((*input, shape, values));
+        }
+        let vocab: Vec<(&'static str, Vec<usize>, &[f32])> = parts
+            .iter()
+            .map(|(i, shape, v)| (*i, shape.clone(), &v[..]))
+            .collect();
+        let head = self
+            .head
+            .as_mut()
+            .ok_or_else(|| ForwardError::Runtime("the model has no head".into()))?;
+        Self::run_head(
+            head,
+            &self.weights,
+            &self.map.head,
+            others,
+            residual,
+            t,
+            &vocab,
+        )
+        .map_err(ort_error(self.checkpoint, "running the head"))
+    }
+
+    /// The head graph on `residual` `[t, hidden]`: its vocabulary weights
+    /// given as (graph input, shape, values), the others (`others`) read
+    /// from the cache.
+    fn run_head(
+        head: &mut Session,
+        weights: &WeightCache<'c>,
+        inputs_map: &BTreeMap<&'static str, String>,
+        others: &[&'static str],
+        residual: &[f32],
+        t: usize,
+        vocab: &[(&'static str, Vec<usize>, &[f32])],
+    ) -> Result<Vec<f32>, ort::Error> {
+        let hidden = residual.len() / t.max(1);
         let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = Vec::new();
         inputs.push((
             io::RESIDUAL.into(),
-            TensorRef::from_array_view(([t, hidden], residual))
-                .map_err(&fail)?
-                .into(),
+            TensorRef::from_array_view(([t, hidden], residual))?.into(),
         ));
-        // Head weights with a vocabulary axis come from `head_rows` when the
-        // run is restricted; everything else (the final norm) as stored.
-        let rows = self.head_rows.as_ref().filter(|_| restricted);
-        for (input, name) in &self.map.head {
-            let (shape, data) = match rows.and_then(|r| r.inputs.iter().find(|(i, ..)| i == input))
-            {
-                Some((_, shape, data)) => (shape, &data[..]),
-                None => {
-                    let (shape, data) = &self.values[name];
-                    (shape, &data[..])
-                }
-            };
+        for (input, shape, values) in vocab {
             inputs.push((
                 Cow::Borrowed(*input),
-                TensorRef::from_array_view((shape.clone(), data))
-                    .map_err(&fail)?
-                    .into(),
+                TensorRef::from_array_view((shape.clone(), *values))?.into(),
             ));
         }
-        let outputs = head.run(inputs).map_err(&fail)?;
-        let logits = outputs[io::LOGITS]
-            .try_extract_tensor::<f32>()
-            .map_err(&fail)?
-            .1
-            .to_vec();
-        Ok(logits)
+        Self::weight_inputs(weights, inputs_map, others, &[], &mut inputs)?;
+        let outputs = head.run(inputs)?;
+        Ok(outputs[io::LOGITS].try_extract_tensor::<f32>()?.1.to_vec())
     }
 }
 
@@ -1422,6 +1735,48 @@ pub fn rope_table(inv_freq: &[f64], t: usize) -> (Vec<f32>, Vec<f32>) {
         }
     }
     (cos, sin)
+}
+
+/// Every input of a stacked block run but the weights and the residual.
+struct BlockFeed<'v> {
+    rows: usize,
+    hidden: usize,
+    /// The mask's side.
+    t: usize,
+    head_dim: usize,
+    z_width: usize,
+    rotation: Option<(&'v [f32], &'v [f32])>,
+    mask: &'v [f32],
+    hooks: Option<&'v [Vec<f32>; 6]>,
+}
+
+impl<'v> BlockFeed<'v> {
+    /// The inputs of a run on `residual` `[rows, hidden]`.
+    fn inputs(
+        &self,
+        residual: &'v [f32],
+    ) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>, ort::Error> {
+        let mut inputs = Vec::new();
+        let mut push = |name: &'static str, shape: [usize; 2], data: &'v [f32]| {
+            let tensor = TensorRef::from_array_view((shape, data))?;
+            inputs.push((Cow::Borrowed(name), tensor.into()));
+            Ok::<(), ort::Error>(())
+        };
+        let (t, dh) = (self.t, self.head_dim);
+        push(io::RESIDUAL, [self.rows, self.hidden], residual)?;
+        if let Some((cos, sin)) = self.rotation {
+            push(io::COS, [t, dh], cos)?;
+            push(io::SIN, [t, dh], sin)?;
+        }
+        push(io::MASK, [t, t], self.mask)?;
+        if let Some(hooks) = self.hooks {
+            let (z, d) = (self.z_width, self.hidden);
+            for ((name, width), array) in io::HOOKS.into_iter().zip([z, z, d, d, d, d]).zip(hooks) {
+                push(name, [self.rows, width], array)?;
+            }
+        }
+        Ok(inputs)
+    }
 }
 
 /// One session run of a block over a stack of requests.
@@ -1598,11 +1953,11 @@ fn check_shapes(
     checkpoint: &Checkpoint,
     arch: &Arch,
     map: &WeightMap,
-    values: &HashMap<String, (Vec<usize>, Cow<'_, [f32]>)>,
+    shapes: &HashMap<String, Vec<usize>>,
 ) -> Result<(), ForwardError> {
     let (d, h, kv, dh) = (arch.hidden, arch.heads, arch.kv_heads, arch.head_dim);
     let expect = |name: &String, want: &[usize]| -> Result<(), ForwardError> {
-        let got = &values[name].0;
+        let got = &shapes[name];
         if got.as_slice() != want {
             return Err(ForwardError::Shape {
                 file: checkpoint.path.clone(),
@@ -1651,7 +2006,7 @@ fn check_shapes(
             }
         }
         if let (Some(up), Some(down)) = (get("up.weight"), get("down.weight")) {
-            let up_shape = &values[up].0;
+            let up_shape = &shapes[up];
             let inter = if block.contains_key("qkv.weight") {
                 up_shape.get(1)
             } else {

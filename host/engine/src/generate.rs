@@ -264,6 +264,7 @@ impl Engine<'_> {
             BlockGraphKind::Step
         };
         self.build_variant(block, variant)?;
+        let reads = self.load_block(block, variant, step.overrides)?;
         let fail = ort_error(
             self.checkpoint,
             &format!("running block {block} after cached rows"),
@@ -349,9 +350,10 @@ impl Engine<'_> {
                 ));
             }
         }
-        Self::block_weight_inputs(
-            &self.values,
+        Self::weight_inputs(
+            &self.weights,
             &self.map.blocks[block],
+            &reads,
             step.overrides,
             &mut inputs,
         )

@@ -7,7 +7,7 @@
 //! from the checkpoint's mapping (ONNX Runtime reads CPU inputs in place).
 //! Only a handful of shape constants are initializers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use ort::editor::{Graph, Model, Node, Opset, ONNX_DOMAIN};
 use ort::memory::Allocator;
@@ -65,6 +65,11 @@ struct Builder {
     graph: Graph,
     next: usize,
     inputs: Vec<Outlet>,
+    /// Inputs declared as weights: a graph keeps only those a node reads,
+    /// so a sublayer's graph asks for that sublayer's weights alone.
+    weights: HashSet<String>,
+    /// Every value some node reads.
+    read: HashSet<String>,
 }
 
 fn tensor_type(ty: TensorElementType, dims: &[i64], symbols: &[&str]) -> ValueType {
@@ -81,6 +86,8 @@ impl Builder {
             graph: Graph::new()?,
             next: 0,
             inputs: Vec::new(),
+            weights: HashSet::new(),
+            read: HashSet::new(),
         })
     }
 
@@ -106,6 +113,7 @@ impl Builder {
     ) -> Result<String> {
         let out = output.map_or_else(|| self.fresh(op), str::to_string);
         let node_name = format!("node_{out}");
+        self.read.extend(inputs.iter().map(|i| i.to_string()));
         self.graph.add_node(Node::new(
             op,
             ONNX_DOMAIN,
@@ -130,6 +138,7 @@ impl Builder {
     ) -> Result<Vec<String>> {
         let names: Vec<String> = (0..outputs).map(|_| self.fresh(op)).collect();
         let node_name = format!("node_{}", names[0]);
+        self.read.extend(inputs.iter().map(|i| i.to_string()));
         self.graph.add_node(Node::new(
             op,
             ONNX_DOMAIN,
@@ -158,7 +167,10 @@ impl Builder {
     }
 
     fn finish(mut self, outputs: &[(&str, usize)]) -> Result<Model> {
-        let inputs = std::mem::take(&mut self.inputs);
+        let inputs: Vec<Outlet> = std::mem::take(&mut self.inputs)
+            .into_iter()
+            .filter(|i| !self.weights.contains(i.name()) || self.read.contains(i.name()))
+            .collect();
         self.graph.set_inputs(inputs)?;
         let outputs = outputs.iter().map(|&(name, rank)| {
             let dims = vec![-1i64; rank];
@@ -286,10 +298,18 @@ impl Builder {
 /// The tensors a graph reads, by input name, with their shapes.
 pub type WeightShapes = BTreeMap<&'static str, Vec<usize>>;
 
-fn declare_weights(b: &mut Builder, weights: &WeightShapes) {
+/// Declare the weights as inputs; those no node reads are dropped again
+/// when the graph is finished. `open_first` leaves the first axis open
+/// (`-1`) for the tensors it names: the embedding table and the
+/// unembedding take any rows (a run's tokens, a vocabulary tile).
+fn declare_weights(b: &mut Builder, weights: &WeightShapes, open_first: &[&str]) {
     for (name, shape) in weights {
-        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let mut dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        if open_first.contains(name) {
+            dims[0] = -1;
+        }
         b.input(name, TensorElementType::Float32, &dims);
+        b.weights.insert(name.to_string());
     }
 }
 
@@ -304,7 +324,8 @@ pub fn embedding(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
     if has("type_embed.weight") {
         b.input(io::TYPE_IDS, TensorElementType::Int64, &[-1]);
     }
-    declare_weights(&mut b, weights);
+    // The table's rows are the run's own tokens, gathered by the engine.
+    declare_weights(&mut b, weights, &["embed.weight"]);
     let mut x = b.op(
         "Gather",
         &["embed.weight", io::IDS],
@@ -411,7 +432,7 @@ pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Resul
             b.input(name, TensorElementType::Float32, &[-1, width]);
         }
     }
-    declare_weights(&mut b, weights);
+    declare_weights(&mut b, weights, &[]);
     let has = |n: &str| weights.contains_key(n);
     let opt = |n: &'static str| has(n).then_some(n);
 
@@ -670,14 +691,9 @@ pub fn head(arch: &Arch, weights: &WeightShapes) -> Result<Model> {
         &[-1, arch.hidden as i64],
     );
     // The vocabulary axis is left open so that a run can feed the rows of a
-    // few token ids only (`Request::loss_vocab`).
-    for (name, shape) in weights {
-        let mut dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        if name.starts_with("lm_head.") {
-            dims[0] = -1;
-        }
-        b.input(name, TensorElementType::Float32, &dims);
-    }
+    // few token ids only (`Request::loss_vocab`), or one tile of a
+    // vocabulary too large for the memory budget.
+    declare_weights(&mut b, weights, &["lm_head.weight", "lm_head.bias"]);
     let has = |n: &str| weights.contains_key(n);
     let mut x = io::RESIDUAL.to_string();
     if has("final_norm.weight") {

@@ -14,6 +14,7 @@ pub mod graph;
 pub mod lens;
 pub mod runtime;
 mod suffix;
+pub mod weights;
 
 pub use probe_store::arch;
 
@@ -25,6 +26,7 @@ pub use engine::{
     Capture, Device, Edit, EditChange, Engine, EngineOptions, Hook, Request, Sublayer, Trace,
     WeightOverride,
 };
+pub use weights::WeightStats;
 
 use probe_store::arch::ArchError;
 use probe_store::StoreError;
@@ -60,4 +62,15 @@ pub enum ForwardError {
     },
     #[error("{file}: {problem}")]
     Request { file: PathBuf, problem: String },
+    #[error(
+        "{file}: {what} needs {} of f32 weights at once, more than the memory budget of {} (--memory-budget)",
+        bytesize::ByteSize(*needed as u64),
+        bytesize::ByteSize(*budget as u64)
+    )]
+    Budget {
+        file: PathBuf,
+        what: String,
+        needed: usize,
+        budget: usize,
+    },
 }

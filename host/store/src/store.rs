@@ -207,6 +207,53 @@ impl<'a> TensorView<'a> {
         ))
     }
 
+    /// The values of rows `rows` (along the first axis) as f32: what
+    /// [`TensorView::to_f32`] gives for those rows, reading and converting
+    /// only their bytes — an embedding's few tokens, or one tile of a large
+    /// vocabulary's head. A layout transform that moves values between rows
+    /// (a transpose, llama.cpp's Q/K permutation) converts the whole tensor
+    /// first; no stored embedding or head has one.
+    pub fn rows_f32(&self, rows: Range<usize>) -> Result<Cow<'a, [f32]>, StoreError> {
+        let count = self.entry.shape.first().copied().unwrap_or(1);
+        if rows.start > rows.end || rows.end > count {
+            return Err(StoreError::Malformed {
+                file: self.file.to_path_buf(),
+                problem: format!(
+                    "rows {}..{} of tensor `{}`, which has {count}",
+                    rows.start, rows.end, self.entry.name
+                ),
+            });
+        }
+        let row_values = self.entry.shape.iter().skip(1).product::<usize>();
+        match self.entry.transform {
+            Transform::None | Transform::MinusOne if count > 0 => {}
+            _ => {
+                let all = self.to_f32()?;
+                let span = rows.start * row_values..rows.end * row_values;
+                return Ok(match all {
+                    Cow::Borrowed(values) => Cow::Borrowed(&values[span]),
+                    Cow::Owned(values) => Cow::Owned(values[span].to_vec()),
+                });
+            }
+        }
+        // Every row takes the same bytes: a whole number of quantized
+        // blocks for GGUF types (checked when the file was read).
+        let row_bytes = self.bytes.len() / count;
+        let part = TensorView {
+            bytes: &self.bytes[rows.start * row_bytes..rows.end * row_bytes],
+            ..*self
+        };
+        let values = part.stored_f32()?;
+        Ok(match self.entry.transform {
+            Transform::None => values,
+            transform => {
+                let mut values = values.into_owned();
+                transform.apply(&mut values, &[rows.len(), row_values]);
+                Cow::Owned(values)
+            }
+        })
+    }
+
     fn stored_f32(&self) -> Result<Cow<'a, [f32]>, StoreError> {
         let bytes = self.bytes;
         match self.entry.dtype {
