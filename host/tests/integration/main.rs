@@ -4,6 +4,7 @@
 mod autopsy;
 mod big;
 mod boundary;
+mod budget;
 mod contrastive;
 mod forward;
 mod fuzz_corpus;
