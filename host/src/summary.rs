@@ -239,6 +239,12 @@ impl Summary {
                 weights.conversions,
                 size(weights.borrowed_bytes),
             ));
+            if weights.host_to_device_bytes > 0 {
+                out.push_str(&format!(
+                    "weights copied to the device: {}\n",
+                    size(weights.host_to_device_bytes)
+                ));
+            }
         }
         out
     }

@@ -40,6 +40,7 @@ fn run() -> Result<()> {
         ["fixtures", "--check"] => fixtures(true),
         ["models"] => models::fetch_all(&workspace_root()),
         ["ort"] => models::fetch_ort(&workspace_root()),
+        ["ort", "--gpu"] => models::fetch_ort_gpu(&workspace_root()),
         ["fuzz"] => fuzz::run(&workspace_root(), 30),
         ["fuzz", "--seconds", n] => fuzz::run(&workspace_root(), n.parse()?),
         ["bench", "inspect"] => bench::inspect(&workspace_root()),
@@ -56,7 +57,7 @@ fn run() -> Result<()> {
         ["plugins"] => plugins(&workspace_root(), false),
         ["plugins", "--release"] => plugins(&workspace_root(), true),
         _ => bail!(
-            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  ort                  fetch the ONNX Runtime library into .ort/\n  fuzz [--seconds N]   every cargo fuzz target for N s (default 30)\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  bench forward        time forward passes on SmolLM2 against llama.cpp\n  bench contrastive    the contrastive plugin on SmolLM2 against a numpy reference\n  bench studies        lens, knockout and swap on SmolLM2 against a numpy reference\n  bench quant          the quant plugin on SmolLM2 (3 bits against a numpy reference)\n  bench residual       geometry, autopsy and linearity on SmolLM2 against a numpy reference\n  bench patch          the patch plugin on SmolLM2 against a numpy reference\n  bench shuffle [--seeds N]  every shuffle method on SmolLM2, the default on N seeds\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
+            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  ort                  fetch the ONNX Runtime library into .ort/\n  ort --gpu            fetch its CUDA 12 build and NVIDIA's runtime libraries into .ort-gpu/\n  fuzz [--seconds N]   every cargo fuzz target for N s (default 30)\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  bench forward        time forward passes on SmolLM2 against llama.cpp\n  bench contrastive    the contrastive plugin on SmolLM2 against a numpy reference\n  bench studies        lens, knockout and swap on SmolLM2 against a numpy reference\n  bench quant          the quant plugin on SmolLM2 (3 bits against a numpy reference)\n  bench residual       geometry, autopsy and linearity on SmolLM2 against a numpy reference\n  bench patch          the patch plugin on SmolLM2 against a numpy reference\n  bench shuffle [--seeds N]  every shuffle method on SmolLM2, the default on N seeds\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
         ),
     }
 }

@@ -390,6 +390,116 @@ pub fn fetch_ort(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The GPU build of ONNX Runtime for `--device cuda`: the newest release
+/// built for CUDA 12 (from 1.27 on they are CUDA 13 builds); any release
+/// from 1.24 on serves the engine's API 24. CPython 3.11, manylinux x86_64.
+const ORT_GPU_WHEEL: Wheel = Wheel {
+    package: "onnxruntime-gpu",
+    version: "1.26.0",
+    sha256: "4fa231294c2643911d2a7d16469c4808b0bdcdc4b5f4063d3a53744ce25b683a",
+};
+
+/// The NVIDIA runtime libraries its CUDA provider links (its `cuda` and
+/// `cudnn` extras, plus cuBLAS, which the provider needs and no extra
+/// names): the newest CUDA 12 builds, 1.9 GB of wheels in all.
+const NVIDIA_WHEELS: [Wheel; 6] = [
+    Wheel {
+        package: "nvidia-cuda-runtime-cu12",
+        version: "12.9.79",
+        sha256: "25bba2dfb01d48a9b59ca474a1ac43c6ebf7011f1b0b8cc44f54eb6ac48a96c3",
+    },
+    Wheel {
+        package: "nvidia-cuda-nvrtc-cu12",
+        version: "12.9.86",
+        sha256: "210cf05005a447e29214e9ce50851e83fc5f4358df8b453155d5e1918094dcb4",
+    },
+    Wheel {
+        package: "nvidia-cublas-cu12",
+        version: "12.9.3.13",
+        sha256: "d7d51055f161b317c7105ddaae90e71eda059026074ffef93cf7cde2886bfe72",
+    },
+    Wheel {
+        package: "nvidia-cudnn-cu12",
+        version: "9.28.0.42",
+        sha256: "9ff58b7f36dacd0a93e89f8f2957b52466889217963701daa15e577317cfa375",
+    },
+    Wheel {
+        package: "nvidia-cufft-cu12",
+        version: "11.4.1.4",
+        sha256: "c67884f2a7d276b4b80eb56a79322a95df592ae5e765cf1243693365ccab4e28",
+    },
+    Wheel {
+        package: "nvidia-curand-cu12",
+        version: "10.3.10.19",
+        sha256: "49b274db4780d421bd2ccd362e1415c13887c53c214f0d4b761752b8f9f6aa1e",
+    },
+];
+
+/// `cargo xtask ort --gpu`: the GPU build of ONNX Runtime and the NVIDIA
+/// libraries its CUDA provider loads, unpacked into `.ort-gpu/`, with
+/// `.ort-gpu/env.sh` setting `ORT_DYLIB_PATH` and `LD_LIBRARY_PATH` (the
+/// provider finds its libraries through the latter; the wheels set no
+/// runpath). Not part of CI: it needs no GPU to install, but 1.9 GB.
+pub fn fetch_ort_gpu(root: &Path) -> Result<()> {
+    let dest = root.join(".ort-gpu");
+    let stamp = dest.join(".complete");
+    let pins: String = std::iter::once(&ORT_GPU_WHEEL)
+        .chain(&NVIDIA_WHEELS)
+        .map(|w| w.sha256)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let library = dest.join(format!(
+        "onnxruntime/capi/libonnxruntime.so.{}",
+        ORT_GPU_WHEEL.version
+    ));
+    let lib_dirs = |dest: &Path| -> Result<Vec<PathBuf>> {
+        let mut dirs = Vec::new();
+        for entry in std::fs::read_dir(dest.join("nvidia/nvidia"))? {
+            let lib = entry?.path().join("lib");
+            if lib.is_dir() {
+                dirs.push(lib);
+            }
+        }
+        dirs.sort();
+        Ok(dirs)
+    };
+    if !(library.is_file() && std::fs::read_to_string(&stamp).ok() == Some(pins.clone())) {
+        let cache = root.join(".cache/wheels");
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest)?;
+        }
+        let wheel = download_wheel(&ORT_GPU_WHEEL, &cache)?;
+        extract(&wheel, "onnxruntime/", &dest.join("onnxruntime"))?;
+        for nvidia in &NVIDIA_WHEELS {
+            let wheel = download_wheel(nvidia, &cache)?;
+            extract(&wheel, "nvidia/", &dest.join("nvidia/nvidia"))?;
+        }
+        if !library.is_file() {
+            bail!("{}: missing after unpacking", library.display());
+        }
+        let env = format!(
+            "# source this file: the GPU build of ONNX Runtime and its NVIDIA libraries\n\
+             export ORT_DYLIB_PATH={}\n\
+             export LD_LIBRARY_PATH={}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\n",
+            library.display(),
+            lib_dirs(&dest)?
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        );
+        std::fs::write(dest.join("env.sh"), env)?;
+        std::fs::write(&stamp, pins)?;
+    }
+    println!(
+        "onnxruntime-gpu {}: ready in {}; then: source {} && probe forward MODEL --text … --device cuda",
+        ORT_GPU_WHEEL.version,
+        dest.display(),
+        dest.join("env.sh").display()
+    );
+    Ok(())
+}
+
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;

@@ -365,7 +365,8 @@ impl<'c> Engine<'c> {
             .flatten()
             .map(String::as_str)
             .collect();
-        let weights = WeightCache::new(checkpoint, names, &by_rows, options.memory_budget)?;
+        let mut weights = WeightCache::new(checkpoint, names, &by_rows, options.memory_budget)?;
+        weights.feeds_a_device(options.device == Device::Cuda);
         let shapes = |inputs: &BTreeMap<&'static str, String>| -> WeightShapes {
             inputs
                 .iter()
@@ -489,6 +490,7 @@ impl<'c> Engine<'c> {
             };
             let shape = weights.shape(name).unwrap_or_default().to_vec();
             let tensor = TensorRef::from_array_view((shape, data))?;
+            weights.fed(data.len());
             into.push((Cow::Borrowed(*input), tensor.into()));
         }
         Ok(())
@@ -943,6 +945,7 @@ impl<'c> Engine<'c> {
                 .into(),
         ));
         let (rows, count, width) = table;
+        self.weights.fed(rows.len());
         inputs.push((
             "embed.weight".into(),
             TensorRef::from_array_view(([count, width], rows))
@@ -1638,6 +1641,7 @@ impl<'c> Engine<'c> {
             TensorRef::from_array_view(([t, hidden], residual))?.into(),
         ));
         for (input, shape, values) in vocab {
+            weights.fed(values.len());
             inputs.push((
                 Cow::Borrowed(*input),
                 TensorRef::from_array_view((shape.clone(), *values))?.into(),

@@ -18,6 +18,7 @@
 //! The cache counts what it holds, its peak and every conversion
 //! ([`WeightStats`]): a caller can check the budget without a profiler.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
@@ -48,6 +49,10 @@ pub struct WeightStats {
     pub evictions: usize,
     /// Bytes of stored weights read in place from the mapping (aligned F32).
     pub borrowed_bytes: usize,
+    /// Weight bytes copied from host memory to the device (CUDA): weights
+    /// are graph inputs fed from host memory, so every session run on the
+    /// GPU copies those it reads. 0 on the CPU, where they are read in place.
+    pub host_to_device_bytes: usize,
 }
 
 struct Held {
@@ -67,6 +72,9 @@ pub(crate) struct WeightCache<'c> {
     budget: Option<usize>,
     tick: u64,
     stats: WeightStats,
+    /// Whether fed weights cross to a device, and how many bytes have.
+    on_device: bool,
+    fed_to_device: Cell<usize>,
 }
 
 impl<'c> WeightCache<'c> {
@@ -131,13 +139,29 @@ impl<'c> WeightCache<'c> {
             budget,
             tick: 0,
             stats,
+            on_device: false,
+            fed_to_device: Cell::new(0),
         })
     }
 
     pub(crate) fn stats(&self) -> WeightStats {
         WeightStats {
             converted_bytes: self.used,
+            host_to_device_bytes: self.fed_to_device.get(),
             ..self.stats
+        }
+    }
+
+    /// Count fed weights as host-to-device copies (the graphs run on a GPU).
+    pub(crate) fn feeds_a_device(&mut self, on_device: bool) {
+        self.on_device = on_device;
+    }
+
+    /// A graph run was fed `values` of weights from host memory.
+    pub(crate) fn fed(&self, values: usize) {
+        if self.on_device {
+            self.fed_to_device
+                .set(self.fed_to_device.get().saturating_add(f32_bytes(values)));
         }
     }
 
