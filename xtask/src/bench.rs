@@ -703,23 +703,15 @@ pub fn patch(root: &Path) -> Result<()> {
 
 /// `cargo xtask bench forward`: tokens per second of a full forward pass on
 /// SmolLM2 with every block's residual captured, against llama.cpp (the
-/// llama-cpp-python build in `.cache/llama`) on the same token ids and
-/// threads, in the same run; and probe's peak memory against the checkpoint's
-/// f32 size.
+/// llama-cpp-python build in `.cache/llama`, when installed) on the same
+/// token ids and threads, in the same run; probe's peak memory against the
+/// checkpoint's f32 size; and the cost of streaming: SmolLM2 in BF16 under
+/// `--memory-budget 64MB` against the same model with no budget.
 pub fn forward(root: &Path) -> Result<()> {
     let probe = build_release(root)?;
     let model = crate::models::models_dir(root).join(crate::models::SMOLLM2);
     if !model.join(".complete").exists() {
         bail!("{} is missing: run `cargo xtask models`", model.display());
-    }
-    let gguf = crate::models::models_dir(root)
-        .join(crate::models::SMOLLM2_GGUF)
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let llama = root.join(".cache/llama");
-    if !llama.join("llama_cpp").exists() {
-        bail!(
-            "llama.cpp is not installed: run `pip install --target .cache/llama llama-cpp-python==0.3.36` (builds from source, ~8 minutes)"
-        );
     }
     let reference: serde_json::Value = serde_json::from_slice(&std::fs::read(
         root.join("fixtures/reference/smollm2_llama_cpp.json"),
@@ -737,52 +729,95 @@ pub fn forward(root: &Path) -> Result<()> {
         .map_or(1, |n| n.get())
         .to_string();
     let (runs, passes) = (3, "5");
-    let ours = time_command(runs, || {
-        let mut c = Command::new(&probe);
-        c.arg("forward").arg(&model);
-        c.args([
-            "--tokens",
-            &tokens,
-            "--threads",
-            &threads,
-            "--time-passes",
-            passes,
-        ]);
-        c
-    })?;
-    let script = root.join("fixtures/reference/llama_cpp_reference.py");
-    let theirs = time_command(runs, || {
-        let mut c = Command::new("python3");
-        c.arg(&script).arg(&gguf);
-        c.args(["--time", &tokens, &threads, passes]);
-        c.env("PYTHONPATH", &llama);
-        c
-    })?;
-    let (ours_s, theirs_s) = (
-        ours.inner_seconds.context("probe printed no timing")?,
-        theirs
-            .inner_seconds
-            .context("llama.cpp printed no timing")?,
-    );
+    let time_probe = |model: &Path, extra: &[&str]| {
+        time_command(runs, || {
+            let mut c = Command::new(&probe);
+            c.arg("forward").arg(model);
+            c.args([
+                "--tokens",
+                &tokens,
+                "--threads",
+                &threads,
+                "--time-passes",
+                passes,
+            ]);
+            c.args(extra);
+            c
+        })
+    };
+    let ours = time_probe(&model, &[])?;
+    let ours_s = ours.inner_seconds.context("probe printed no timing")?;
     let f32_bytes = std::fs::metadata(model.join("model.safetensors"))?.len() as f64;
     let peak = ours.peak_rss_kb as f64 * 1024.0;
-    let line = format!(
-        "| {} | {} | forward, SmolLM2-135M, {n} tokens, logits at every position, {threads} threads, median pass of {passes} × {runs} runs | probe (ONNX Runtime, f32, every block's residual captured) {:.3} s = {:.0} tok/s, peak RSS {:.0} MB = {:.2}× the f32 checkpoint | llama.cpp (Q4_1 GGUF) {:.3} s = {:.0} tok/s, peak RSS {:.0} MB | {:.2}× |",
-        today(),
-        machine(),
-        ours_s,
-        n as f64 / ours_s,
-        peak / 1048576.0,
-        peak / f32_bytes,
-        theirs_s,
-        n as f64 / theirs_s,
-        theirs.peak_rss_kb as f64 / 1024.0,
-        theirs_s / ours_s,
-    );
-    println!("{line}");
     if peak > 1.5 * f32_bytes {
         eprintln!("warning: peak memory is above 1.5× the checkpoint's f32 size");
     }
+    let llama = root.join(".cache/llama");
+    if llama.join("llama_cpp").exists() {
+        let gguf = crate::models::models_dir(root)
+            .join(crate::models::SMOLLM2_GGUF)
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        let script = root.join("fixtures/reference/llama_cpp_reference.py");
+        let theirs = time_command(runs, || {
+            let mut c = Command::new("python3");
+            c.arg(&script).arg(&gguf);
+            c.args(["--time", &tokens, &threads, passes]);
+            c.env("PYTHONPATH", &llama);
+            c
+        })?;
+        let theirs_s = theirs
+            .inner_seconds
+            .context("llama.cpp printed no timing")?;
+        let line = format!(
+            "| {} | {} | forward, SmolLM2-135M, {n} tokens, logits at every position, {threads} threads, median pass of {passes} × {runs} runs | probe (ONNX Runtime, f32, every block's residual captured) {:.3} s = {:.0} tok/s, peak RSS {:.0} MB = {:.2}× the f32 checkpoint | llama.cpp (Q4_1 GGUF) {:.3} s = {:.0} tok/s, peak RSS {:.0} MB | {:.2}× |",
+            today(),
+            machine(),
+            ours_s,
+            n as f64 / ours_s,
+            peak / 1048576.0,
+            peak / f32_bytes,
+            theirs_s,
+            n as f64 / theirs_s,
+            theirs.peak_rss_kb as f64 / 1024.0,
+            theirs_s / ours_s,
+        );
+        println!("{line}");
+        record(root, &line)?;
+    } else {
+        eprintln!(
+            "llama.cpp is not installed, so no row against it (`pip install --target .cache/llama llama-cpp-python==0.3.36` builds it from source, ~8 minutes)"
+        );
+    }
+
+    // The cost of streaming: BF16 weights converted on every pass through a
+    // 64 MB budget, against the same model converted once and kept.
+    let bf16 = root.join(".cache/bench/SmolLM2-135M-Instruct-bf16");
+    if !bf16.join("model.safetensors").exists() {
+        crate::models::run(Command::new(&probe)
+            .arg("convert")
+            .arg(&model)
+            .args(["--dtype", "bf16", "--out"])
+            .arg(&bf16))?;
+    }
+    let kept = time_probe(&bf16, &["--memory-budget", "none"])?;
+    let streamed = time_probe(&bf16, &["--memory-budget", "64MB"])?;
+    let (kept_s, streamed_s) = (
+        kept.inner_seconds.context("probe printed no timing")?,
+        streamed.inner_seconds.context("probe printed no timing")?,
+    );
+    let line = format!(
+        "| {} | {} | forward, SmolLM2-135M in BF16 (`probe convert --dtype bf16`), {n} tokens, logits at every position, {threads} threads, median pass of {passes} × {runs} runs after the first | probe `--memory-budget 64MB` (every block converted again each pass, the head in tiles) {:.3} s = {:.0} tok/s, peak RSS {:.0} MB | probe `--memory-budget none` (converted once, 538 MB kept) {:.3} s = {:.0} tok/s, peak RSS {:.0} MB | {:.2}× |",
+        today(),
+        machine(),
+        streamed_s,
+        n as f64 / streamed_s,
+        streamed.peak_rss_kb as f64 / 1024.0,
+        kept_s,
+        n as f64 / kept_s,
+        kept.peak_rss_kb as f64 / 1024.0,
+        kept_s / streamed_s,
+    );
+    println!("{line}");
     record(root, &line)
 }
 
