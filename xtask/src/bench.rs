@@ -793,11 +793,13 @@ pub fn forward(root: &Path) -> Result<()> {
     // 64 MB budget, against the same model converted once and kept.
     let bf16 = root.join(".cache/bench/SmolLM2-135M-Instruct-bf16");
     if !bf16.join("model.safetensors").exists() {
-        crate::models::run(Command::new(&probe)
-            .arg("convert")
-            .arg(&model)
-            .args(["--dtype", "bf16", "--out"])
-            .arg(&bf16))?;
+        crate::models::run(
+            Command::new(&probe)
+                .arg("convert")
+                .arg(&model)
+                .args(["--dtype", "bf16", "--out"])
+                .arg(&bf16),
+        )?;
     }
     let kept = time_probe(&bf16, &["--memory-budget", "none"])?;
     let streamed = time_probe(&bf16, &["--memory-budget", "64MB"])?;

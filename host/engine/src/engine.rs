@@ -890,7 +890,7 @@ impl<'c> Engine<'c> {
             f32_bytes(unique.len() * width)
         };
         self.weights
-            .reserve(reserved, "the embedding of a run's tokens")?;
+            .reserve(reserved, &names, "the embedding of a run's tokens")?;
         let table = self.gather_rows(&table_name, &unique, width);
         let out = table.and_then(|table| {
             let ids: Vec<i64> = tokens
@@ -1160,7 +1160,8 @@ impl<'c> Engine<'c> {
         };
         let mut arrays: HashMap<&'static str, Vec<f32>> = HashMap::new();
         let mut residual = stacked;
-        for half in halves {
+        let last = halves.len() - 1;
+        for (h, half) in halves.into_iter().enumerate() {
             let reads = self.load_block(block, half, overrides)?;
             let mut inputs = feed.inputs(&residual).map_err(&fail)?;
             Self::weight_inputs(
@@ -1193,7 +1194,10 @@ impl<'c> Engine<'c> {
             }
             drop(outputs);
             self.block_runs += 1;
-            residual = Cow::Owned(arrays[io::OUT].clone());
+            if h < last {
+                // The midpoint the MLP half starts from.
+                residual = Cow::Owned(arrays[io::OUT].clone());
+            }
         }
         let array = |name: &str| -> Result<&[f32], ForwardError> {
             arrays
@@ -1425,7 +1429,7 @@ impl<'c> Engine<'c> {
                 .map(|(_, _, width)| f32_bytes(ids.len() * width))
                 .sum();
             self.weights
-                .reserve(bytes, "the head's rows of a restricted vocabulary")?;
+                .reserve(bytes, &[], "the head's rows of a restricted vocabulary")?;
             let mut inputs = Vec::new();
             for (input, name, width) in vocab_inputs {
                 let rows = self.gather_rows(&name, ids, width);
@@ -1573,7 +1577,7 @@ impl<'c> Engine<'c> {
         for first in (0..vocab).step_by(tile) {
             let rows = first..(first + tile).min(vocab);
             let bytes = rows.len() * row_bytes;
-            self.weights.reserve(bytes, "a tile of the head")?;
+            self.weights.reserve(bytes, &keep, "a tile of the head")?;
             let part = self.head_tile(residual, t, rows.clone(), &vocab_inputs, &others);
             self.weights.unreserve(bytes);
             let part = part?;

@@ -246,14 +246,20 @@ impl<'c> WeightCache<'c> {
     }
 
     /// Count `bytes` of short-lived converted values against the budget
-    /// (dropping held tensors to make room) until [`WeightCache::unreserve`].
-    pub(crate) fn reserve(&mut self, bytes: usize, what: &str) -> Result<(), ForwardError> {
+    /// until [`WeightCache::unreserve`], dropping held tensors other than
+    /// `keep` (those the same run reads) to make room.
+    pub(crate) fn reserve(
+        &mut self,
+        bytes: usize,
+        keep: &[&str],
+        what: &str,
+    ) -> Result<(), ForwardError> {
         if let Some(budget) = self.budget {
             if bytes > budget {
                 return Err(self.too_small(what, bytes, budget));
             }
         }
-        self.make_room(bytes, &HashSet::new());
+        self.make_room(bytes, &keep.iter().copied().collect());
         self.used += bytes;
         self.stats.peak_converted_bytes = self.stats.peak_converted_bytes.max(self.used);
         Ok(())
@@ -387,7 +393,7 @@ mod tests {
              more than the memory budget of 128 B (--memory-budget)"
         );
         // A reservation evicts too, and is counted until released.
-        cache.reserve(100, "rows").unwrap();
+        cache.reserve(100, &[], "rows").unwrap();
         assert!(cache.stats().converted_bytes <= 128 + 100 - 64);
         assert!(cache.stats().peak_converted_bytes <= 128);
         cache.unreserve(100);
