@@ -250,6 +250,37 @@ pub(crate) struct BlockGraph {
     pub(crate) reads: HashMap<BlockGraphKind, Vec<&'static str>>,
 }
 
+impl BlockGraph {
+    /// Run this block's graph of `kind` (built already) and copy out the
+    /// outputs named.
+    pub(crate) fn run(
+        &mut self,
+        kind: BlockGraphKind,
+        inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)>,
+        outputs: &[&'static str],
+        fail: &dyn Fn(ort::Error) -> ForwardError,
+    ) -> Result<HashMap<&'static str, Vec<f32>>, ForwardError> {
+        let session = match kind {
+            BlockGraphKind::Whole => Some(&mut self.session),
+            _ => self.variants.get_mut(&kind),
+        }
+        .ok_or_else(|| ForwardError::Runtime(format!("no {kind:?} session was built")))?;
+        let selector = outputs
+            .iter()
+            .fold(OutputSelector::no_default(), |s, name| s.with(*name));
+        let run_options = RunOptions::new().map_err(fail)?.with_outputs(selector);
+        let results = session
+            .run_with_options(inputs, &run_options)
+            .map_err(fail)?;
+        let mut arrays = HashMap::new();
+        for &name in outputs {
+            let values = results[name].try_extract_tensor::<f32>().map_err(fail)?.1;
+            arrays.insert(name, values.to_vec());
+        }
+        Ok(arrays)
+    }
+}
+
 /// The weight inputs a session declares, of those a block graph may read.
 fn weight_reads(session: &Session, shapes: &WeightShapes) -> Vec<&'static str> {
     shapes
@@ -532,6 +563,7 @@ impl<'c> Engine<'c> {
         let what = match kind {
             BlockGraphKind::Attention => format!("the attention of block {block}"),
             BlockGraphKind::Mlp => format!("the MLP of block {block}"),
+            BlockGraphKind::AttentionStep => format!("the attention of block {block}"),
             _ => format!("block {block}"),
         };
         self.weights.load(&names, &what)?;
@@ -540,7 +572,7 @@ impl<'c> Engine<'c> {
 
     /// Whether `block`'s converted weights fit the budget at once; a block
     /// that does not runs as its attention and then its MLP.
-    fn block_fits(&self, block: usize, overrides: &[WeightOverride<'_>]) -> bool {
+    pub(crate) fn block_fits(&self, block: usize, overrides: &[WeightOverride<'_>]) -> bool {
         let names = self.block_tensors(block, BlockGraphKind::Whole, overrides);
         self.weights
             .fits(self.weights.converted_size(names.into_iter()))
@@ -1163,7 +1195,7 @@ impl<'c> Engine<'c> {
         let last = halves.len() - 1;
         for (h, half) in halves.into_iter().enumerate() {
             let reads = self.load_block(block, half, overrides)?;
-            let mut inputs = feed.inputs(&residual).map_err(&fail)?;
+            let mut inputs = feed.inputs(half, &residual).map_err(&fail)?;
             Self::weight_inputs(
                 &self.weights,
                 &self.map.blocks[block],
@@ -1172,27 +1204,8 @@ impl<'c> Engine<'c> {
                 &mut inputs,
             )
             .map_err(&fail)?;
-            let wanted = outputs_of(half);
-            let selector = wanted
-                .iter()
-                .fold(OutputSelector::no_default(), |s, name| s.with(*name));
-            let run_options = RunOptions::new().map_err(&fail)?.with_outputs(selector);
             let graph = &mut self.graphs[self.graph_of[block]];
-            let session = match half {
-                BlockGraphKind::Whole => Some(&mut graph.session),
-                _ => graph.variants.get_mut(&half),
-            }
-            .ok_or_else(|| {
-                ForwardError::Runtime(format!("block {block} has no {half:?} session"))
-            })?;
-            let outputs = session
-                .run_with_options(inputs, &run_options)
-                .map_err(&fail)?;
-            for name in wanted {
-                let values = outputs[name].try_extract_tensor::<f32>().map_err(&fail)?.1;
-                arrays.insert(name, values.to_vec());
-            }
-            drop(outputs);
+            arrays.extend(graph.run(half, inputs, &outputs_of(half), &fail)?);
             self.block_runs += 1;
             if h < last {
                 // The midpoint the MLP half starts from.
@@ -1759,9 +1772,11 @@ struct BlockFeed<'v> {
 }
 
 impl<'v> BlockFeed<'v> {
-    /// The inputs of a run on `residual` `[rows, hidden]`.
+    /// The inputs of a run of `kind` on `residual` `[rows, hidden]`: the
+    /// MLP graph reads the residual alone.
     fn inputs(
         &self,
+        kind: BlockGraphKind,
         residual: &'v [f32],
     ) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>, ort::Error> {
         let mut inputs = Vec::new();
@@ -1772,6 +1787,9 @@ impl<'v> BlockFeed<'v> {
         };
         let (t, dh) = (self.t, self.head_dim);
         push(io::RESIDUAL, [self.rows, self.hidden], residual)?;
+        if kind == BlockGraphKind::Mlp {
+            return Ok(inputs);
+        }
         if let Some((cos, sin)) = self.rotation {
             push(io::COS, [t, dh], cos)?;
             push(io::SIN, [t, dh], sin)?;

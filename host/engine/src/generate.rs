@@ -16,7 +16,7 @@
 
 use std::borrow::Cow;
 
-use ort::session::{OutputSelector, RunOptions, SessionInputValue};
+use ort::session::SessionInputValue;
 use ort::value::TensorRef;
 
 use probe_store::arch::Attention;
@@ -263,8 +263,17 @@ impl Engine<'_> {
         } else {
             BlockGraphKind::Step
         };
-        self.build_variant(block, variant)?;
-        let reads = self.load_block(block, variant, step.overrides)?;
+        // A block whose weights do not fit the memory budget at once steps
+        // as its attention, then its MLP on the midpoint.
+        let split = variant == BlockGraphKind::Step && !self.block_fits(block, step.overrides);
+        let first = if split {
+            self.build_variant(block, BlockGraphKind::Mlp)?;
+            BlockGraphKind::AttentionStep
+        } else {
+            variant
+        };
+        self.build_variant(block, first)?;
+        let reads = self.load_block(block, first, step.overrides)?;
         let fail = ort_error(
             self.checkpoint,
             &format!("running block {block} after cached rows"),
@@ -358,33 +367,42 @@ impl Engine<'_> {
             &mut inputs,
         )
         .map_err(&fail)?;
-        let mut selector = OutputSelector::no_default().with(io::OUT);
+        let mut wanted = vec![io::OUT];
         if step.keep_cache {
-            selector = selector.with(io::KEYS).with(io::VALUES);
+            wanted.extend([io::KEYS, io::VALUES]);
         }
-        let run_options = RunOptions::new().map_err(&fail)?.with_outputs(selector);
-        let session = self.graphs[self.graph_of[block]]
-            .variants
-            .get_mut(&variant)
-            .ok_or_else(|| {
-                ForwardError::Runtime(format!("block {block} has no {variant:?} session"))
-            })?;
-        let outputs = session
-            .run_with_options(inputs, &run_options)
-            .map_err(&fail)?;
-        let array = |name: &str| -> Result<Vec<f32>, ForwardError> {
-            Ok(outputs[name]
-                .try_extract_tensor::<f32>()
-                .map_err(&fail)?
-                .1
-                .to_vec())
+        let g = self.graph_of[block];
+        let mut arrays = self.graphs[g].run(first, inputs, &wanted, &fail)?;
+        let mut take = |name: &str| {
+            arrays
+                .remove(name)
+                .ok_or_else(|| ForwardError::Runtime(format!("block {block} gave no `{name}`")))
         };
-        let out = array(io::OUT)?;
+        let mut out = take(io::OUT)?;
         let keys_values = if step.keep_cache {
-            Some((array(io::KEYS)?, array(io::VALUES)?))
+            Some((take(io::KEYS)?, take(io::VALUES)?))
         } else {
             None
         };
+        if split {
+            self.block_runs += 1;
+            let reads = self.load_block(block, BlockGraphKind::Mlp, step.overrides)?;
+            let residual = TensorRef::from_array_view(([rows, hidden], &out[..])).map_err(&fail)?;
+            let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> =
+                vec![(io::RESIDUAL.into(), residual.into())];
+            Self::weight_inputs(
+                &self.weights,
+                &self.map.blocks[block],
+                &reads,
+                step.overrides,
+                &mut inputs,
+            )
+            .map_err(&fail)?;
+            let mut arrays = self.graphs[g].run(BlockGraphKind::Mlp, inputs, &[io::OUT], &fail)?;
+            out = arrays.remove(io::OUT).ok_or_else(|| {
+                ForwardError::Runtime(format!("block {block} gave no `{}`", io::OUT))
+            })?;
+        }
         self.block_runs += 1;
         Ok((out, keys_values))
     }

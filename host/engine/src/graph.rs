@@ -65,10 +65,9 @@ struct Builder {
     graph: Graph,
     next: usize,
     inputs: Vec<Outlet>,
-    /// Inputs declared as weights: a graph keeps only those a node reads,
-    /// so a sublayer's graph asks for that sublayer's weights alone.
-    weights: HashSet<String>,
-    /// Every value some node reads.
+    /// Every value some node reads: a graph keeps only the inputs a node
+    /// reads, so a sublayer's graph asks for that sublayer's weights alone
+    /// (and the MLP's for no mask or rotation).
     read: HashSet<String>,
 }
 
@@ -86,7 +85,6 @@ impl Builder {
             graph: Graph::new()?,
             next: 0,
             inputs: Vec::new(),
-            weights: HashSet::new(),
             read: HashSet::new(),
         })
     }
@@ -169,7 +167,7 @@ impl Builder {
     fn finish(mut self, outputs: &[(&str, usize)]) -> Result<Model> {
         let inputs: Vec<Outlet> = std::mem::take(&mut self.inputs)
             .into_iter()
-            .filter(|i| !self.weights.contains(i.name()) || self.read.contains(i.name()))
+            .filter(|i| self.read.contains(i.name()))
             .collect();
         self.graph.set_inputs(inputs)?;
         let outputs = outputs.iter().map(|&(name, rank)| {
@@ -298,8 +296,8 @@ impl Builder {
 /// The tensors a graph reads, by input name, with their shapes.
 pub type WeightShapes = BTreeMap<&'static str, Vec<usize>>;
 
-/// Declare the weights as inputs; those no node reads are dropped again
-/// when the graph is finished. `open_first` leaves the first axis open
+/// Declare the weights as inputs (like every input, those no node reads
+/// are dropped when the graph is finished). `open_first` leaves the first axis open
 /// (`-1`) for the tensors it names: the embedding table and the
 /// unembedding take any rows (a run's tokens, a vocabulary tile).
 fn declare_weights(b: &mut Builder, weights: &WeightShapes, open_first: &[&str]) {
@@ -309,7 +307,6 @@ fn declare_weights(b: &mut Builder, weights: &WeightShapes, open_first: &[&str])
             dims[0] = -1;
         }
         b.input(name, TensorElementType::Float32, &dims);
-        b.weights.insert(name.to_string());
     }
 }
 
@@ -376,9 +373,9 @@ pub enum BlockGraphKind {
     /// midpoint), the MLP never runs.
     Attention,
     /// The MLP sublayer alone on a residual taken as the block's midpoint:
-    /// `y` is the residual after the MLP. The same inputs as
-    /// [`BlockGraphKind::Whole`] (the attention's go unread), so one feeding
-    /// serves every kind.
+    /// `y` is the residual after the MLP. Its inputs are the residual and
+    /// the MLP's weights only (no mask, no rotation), so it follows either
+    /// attention graph, a whole sequence's or a step's.
     Mlp,
     /// The whole block with its hooks open: `z`, the attention update and
     /// the MLP update each become `value × keep + add` from inputs
@@ -387,6 +384,10 @@ pub enum BlockGraphKind {
     /// [`BlockGraphKind::Step`] with the hooks of [`BlockGraphKind::Patched`]:
     /// an edit inside a block on rows that run after cached ones.
     PatchedStep,
+    /// The attention sublayer of [`BlockGraphKind::Step`] alone: with
+    /// [`BlockGraphKind::Mlp`] after it, a step through a block whose
+    /// weights do not fit the memory budget at once.
+    AttentionStep,
 }
 
 /// One transformer block: residual in, residual out, plus each sublayer's
@@ -397,9 +398,15 @@ pub enum BlockGraphKind {
 /// [`BlockGraphKind::Mlp`] are one sublayer of it, with only that
 /// sublayer's outputs.
 pub fn block(arch: &Arch, weights: &WeightShapes, kind: BlockGraphKind) -> Result<Model> {
-    let step = matches!(kind, BlockGraphKind::Step | BlockGraphKind::PatchedStep);
+    let step = matches!(
+        kind,
+        BlockGraphKind::Step | BlockGraphKind::PatchedStep | BlockGraphKind::AttentionStep
+    );
     let attention_runs = kind != BlockGraphKind::Mlp;
-    let mlp_runs = kind != BlockGraphKind::Attention;
+    let mlp_runs = !matches!(
+        kind,
+        BlockGraphKind::Attention | BlockGraphKind::AttentionStep
+    );
     let patched = matches!(kind, BlockGraphKind::Patched | BlockGraphKind::PatchedStep);
     let mut b = Builder::new()?;
     let (kv, dh) = (arch.kv_heads as i64, arch.head_dim as i64);

@@ -137,6 +137,22 @@ fn a_budget_smaller_than_one_block_gives_the_same_numbers() {
             "{family}: the unbudgeted engine holds more than the budget"
         );
 
+        if family != "bert-f32" {
+            // Greedy generation steps through every block on its cached keys
+            // and values: under the budget, as the attention step, then the MLP.
+            let prompts: [&[u32]; 2] = [&tokens[..4], &tokens[..6]];
+            let before = tight.block_runs();
+            assert_eq!(
+                tight.generate(&prompts, 5, &[]).unwrap(),
+                free.generate(&prompts, 5, &[]).unwrap(),
+                "{family}: greedy tokens"
+            );
+            assert!(
+                tight.block_runs() - before > 2 * blocks,
+                "{family}: no step ran"
+            );
+            assert!(tight.weight_stats().peak_converted_bytes <= budget);
+        }
         if free.has_head() {
             // The logit lens and a restricted vocabulary take the same path
             // through the budget (the head tiled or its rows gathered).
