@@ -570,6 +570,33 @@ impl<'c> Engine<'c> {
         Ok(self.graphs[self.graph_of[block]].reads[&kind].clone())
     }
 
+    /// Run `block`'s graph of `kind` (built already): its weights loaded
+    /// into the cache and fed beside `inputs` (every other input), the
+    /// outputs named copied out.
+    pub(crate) fn run_block_graph(
+        &mut self,
+        block: usize,
+        kind: BlockGraphKind,
+        inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)>,
+        overrides: &[WeightOverride<'_>],
+        outputs: &[&'static str],
+        fail: &dyn Fn(ort::Error) -> ForwardError,
+    ) -> Result<HashMap<&'static str, Vec<f32>>, ForwardError> {
+        let reads = self.load_block(block, kind, overrides)?;
+        let mut inputs = inputs;
+        Self::weight_inputs(
+            &self.weights,
+            &self.map.blocks[block],
+            &reads,
+            overrides,
+            &mut inputs,
+        )
+        .map_err(fail)?;
+        let arrays = self.graphs[self.graph_of[block]].run(kind, inputs, outputs, fail)?;
+        self.block_runs += 1;
+        Ok(arrays)
+    }
+
     /// Whether `block`'s converted weights fit the budget at once; a block
     /// that does not runs as its attention and then its MLP.
     pub(crate) fn block_fits(&self, block: usize, overrides: &[WeightOverride<'_>]) -> bool {
@@ -1194,19 +1221,15 @@ impl<'c> Engine<'c> {
         let mut residual = stacked;
         let last = halves.len() - 1;
         for (h, half) in halves.into_iter().enumerate() {
-            let reads = self.load_block(block, half, overrides)?;
-            let mut inputs = feed.inputs(half, &residual).map_err(&fail)?;
-            Self::weight_inputs(
-                &self.weights,
-                &self.map.blocks[block],
-                &reads,
+            let inputs = feed.inputs(half, &residual).map_err(&fail)?;
+            arrays.extend(self.run_block_graph(
+                block,
+                half,
+                inputs,
                 overrides,
-                &mut inputs,
-            )
-            .map_err(&fail)?;
-            let graph = &mut self.graphs[self.graph_of[block]];
-            arrays.extend(graph.run(half, inputs, &outputs_of(half), &fail)?);
-            self.block_runs += 1;
+                &outputs_of(half),
+                &fail,
+            )?);
             if h < last {
                 // The midpoint the MLP half starts from.
                 residual = Cow::Owned(arrays[io::OUT].clone());
@@ -1530,36 +1553,20 @@ impl<'c> Engine<'c> {
             .head
             .as_mut()
             .ok_or_else(|| ForwardError::Runtime("the model has no head".into()))?;
-        if restricted {
-            let rows = self.head_rows.as_ref();
-            let vocab: Vec<(&'static str, Vec<usize>, &[f32])> = rows
-                .map(|r| {
-                    r.inputs
-                        .iter()
-                        .map(|(i, shape, v)| (*i, shape.clone(), &v[..]))
-                })
-                .into_iter()
-                .flatten()
-                .collect();
-            return Self::run_head(
-                head,
-                &self.weights,
-                &self.map.head,
-                &others,
-                residual,
-                t,
-                &vocab,
-            )
-            .map_err(&fail);
-        }
-        if !tiled {
-            let vocab: Vec<(&'static str, Vec<usize>, &[f32])> = vocab_inputs
-                .iter()
-                .map(|(input, name, _)| {
-                    let shape = self.weights.shape(name).unwrap_or_default().to_vec();
-                    (*input, shape, self.weights.get(name).unwrap_or_default())
-                })
-                .collect();
+        if restricted || !tiled {
+            let vocab: Vec<(&'static str, Vec<usize>, &[f32])> = if restricted {
+                let rows = self.head_rows.iter().flat_map(|r| &r.inputs);
+                rows.map(|(i, shape, v)| (*i, shape.clone(), &v[..]))
+                    .collect()
+            } else {
+                vocab_inputs
+                    .iter()
+                    .map(|(input, name, _)| {
+                        let shape = self.weights.shape(name).unwrap_or_default().to_vec();
+                        (*input, shape, self.weights.get(name).unwrap_or_default())
+                    })
+                    .collect()
+            };
             return Self::run_head(
                 head,
                 &self.weights,

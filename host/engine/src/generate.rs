@@ -273,7 +273,6 @@ impl Engine<'_> {
             variant
         };
         self.build_variant(block, first)?;
-        let reads = self.load_block(block, first, step.overrides)?;
         let fail = ort_error(
             self.checkpoint,
             &format!("running block {block} after cached rows"),
@@ -359,20 +358,12 @@ impl Engine<'_> {
                 ));
             }
         }
-        Self::weight_inputs(
-            &self.weights,
-            &self.map.blocks[block],
-            &reads,
-            step.overrides,
-            &mut inputs,
-        )
-        .map_err(&fail)?;
         let mut wanted = vec![io::OUT];
         if step.keep_cache {
             wanted.extend([io::KEYS, io::VALUES]);
         }
-        let g = self.graph_of[block];
-        let mut arrays = self.graphs[g].run(first, inputs, &wanted, &fail)?;
+        let mut arrays =
+            self.run_block_graph(block, first, inputs, step.overrides, &wanted, &fail)?;
         let mut take = |name: &str| {
             arrays
                 .remove(name)
@@ -385,25 +376,20 @@ impl Engine<'_> {
             None
         };
         if split {
-            self.block_runs += 1;
-            let reads = self.load_block(block, BlockGraphKind::Mlp, step.overrides)?;
             let residual = TensorRef::from_array_view(([rows, hidden], &out[..])).map_err(&fail)?;
-            let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> =
-                vec![(io::RESIDUAL.into(), residual.into())];
-            Self::weight_inputs(
-                &self.weights,
-                &self.map.blocks[block],
-                &reads,
+            let inputs = vec![(io::RESIDUAL.into(), residual.into())];
+            let mut arrays = self.run_block_graph(
+                block,
+                BlockGraphKind::Mlp,
+                inputs,
                 step.overrides,
-                &mut inputs,
-            )
-            .map_err(&fail)?;
-            let mut arrays = self.graphs[g].run(BlockGraphKind::Mlp, inputs, &[io::OUT], &fail)?;
+                &[io::OUT],
+                &fail,
+            )?;
             out = arrays.remove(io::OUT).ok_or_else(|| {
                 ForwardError::Runtime(format!("block {block} gave no `{}`", io::OUT))
             })?;
         }
-        self.block_runs += 1;
         Ok((out, keys_values))
     }
 }
