@@ -43,15 +43,45 @@ sys.exit(r.returncode)\n";
     )
 }
 
+/// A sparse BF16 shard at `path` holding `tensors` (name, shape): its
+/// header, then `set_len` for the data, so it takes no disk. The open file,
+/// where the data starts, each tensor's offset from there, and the file's
+/// length.
+fn write_sparse_shard(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+) -> (std::fs::File, u64, Vec<usize>, u64) {
+    let mut header = serde_json::Map::new();
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for (name, shape) in tensors {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offsets.push(offset);
+        offset += bytes;
+    }
+    let mut json = serde_json::to_vec(&header).unwrap();
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut file = std::fs::File::create(path).unwrap();
+    file.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
+    file.write_all(&json).unwrap();
+    let start = 8 + json.len() as u64;
+    file.set_len(start + offset as u64).unwrap();
+    (file, start, offsets, start + offset as u64)
+}
+
 fn write_sparse_model(dir: &Path) -> u64 {
     let per_shard = LAYERS / SHARDS;
     let mut weight_map = serde_json::Map::new();
     let mut total = 0u64;
     for shard in 0..SHARDS {
         let file_name = format!("model-{:05}-of-{SHARDS:05}.safetensors", shard + 1);
-        let mut header = serde_json::Map::new();
-        let mut offset = 0usize;
-        let mut first_q = None;
+        let mut tensors = Vec::new();
         for layer in shard * per_shard..(shard + 1) * per_shard {
             let matrices = [
                 ("self_attn.q_proj", HIDDEN, HIDDEN),
@@ -64,27 +94,14 @@ fn write_sparse_model(dir: &Path) -> u64 {
             ];
             for (role, rows, cols) in matrices {
                 let name = format!("model.layers.{layer}.{role}.weight");
-                let bytes = rows * cols * 2;
-                if layer == 0 && role == "self_attn.q_proj" {
-                    first_q = Some(offset);
-                }
-                header.insert(
-                    name.clone(),
-                    serde_json::json!({"dtype": "BF16", "shape": [rows, cols], "data_offsets": [offset, offset + bytes]}),
-                );
-                weight_map.insert(name, file_name.clone().into());
-                offset += bytes;
+                weight_map.insert(name.clone(), file_name.clone().into());
+                tensors.push((name, vec![rows, cols]));
             }
         }
-        let mut json = serde_json::to_vec(&header).unwrap();
-        while json.len() % 8 != 0 {
-            json.push(b' ');
-        }
-        let mut file = std::fs::File::create(dir.join(&file_name)).unwrap();
-        file.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-        file.write_all(&json).unwrap();
-        let start = 8 + json.len() as u64;
-        file.set_len(start + offset as u64).unwrap();
+        let (mut file, start, offsets, length) =
+            write_sparse_shard(&dir.join(&file_name), &tensors);
+        // Layer 0's q is the first tensor of the first shard.
+        let first_q = (shard == 0).then_some(offsets[0]);
         if let Some(q) = first_q {
             // Real values for the one matrix analysed: a deterministic
             // pseudo-random BF16 pattern (the rest stays sparse zeros).
@@ -101,7 +118,7 @@ fn write_sparse_model(dir: &Path) -> u64 {
             file.seek(SeekFrom::Start(start + q as u64)).unwrap();
             file.write_all(&values).unwrap();
         }
-        total += start + offset as u64;
+        total += length;
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
@@ -208,31 +225,16 @@ fn write_sparse_70b(dir: &Path, layers: usize) -> u64 {
     let mut weight_map = serde_json::Map::new();
     let mut total = 0u64;
     let mut shard = |file_name: String, tensors: Vec<(String, Vec<usize>)>, filled: usize| {
-        let mut header = serde_json::Map::new();
-        let mut offset = 0usize;
-        for (name, shape) in &tensors {
-            let bytes = shape.iter().product::<usize>() * 2;
-            header.insert(
-                name.clone(),
-                serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
-            );
+        for (name, _) in &tensors {
             weight_map.insert(name.clone(), file_name.clone().into());
-            offset += bytes;
         }
-        let mut json = serde_json::to_vec(&header).unwrap();
-        while json.len() % 8 != 0 {
-            json.push(b' ');
-        }
-        let mut file = std::fs::File::create(dir.join(&file_name)).unwrap();
-        file.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-        file.write_all(&json).unwrap();
-        file.set_len(8 + json.len() as u64 + offset as u64).unwrap();
+        let (mut file, _, _, length) = write_sparse_shard(&dir.join(&file_name), &tensors);
         // The first tensor's first `filled` values: small nonzero numbers.
         let values: Vec<u8> = (0..filled)
             .flat_map(|i| half::bf16::from_f32(((i % 17) as f32 - 8.0) * 0.01).to_le_bytes())
             .collect();
         file.write_all(&values).unwrap();
-        total += 8 + json.len() as u64 + offset as u64;
+        total += length;
     };
     let outer = vec![
         ("model.embed_tokens.weight".to_string(), vec![VOCAB, WIDE]),

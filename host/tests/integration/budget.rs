@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use probe::forward::{Capture, Engine, EngineOptions, Request, Trace};
+use probe::forward::{Capture, Engine, EngineOptions, Request};
 use probe::store::Checkpoint;
 use probe::Dtype;
 
@@ -67,28 +67,6 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-fn assert_same_trace(family: &str, got: &Trace, want: &Trace) {
-    let pairs = [
-        ("residuals", &got.residuals, &want.residuals),
-        ("attention updates", &got.attn_updates, &want.attn_updates),
-        ("MLP updates", &got.mlp_updates, &want.mlp_updates),
-        ("attention", &got.attention, &want.attention),
-        ("z", &got.z, &want.z),
-    ];
-    for (what, got, want) in pairs {
-        assert_eq!(got.len(), want.len(), "{family}: {what}");
-        for (stage, (g, w)) in got.iter().zip(want).enumerate() {
-            assert_close(&format!("{family} {what} {stage}"), g, w);
-        }
-    }
-    assert_close(&format!("{family} output"), &got.output, &want.output);
-    match (&got.logits, &want.logits) {
-        (Some(g), Some(w)) => assert_close(&format!("{family} logits"), g, w),
-        (None, None) => {}
-        _ => panic!("{family}: logits with one engine only"),
-    }
-}
-
 #[test]
 fn a_budget_smaller_than_one_block_gives_the_same_numbers() {
     let dir = tempdir();
@@ -117,7 +95,7 @@ fn a_budget_smaller_than_one_block_gives_the_same_numbers() {
         };
         let want = free.run(&request).unwrap();
         let got = tight.run(&request).unwrap();
-        assert_same_trace(family, &got, &want);
+        crate::forward::assert_same_trace(family, &got, &want, 1e-5);
         if let (Some(g), Some(w)) = (got.loss(), want.loss()) {
             assert!((g - w).abs() < 1e-5, "{family}: loss {g} vs {w}");
         }

@@ -415,13 +415,14 @@ fn a_restricted_vocabulary_loss_is_the_softmax_over_those_ids() {
     }
 }
 
-/// Every array of two traces, value by value.
-fn assert_same_trace(name: &str, batch: &Trace, alone: &Trace) {
+/// Every array of two traces, value by value, to `tolerance` relative
+/// (absolute below 1): what a batch (or a budget) gives against one run.
+pub fn assert_same_trace(name: &str, batch: &Trace, alone: &Trace, tolerance: f32) {
     let close = |what: &str, a: &[f32], b: &[f32]| {
         assert_eq!(a.len(), b.len(), "{name}: {what} length");
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             assert!(
-                (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+                (x - y).abs() <= tolerance * y.abs().max(1.0),
                 "{name}: {what}[{i}] {x} in the batch, {y} alone"
             );
         }
@@ -433,6 +434,7 @@ fn assert_same_trace(name: &str, batch: &Trace, alone: &Trace) {
         ("attn_updates", &batch.attn_updates, &alone.attn_updates),
         ("mlp_updates", &batch.mlp_updates, &alone.mlp_updates),
         ("attention", &batch.attention, &alone.attention),
+        ("z", &batch.z, &alone.z),
     ];
     for (what, a, b) in lists {
         assert_eq!(a.len(), b.len(), "{name}: {what} count");
@@ -532,7 +534,7 @@ fn a_batch_gives_what_each_request_gives_alone_in_fewer_block_runs() {
         let runs_batch = engine.block_runs() - before - runs_alone;
         assert_eq!(batch.len(), requests.len());
         for (i, (b, a)) in batch.iter().zip(&alone).enumerate() {
-            assert_same_trace(&format!("{name} request {i}"), b, a);
+            assert_same_trace(&format!("{name} request {i}"), b, a, 1e-4);
         }
         // Loss-only requests keep no logits.
         assert!(batch[4].logits.is_none() && alone[4].logits.is_none());
@@ -1094,7 +1096,7 @@ fn requests_of_different_shapes_pack_into_one_run_per_block() {
         let batch = engine.run_batch(&requests).unwrap();
         assert_eq!(engine.block_runs() - before, engine.num_blocks(), "{name}");
         for (i, (b, a)) in batch.iter().zip(&alone).enumerate() {
-            assert_same_trace(&format!("{name} request {i}"), b, a);
+            assert_same_trace(&format!("{name} request {i}"), b, a, 1e-4);
         }
     }
 }
