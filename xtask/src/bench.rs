@@ -130,7 +130,9 @@ pub fn spectral(root: &Path) -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .to_string();
-    let out = root.join("target/bench/spectral.parquet");
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("spectral.parquet");
     let runs = 3;
     let mut rows = Vec::new();
     let routes: [(&str, &[&str]); 3] = [
@@ -157,7 +159,7 @@ pub fn spectral(root: &Path) -> Result<()> {
         rows.push((route, timing));
     }
     let script = root.join("plugins/spectral/reference/spectral_reference.py");
-    let site = root.join(".cache/py");
+    let site = numpy_site(root)?;
     let numpy = time_command(runs, || {
         let mut c = python(&site, &threads);
         c.arg(&script).arg(&model).arg("--time");
@@ -181,7 +183,7 @@ pub fn spectral(root: &Path) -> Result<()> {
         let mut c = python(&ww_site, &threads);
         c.arg(&ww_script)
             .arg(&model)
-            .arg(root.join("target/bench/weightwatcher.csv"));
+            .arg(dir.join("weightwatcher.csv"));
         c
     })
     .context("WeightWatcher failed (above)")?;

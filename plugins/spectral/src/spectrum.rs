@@ -195,25 +195,32 @@ pub fn powerlaw_fit(eigenvalues: &[f64]) -> Option<PowerLawFit> {
         let log_min = logs[i];
         let span = log_max - log_min;
         let beta = solve_beta(suffix[i] / n as f64 - log_min, span);
-        let ks = ks_distance(&logs[i..], log_min, span, beta);
-        let fit = PowerLawFit {
-            alpha: 1.0 + beta,
-            xmin,
-            xmax,
-            ks_distance: ks,
-            n_tail: n,
-        };
         let in_range = beta > 0.0;
-        let better = match &best {
-            None => true,
+        // The distance this fit must get under to replace the best: none
+        // when the best is out of range and this one is in, and no fit
+        // can replace an in-range best from out of range. The distance
+        // stops being summed once it reaches the bound (it could not win),
+        // so the kept fit's distance is always whole.
+        let bound = match &best {
+            None => Some(f64::INFINITY),
             Some((best_in_range, best_fit)) => match (in_range, best_in_range) {
-                (true, false) => true,
-                (false, true) => false,
-                _ => ks < best_fit.ks_distance,
+                (true, false) => Some(f64::INFINITY),
+                (false, true) => None,
+                _ => Some(best_fit.ks_distance),
             },
         };
-        if better {
-            best = Some((in_range, fit));
+        if let Some(bound) = bound {
+            let ks = ks_distance(&logs[i..], log_min, span, beta, bound);
+            if ks < bound {
+                let fit = PowerLawFit {
+                    alpha: 1.0 + beta,
+                    xmin,
+                    xmax,
+                    ks_distance: ks,
+                    n_tail: n,
+                };
+                best = Some((in_range, fit));
+            }
         }
         // Next distinct value.
         while i < x.len() && x[i] == xmin {
@@ -243,11 +250,17 @@ fn solve_beta(sample_mean_excess: f64, span: f64) -> f64 {
     hi = hi.min(1e4);
     for _ in 0..200 {
         let mid = 0.5 * (lo + hi);
+        let before = (lo, hi);
         // mean_log_excess decreases in β.
         if mean_log_excess(mid, span) > sample_mean_excess {
             lo = mid;
         } else {
             hi = mid;
+        }
+        // Once the bracket stops moving every later step repeats this one:
+        // stopping here gives the same β as all 200 (about 60 suffice).
+        if (lo, hi) == before {
+            break;
         }
     }
     0.5 * (lo + hi)
@@ -255,8 +268,9 @@ fn solve_beta(sample_mean_excess: f64, span: f64) -> f64 {
 
 /// KS distance between the tail (ln values, sorted ascending) and the
 /// truncated power law, with the `powerlaw` package's empirical CDF: at each
-/// distinct value, the share of the tail strictly below it.
-fn ks_distance(tail_logs: &[f64], log_min: f64, span: f64, beta: f64) -> f64 {
+/// distinct value, the share of the tail strictly below it. Returns as soon
+/// as the distance reaches `bound` (a value ≥ `bound`, not the distance).
+fn ks_distance(tail_logs: &[f64], log_min: f64, span: f64, beta: f64, bound: f64) -> f64 {
     let n = tail_logs.len() as f64;
     let model_cdf = |t: f64| {
         let u = t - log_min;
@@ -272,6 +286,9 @@ fn ks_distance(tail_logs: &[f64], log_min: f64, span: f64, beta: f64) -> f64 {
         let t = tail_logs[i];
         let empirical = i as f64 / n;
         distance = distance.max((model_cdf(t) - empirical).abs());
+        if distance >= bound {
+            return distance;
+        }
         while i < tail_logs.len() && tail_logs[i] == t {
             i += 1;
         }
