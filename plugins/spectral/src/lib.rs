@@ -75,7 +75,7 @@ pub fn gram_singular_values(values: &[f32], rows: usize, cols: usize) -> Result<
     gram_spectrum(values, rows, cols).map(|(sigma, _)| sigma)
 }
 
-/// The Gram matrix (lower triangle filled) and the singular values from it.
+/// The Gram matrix (whole, symmetric) and the singular values from it.
 fn gram_spectrum(
     values: &[f32],
     rows: usize,
@@ -123,6 +123,14 @@ fn gram_spectrum(
     let eigenvalues = self_adjoint_eigenvalues(&gram)?;
     let mut sigma: Vec<f64> = eigenvalues.into_iter().map(|l| l.max(0.0).sqrt()).collect();
     sigma.sort_by(|a, b| b.total_cmp(a));
+    // The upper triangle mirrored, for the power iteration's products on
+    // the whole matrix (contiguous columns, faer's vectorised kernels).
+    let k = gram.nrows();
+    for j in 0..k {
+        for i in 0..j {
+            gram[(i, j)] = gram[(j, i)];
+        }
+    }
     Ok((sigma, gram))
 }
 
@@ -171,18 +179,10 @@ fn power_sigma_from_gram(
     cols: usize,
     iterations: usize,
 ) -> f64 {
-    let k = gram.nrows();
-    // G is stored as its lower triangle; the products run on the whole
-    // symmetric matrix (contiguous columns, faer's vectorised kernels): a
-    // scalar walk over the triangle was a sixth of the whole run.
-    let mut full = gram.clone();
-    for j in 0..k {
-        for i in 0..j {
-            full[(i, j)] = full[(j, i)];
-        }
-    }
+    // G whole through faer's product: a scalar walk over its lower
+    // triangle was a sixth of the whole run.
     let multiply = |x: &[f64]| -> Vec<f64> {
-        let product = &full * faer::ColRef::from_slice(x);
+        let product = gram * faer::ColRef::from_slice(x);
         product.iter().copied().collect()
     };
     let normalise = |x: &mut Vec<f64>| {

@@ -80,13 +80,15 @@ pub fn eigenvalues(diag: &mut [f64], off: &mut [f64]) -> Result<(), NoConvergenc
         }
         e[first..last].iter_mut().for_each(|v| *v *= *v);
 
-        // QL when the bottom is the larger end, QR otherwise: the shift then
-        // chases the smaller eigenvalues first.
-        if d[last].abs() >= d[first].abs() {
-            ql(d, e, first, last, eps2, &mut sweeps, max_sweeps);
-        } else {
-            qr(d, e, first, last, eps2, &mut sweeps, max_sweeps);
+        // QL when the bottom is the larger end, so that the shift chases the
+        // smaller eigenvalues first; otherwise QR, which is QL on the block
+        // turned upside down (the same operations on mirrored indices, and
+        // the order of the eigenvalues is settled by the sort at the end).
+        if d[last].abs() < d[first].abs() {
+            d[first..=last].reverse();
+            e[first..last].reverse();
         }
+        ql(d, e, first, last, eps2, &mut sweeps, max_sweeps);
         if scale != 1.0 {
             d[first..=last].iter_mut().for_each(|v| *v /= scale);
         }
@@ -161,79 +163,6 @@ fn ql(
             };
         }
         e[l] = s * p;
-        d[l] = shift + gamma;
-    }
-}
-
-/// QR sweeps over the block [first, l] (off-diagonals squared in `e`),
-/// deflating eigenvalues at its bottom end: [`ql`] mirrored.
-fn qr(
-    d: &mut [f64],
-    e: &mut [f64],
-    first: usize,
-    mut l: usize,
-    eps2: f64,
-    sweeps: &mut usize,
-    max_sweeps: usize,
-) {
-    loop {
-        let mut m = first;
-        for j in (first + 1..=l).rev() {
-            if e[j - 1].abs() <= eps2 * (d[j] * d[j - 1]).abs() {
-                m = j;
-                break;
-            }
-        }
-        if m > first {
-            e[m - 1] = 0.0;
-        }
-        if m == l {
-            if l == first {
-                return;
-            }
-            l -= 1;
-            continue;
-        }
-        if m + 1 == l {
-            let (rt1, rt2) = eigenvalues_2x2(d[l], e[l - 1].sqrt(), d[l - 1]);
-            d[l] = rt1;
-            d[l - 1] = rt2;
-            e[l - 1] = 0.0;
-            if l < first + 2 {
-                return;
-            }
-            l -= 2;
-            continue;
-        }
-        if *sweeps == max_sweeps {
-            return;
-        }
-        *sweeps += 1;
-        let p = d[l];
-        let shift = wilkinson_shift(p, e[l - 1], d[l - 1]);
-        let (mut c, mut s) = (1.0, 0.0);
-        let mut gamma = d[m] - shift;
-        let mut p = gamma * gamma;
-        for i in m..l {
-            let bb = e[i];
-            let r = p + bb;
-            if i != m {
-                e[i - 1] = s * r;
-            }
-            let old_c = c;
-            c = p / r;
-            s = bb / r;
-            let old_gamma = gamma;
-            let alpha = d[i + 1];
-            gamma = c * (alpha - shift) - s * old_gamma;
-            d[i] = old_gamma + (alpha - gamma);
-            p = if c != 0.0 {
-                gamma * gamma / c
-            } else {
-                old_c * bb
-            };
-        }
-        e[l - 1] = s * p;
         d[l] = shift + gamma;
     }
 }
