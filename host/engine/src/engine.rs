@@ -3,7 +3,7 @@
 //! residual stream between any two blocks.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ort::session::{
     builder::GraphOptimizationLevel, OutputSelector, RunOptions, Session, SessionInputValue,
@@ -638,8 +638,11 @@ impl<'c> Engine<'c> {
     ) -> Result<Vec<(Trace, Vec<KeysValues>)>, ForwardError> {
         let hidden = self.arch.hidden;
         let mut pending = Vec::with_capacity(requests.len());
+        // Requests of a batch usually share their overrides (one rounded
+        // block for every prompt of a set): each buffer is checked once.
+        let mut checked = HashSet::new();
         for request in requests {
-            let blocks = self.check(request)?;
+            let blocks = self.check(request, &mut checked)?;
             let mut residual = self.start_residual(request)?;
             apply_edits(&mut residual, hidden, request.edits, 0, 0);
             let mut trace = Trace {
@@ -713,8 +716,13 @@ impl<'c> Engine<'c> {
             .collect())
     }
 
-    /// Validate a request; the blocks it runs.
-    fn check(&self, request: &Request<'_>) -> Result<Vec<usize>, ForwardError> {
+    /// Validate a request; the blocks it runs. `checked` holds the override
+    /// buffers (tensor, address, length) found valid already in this batch.
+    fn check<'r>(
+        &self,
+        request: &Request<'r>,
+        checked: &mut HashSet<(&'r str, usize, usize)>,
+    ) -> Result<Vec<usize>, ForwardError> {
         let tokens = request.tokens;
         let t = tokens.len();
         let bad = |problem: String| ForwardError::Request {
@@ -852,7 +860,15 @@ impl<'c> Engine<'c> {
             ));
         }
         for (k, weights) in request.overrides.iter().enumerate() {
-            self.check_override(weights).map_err(&bad)?;
+            let buffer = (
+                weights.tensor,
+                weights.values.as_ptr() as usize,
+                weights.values.len(),
+            );
+            if !checked.contains(&buffer) {
+                self.check_override(weights).map_err(&bad)?;
+                checked.insert(buffer);
+            }
             if request.overrides[..k]
                 .iter()
                 .any(|o| o.tensor == weights.tensor)

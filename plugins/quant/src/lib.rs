@@ -149,7 +149,9 @@ fn recipe_loss<'h>(
     widths: &[Option<u32>],
     group: usize,
 ) -> Result<(f64, ErrorSums), PluginError> {
-    let mut residuals: Vec<Vec<f32>> = base.residuals.iter().map(|s| s[0].clone()).collect();
+    let mut residuals: Vec<Vec<f32>> = (0..base.sequences.len())
+        .map(|i| base.start(i, 0))
+        .collect::<Result<_, _>>()?;
     let mut sums = ErrorSums::default();
     let layers: Vec<usize> = (0..widths.len()).collect();
     for chunk in layers.chunks(RECIPE_CHUNK) {
@@ -168,8 +170,9 @@ fn recipe_loss<'h>(
             .sequences
             .iter()
             .zip(&residuals)
-            .map(|(s, start)| ForwardRequest {
-                tokens: s.tokens.clone(),
+            .enumerate()
+            .map(|(i, (s, start))| ForwardRequest {
+                tokens: s.tokens[..base.run_rows(i)].to_vec(),
                 blocks: Some(chunk.to_vec()),
                 start: Some(start.clone()),
                 overrides: ids.clone(),
@@ -183,7 +186,10 @@ fn recipe_loss<'h>(
             .collect();
     }
     let finals: Vec<&[f32]> = residuals.iter().map(Vec::as_slice).collect();
-    Ok((host.scored_loss(&base.sequences, &finals)?, sums))
+    Ok((
+        host.scored_loss(&base.sequences, &finals, base.hidden)?,
+        sums,
+    ))
 }
 
 /// Rows of the main table.

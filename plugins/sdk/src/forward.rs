@@ -152,6 +152,12 @@ impl Sequence {
         self.prompt_len - 1..self.tokens.len() - 1
     }
 
+    /// The rows up to the last scored position: the rows a causal model's
+    /// scores depend on (`len − 1` with a completion, else 0).
+    pub fn scored_rows(&self) -> usize {
+        self.scored_positions().end
+    }
+
     /// A pass over the whole sequence that keeps the residual after the
     /// embedding and after every block.
     pub fn residual_request(&self) -> ForwardRequest {

@@ -241,8 +241,9 @@ impl Host<'_> {
 }
 
 impl Host<'_> {
-    /// The set's loss from each sequence's final residual `[T, hidden]`
-    /// (a forward output's `output`): the mean of −ln p(next token) over
+    /// The set's loss from each sequence's final residual `[rows, hidden]`
+    /// (a forward output's `output`; `rows` the sequence's length, or at
+    /// least [`Sequence::scored_rows`]): the mean of −ln p(next token) over
     /// every scored position, p the model's output distribution there — the
     /// same value as the engine's loss restricted to scored positions, with
     /// the head run on those rows only and reduced in the host.
@@ -250,14 +251,22 @@ impl Host<'_> {
         &self,
         sequences: &[Sequence],
         finals: &[&[f32]],
+        hidden: usize,
     ) -> Result<f64, PluginError> {
-        let hidden = match (sequences.first(), finals.first()) {
-            (Some(s), Some(f)) if !s.tokens.is_empty() => f.len() / s.tokens.len(),
-            _ => return Err("scored_loss: no sequences".into()),
-        };
+        if sequences.is_empty() || hidden == 0 {
+            return Err("scored_loss: no sequences".into());
+        }
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         for (sequence, output) in sequences.iter().zip(finals) {
+            if output.len() < sequence.scored_rows() * hidden {
+                return Err(format!(
+                    "scored_loss: a final residual of {} values holds fewer than the {} scored rows of {hidden}",
+                    output.len(),
+                    sequence.scored_rows()
+                )
+                .into());
+            }
             for p in sequence.scored_positions() {
                 rows.extend_from_slice(&output[p * hidden..(p + 1) * hidden]);
                 targets.push(sequence.tokens[p + 1]);
@@ -296,6 +305,11 @@ pub struct Baseline {
     pub residuals: Vec<Vec<Vec<f32>>>,
     /// The set's loss with every block in stored order.
     pub loss: f64,
+    /// The residual's width.
+    pub hidden: usize,
+    /// Whether the model is causal: then a pass that only scores runs each
+    /// sequence up to its last scored row ([`Baseline::run_rows`]).
+    pub causal: bool,
 }
 
 impl Baseline {
@@ -309,13 +323,42 @@ impl Baseline {
         let requests: Vec<ForwardRequest> =
             sequences.iter().map(Sequence::residual_request).collect();
         let outputs = host.forward_batch(&requests)?;
+        let hidden = match (sequences.first(), outputs.first()) {
+            (Some(s), Some(o)) if !s.tokens.is_empty() => o.output.len() / s.tokens.len(),
+            _ => return Err("a baseline needs at least one sequence".into()),
+        };
         let finals: Vec<&[f32]> = outputs.iter().map(|o| o.output.as_slice()).collect();
-        let loss = host.scored_loss(&sequences, &finals)?;
+        let loss = host.scored_loss(&sequences, &finals, hidden)?;
         Ok(Self {
             sequences,
             residuals: outputs.into_iter().map(|o| o.residuals).collect(),
             loss,
+            hidden,
+            causal: host.model()?.family.is_causal(),
         })
+    }
+
+    /// How many of sequence `i`'s rows a pass that only scores must run:
+    /// in a causal model a row sees none after it, so rows after the last
+    /// scored one change no score (the last token predicts nothing scored);
+    /// every row otherwise.
+    pub fn run_rows(&self, i: usize) -> usize {
+        let sequence = &self.sequences[i];
+        if self.causal {
+            sequence.scored_rows().max(1)
+        } else {
+            sequence.tokens.len()
+        }
+    }
+
+    /// Sequence `i`'s residual before block `stage`, cut to its
+    /// [`Baseline::run_rows`] rows.
+    pub fn start(&self, i: usize, stage: usize) -> Result<Vec<f32>, PluginError> {
+        let stages = &self.residuals[i];
+        let residual = stages
+            .get(stage)
+            .ok_or_else(|| format!("no residual before block {stage}"))?;
+        Ok(residual[..self.run_rows(i) * self.hidden].to_vec())
     }
 
     /// The set's loss when, from the residual before block `stage` (stage 0:
@@ -340,20 +383,12 @@ impl Baseline {
         blocks: &[usize],
         overrides: &[u64],
     ) -> Result<f64, PluginError> {
-        let requests: Vec<ForwardRequest> = self
-            .sequences
-            .iter()
-            .zip(&self.residuals)
-            .map(|(s, stages)| {
+        let requests: Vec<ForwardRequest> = (0..self.sequences.len())
+            .map(|i| {
                 Ok(ForwardRequest {
-                    tokens: s.tokens.clone(),
+                    tokens: self.sequences[i].tokens[..self.run_rows(i)].to_vec(),
                     blocks: Some(blocks.to_vec()),
-                    start: Some(
-                        stages
-                            .get(stage)
-                            .ok_or_else(|| format!("no residual before block {stage}"))?
-                            .clone(),
-                    ),
+                    start: Some(self.start(i, stage)?),
                     overrides: overrides.to_vec(),
                     ..Default::default()
                 })
@@ -361,7 +396,7 @@ impl Baseline {
             .collect::<Result<_, PluginError>>()?;
         let outputs = host.forward_batch(&requests)?;
         let finals: Vec<&[f32]> = outputs.iter().map(|o| o.output.as_slice()).collect();
-        host.scored_loss(&self.sequences, &finals)
+        host.scored_loss(&self.sequences, &finals, self.hidden)
     }
 }
 
