@@ -50,20 +50,16 @@ pub fn inspect(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Build probe and every built-in plugin (each bench runs its plugin by
+/// path from `target/release/`).
 pub fn build_release(root: &Path) -> Result<PathBuf> {
     let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "probe",
-            "--package",
-            "probe-plugin-spectral",
-            "--package",
-            "probe-plugin-shuffle",
-            "--package",
-            "probe-plugin-contrastive",
-        ])
+        .args(["build", "--release", "--package", "probe"])
+        .args(
+            crate::BUILTIN_PLUGINS
+                .iter()
+                .flat_map(|name| ["--package", name]),
+        )
         .current_dir(root)
         .status()?;
     if !status.success() {
