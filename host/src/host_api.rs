@@ -121,6 +121,9 @@ impl<'a> RunContext<'a> {
             config: checkpoint.config.clone(),
             metadata: checkpoint.user_metadata(),
             chat_template: crate::codec::has_chat_template(checkpoint),
+            block_kinds: crate::arch::Arch::of(checkpoint, &schema)
+                .map(|(arch, _)| arch.block_kind_ids())
+                .unwrap_or_default(),
         };
         let run = RunInfo {
             device: engine_options.device.as_str().to_string(),
@@ -729,6 +732,7 @@ fn run_requests(
             branches: request.branches.as_ref(),
             overrides,
             sublayer: request.sublayer,
+            kinds: request.kinds.as_deref(),
         })
         .collect();
     run.with_engine(|engine| {
@@ -947,9 +951,15 @@ unsafe extern "C" fn write_reordered(ctx: *const c_void, request_json: StrRef) -
             Ok(request) => request,
             Err(e) => return fail(format!("write_reordered: bad request: {e}")),
         };
+        // A config kept as it was describes positions: it stays as it is.
+        let config = match request.metadata.get(crate::shuffle::CONFIG_KEY) {
+            Some(kept) if kept == "kept" => crate::shuffle::BlockConfig::Kept,
+            _ => crate::shuffle::BlockConfig::Moved,
+        };
         match crate::shuffle::write_reordered(
             run.checkpoint,
             &request.new_index,
+            config,
             request.metadata,
             &request.dir,
         ) {

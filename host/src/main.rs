@@ -64,6 +64,12 @@ enum Command {
         /// Folder for `model.safetensors` (config and tokenizer copied along).
         #[arg(long, short = 'o')]
         out: PathBuf,
+        /// Per-block settings of the config (Gemma 3's sliding or full
+        /// attention): `moved` with their blocks (the config still describes
+        /// each block), or `kept` as they were, so they now describe
+        /// positions (what renaming a checkpoint's tensors does).
+        #[arg(long, value_enum, default_value = "moved")]
+        config: ConfigArg,
     },
     /// Write a checkpoint (a GGUF file: dequantized to F32, under Hugging
     /// Face names) as a safetensors folder with its config and tokenizer.
@@ -143,6 +149,12 @@ struct ForwardArgs {
     /// median seconds per pass.
     #[arg(long, hide = true)]
     time_passes: Option<usize>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ConfigArg {
+    Moved,
+    Kept,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -267,9 +279,18 @@ fn run(cli: Cli) -> Result<()> {
             plugin_dirs,
         } => plugins(command, &plugin_dirs),
         Command::Forward(args) => forward(args),
-        Command::Shuffle { model, seed, out } => {
+        Command::Shuffle {
+            model,
+            seed,
+            out,
+            config,
+        } => {
             let checkpoint = probe::store::Checkpoint::open(&model)?;
-            let stored = probe::shuffle::write_shuffled(&checkpoint, seed, &out)?;
+            let config = match config {
+                ConfigArg::Moved => probe::shuffle::BlockConfig::Moved,
+                ConfigArg::Kept => probe::shuffle::BlockConfig::Kept,
+            };
+            let stored = probe::shuffle::write_shuffled(&checkpoint, seed, config, &out)?;
             eprintln!(
                 "probe: wrote {} with blocks stored in the order {:?} (true depth of each stored block)",
                 out.join("model.safetensors").display(),

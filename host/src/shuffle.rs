@@ -8,13 +8,17 @@ use std::path::{Path, PathBuf};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use crate::arch::gemma3_layer_types;
 use crate::schema::{self, Schema};
 use crate::store::{Checkpoint, TensorEntry};
-use crate::{Dtype, Placement};
+use crate::{Dtype, Family, Placement};
 
 /// Metadata key: JSON array, entry `s` = the true depth of the block stored at index `s`.
 pub const TRUE_POSITION_KEY: &str = "probe.shuffle.true_position";
 pub const SEED_KEY: &str = "probe.shuffle.seed";
+/// Metadata key, present when the shuffle kept the config as it was
+/// (`kept`): its per-block settings describe positions.
+pub const CONFIG_KEY: &str = "probe.shuffle.config";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShuffleError {
@@ -43,11 +47,23 @@ pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
     }
 }
 
+/// What a shuffle does with the config's per-block settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockConfig {
+    /// They move with their blocks ([`permute_config`]): the config still
+    /// describes each block.
+    Moved,
+    /// The config is copied as it is, so its per-block settings now
+    /// describe positions: what renaming a checkpoint's tensors does.
+    Kept,
+}
+
 /// Write `checkpoint` with its blocks permuted into `out_dir/model.safetensors`
 /// (plus its config and tokenizer files); returns the true positions.
 pub fn write_shuffled(
     checkpoint: &Checkpoint,
     seed: u64,
+    config: BlockConfig,
     out_dir: &Path,
 ) -> Result<Vec<usize>, ShuffleError> {
     let n = Schema::of(checkpoint).num_layers;
@@ -77,18 +93,22 @@ pub fn write_shuffled(
         serde_json::to_string(&truth).unwrap_or_default(),
     );
     metadata.insert(SEED_KEY.into(), seed.to_string());
-    write_reordered(checkpoint, &new_index, metadata, out_dir)?;
+    if config == BlockConfig::Kept {
+        metadata.insert(CONFIG_KEY.into(), "kept".into());
+    }
+    write_reordered(checkpoint, &new_index, config, metadata, out_dir)?;
     Ok(truth)
 }
 
 /// Write `checkpoint` into `out_dir` with every tensor of block `b` renamed
 /// to block `new_index[b]` (a permutation of the blocks), the per-block
-/// config entries moved with them, the tokenizer files copied and
+/// config entries moved with them (or kept, `config`), the tokenizer files copied and
 /// `metadata` as the safetensors `__metadata__`. The weights are the
 /// mapping's bytes, unconverted.
 pub fn write_reordered(
     checkpoint: &Checkpoint,
     new_index: &[usize],
+    config: BlockConfig,
     metadata: BTreeMap<String, String>,
     out_dir: &Path,
 ) -> Result<(), ShuffleError> {
@@ -123,10 +143,10 @@ pub fn write_reordered(
     for (b, &j) in new_index.iter().enumerate() {
         stored[j] = b;
     }
-    let config = checkpoint
-        .config
-        .as_ref()
-        .map(|config| permute_config(config, &stored));
+    let config = checkpoint.config.as_ref().map(|c| match config {
+        BlockConfig::Moved => permute_config(c, schema.family, &stored),
+        BlockConfig::Kept => c.clone(),
+    });
     write_checkpoint(
         checkpoint,
         &|entry, placement| match placement.layer {
@@ -280,33 +300,29 @@ fn cast_floats(values: &[f32], to: Dtype) -> Vec<u8> {
 }
 
 /// Per-block settings in config.json travel with their blocks: Gemma 3's
-/// `layer_types` (sliding or full attention, which a block was trained with)
-/// is permuted like the weights; a `sliding_window_pattern` is written out as
-/// the explicit, permuted list.
-pub fn permute_config(config: &serde_json::Value, stored: &[usize]) -> serde_json::Value {
+/// attention type per block (sliding or full, which a block was trained
+/// with; see [`gemma3_layer_types`]) is written out as the explicit,
+/// permuted `layer_types` list, and any other family's `layer_types` is
+/// permuted like the weights.
+pub fn permute_config(
+    config: &serde_json::Value,
+    family: Family,
+    stored: &[usize],
+) -> serde_json::Value {
     let mut config = config.clone();
     let n = stored.len();
-    let types: Option<Vec<serde_json::Value>> =
+    let types: Vec<serde_json::Value> = if family == Family::Gemma3 {
+        gemma3_layer_types(&config, n)
+            .into_iter()
+            .map(serde_json::Value::from)
+            .collect()
+    } else {
         match config.get("layer_types").and_then(|t| t.as_array()) {
-            Some(types) if types.len() >= n => Some(types[..n].to_vec()),
-            Some(_) => None,
-            None => config
-                .get("sliding_window_pattern")
-                .and_then(|p| p.as_u64())
-                .filter(|&p| p > 0)
-                .map(|pattern| {
-                    (0..n)
-                        .map(|i| {
-                            if (i as u64 + 1) % pattern == 0 {
-                                "full_attention".into()
-                            } else {
-                                "sliding_attention".into()
-                            }
-                        })
-                        .collect()
-                }),
-        };
-    if let (Some(types), Some(object)) = (types, config.as_object_mut()) {
+            Some(types) => types.clone(),
+            None => return config,
+        }
+    };
+    if let (true, Some(object)) = (types.len() >= n, config.as_object_mut()) {
         let permuted: Vec<serde_json::Value> = stored.iter().map(|&b| types[b].clone()).collect();
         object.insert("layer_types".into(), serde_json::Value::Array(permuted));
     }

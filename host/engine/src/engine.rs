@@ -100,6 +100,9 @@ pub struct Request<'a> {
     /// Run only this sublayer of every block (the contract's [`Sublayer`]):
     /// the residual after a run is that sublayer's output.
     pub sublayer: Option<Sublayer>,
+    /// Per block run, the block whose kind ([`BlockKind`]: attention
+    /// pattern and rotary table) it runs with; `None`: each its own.
+    pub kinds: Option<&'a [usize]>,
 }
 
 /// Values that replace one stored tensor of a block in a request: the
@@ -694,11 +697,23 @@ impl<'c> Engine<'c> {
                 .zip(requests)
                 .map(|(p, r)| hooks_at(r.edits, p.done).next().is_some())
                 .collect();
+            // The kind each request's next block run takes (its own, or
+            // the one its `kinds` names).
+            let kinds: Vec<usize> = pending
+                .iter()
+                .zip(requests)
+                .map(|(p, r)| match (r.kinds, p.trace.blocks.get(p.done)) {
+                    (Some(kinds), _) => kinds[p.done],
+                    (None, Some(&block)) => block,
+                    (None, None) => 0,
+                })
+                .collect();
             for (block, members) in by_block {
                 let inputs = &self.map.blocks[block];
-                for stack in stacks_for_block(&members, requests, inputs, &hooked) {
+                for stack in stacks_for_block(&members, requests, inputs, &hooked, &kinds) {
                     let run = StackRun {
                         block,
+                        kind: kinds[stack[0]],
                         stack: &stack,
                         keep_cache,
                     };
@@ -835,6 +850,21 @@ impl<'c> Engine<'c> {
             };
             if len != want {
                 return Err(bad(format!("edit vector has {len} values, {what} {want}")));
+            }
+        }
+        if let Some(kinds) = request.kinds {
+            if kinds.len() != blocks.len() {
+                return Err(bad(format!(
+                    "{} kinds for {} block runs",
+                    kinds.len(),
+                    blocks.len()
+                )));
+            }
+            if let Some(&k) = kinds.iter().find(|&&k| k >= self.num_blocks()) {
+                return Err(bad(format!(
+                    "kind of block {k}: the model has {} blocks",
+                    self.num_blocks()
+                )));
             }
         }
         if let Some(start) = request.start {
@@ -1091,6 +1121,7 @@ impl<'c> Engine<'c> {
     ) -> Result<(), ForwardError> {
         let StackRun {
             block,
+            kind,
             stack,
             keep_cache,
         } = run;
@@ -1108,7 +1139,7 @@ impl<'c> Engine<'c> {
         self.build_variant(block, variant)?;
         let hidden = self.arch.hidden;
         let fail = ort_error(self.checkpoint, &format!("running block {block}"));
-        let kind = self.arch.blocks[block];
+        let kind = self.arch.blocks[kind];
         let shape = |i: usize| (requests[i].tokens.len(), requests[i].branches);
         let uniform = stack.iter().all(|&i| shape(i) == shape(stack[0]));
         // The sequences the mask spans: one shape for a uniform stack, every
@@ -1832,6 +1863,8 @@ impl<'v> BlockFeed<'v> {
 #[derive(Clone, Copy)]
 struct StackRun<'s> {
     block: usize,
+    /// The block whose kind (attention pattern, rotary table) it runs with.
+    kind: usize,
     /// Indices of the requests, in the order their rows are stacked.
     stack: &'s [usize],
     /// Keep each request's keys and values ([`Pending::cache`]).
@@ -1851,34 +1884,35 @@ type MaskKey = (Attention, Vec<(usize, Option<Branches>)>);
 ///
 /// Only requests that read the block's tensors alike share a run: the same
 /// override buffers (by address) for the tensors it reads (`inputs`), or
-/// none; the same sublayer (or the whole block); and, for the whole block,
-/// hooks open (an edit inside this block run) or not.
+/// none; the same sublayer (or the whole block); for the whole block,
+/// hooks open (an edit inside this block run) or not; and the same kind
+/// (`kinds`, per request: the block whose pattern and rotary table it
+/// runs with).
 fn stacks_for_block(
     members: &[usize],
     requests: &[Request<'_>],
     inputs: &BTreeMap<&'static str, String>,
     hooked: &[bool],
+    kinds: &[usize],
 ) -> Vec<Vec<usize>> {
     // What a run's block reads: which sublayer, whether its hooks are open,
-    // and the override buffers (address, length) among its tensors.
-    type ReadKey = (Option<Sublayer>, bool, Vec<(usize, usize)>);
-    let weights_key = |request: &Request<'_>| -> ReadKey {
-        let mut key: Vec<(usize, usize)> = request
+    // its kind, and the override buffers (address, length) among its
+    // tensors.
+    type ReadKey = (Option<Sublayer>, bool, usize, Vec<(usize, usize)>);
+    let read_key = |i: usize| -> ReadKey {
+        let request = &requests[i];
+        let mut buffers: Vec<(usize, usize)> = request
             .overrides
             .iter()
             .filter(|o| inputs.values().any(|name| name == o.tensor))
             .map(|o| (o.values.as_ptr() as usize, o.values.len()))
             .collect();
-        key.sort_unstable();
-        (request.sublayer, false, key)
+        buffers.sort_unstable();
+        (request.sublayer, hooked[i], kinds[i], buffers)
     };
     let mut by_weights: BTreeMap<ReadKey, Vec<usize>> = BTreeMap::new();
     for &i in members {
-        let (sublayer, _, key) = weights_key(&requests[i]);
-        by_weights
-            .entry((sublayer, hooked[i], key))
-            .or_default()
-            .push(i);
+        by_weights.entry(read_key(i)).or_default().push(i);
     }
     let mut runs = Vec::new();
     for alike_weights in by_weights.into_values() {

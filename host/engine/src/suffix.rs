@@ -89,6 +89,7 @@ impl Engine<'_> {
         let capture = request.capture;
         if request.branches.is_some()
             || request.sublayer.is_some()
+            || request.kinds.is_some()
             || capture.residuals
             || capture.updates
             || capture.attention

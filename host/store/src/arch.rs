@@ -73,6 +73,31 @@ pub struct BlockKind {
     pub rope: Option<usize>,
 }
 
+/// Gemma 3's attention type per block (`sliding_attention` or
+/// `full_attention`): the config's `layer_types` as listed, else every
+/// `sliding_window_pattern`-th block (6 when the config does not say, as
+/// in GGUF files, whose metadata has no pattern) full and the rest sliding.
+pub fn gemma3_layer_types(config: &Value, layers: usize) -> Vec<String> {
+    match config.get("layer_types").and_then(Value::as_array) {
+        Some(types) => types
+            .iter()
+            .map(|t| t.as_str().unwrap_or_default().to_string())
+            .collect(),
+        None => {
+            let pattern = config_usize(config, &["sliding_window_pattern"]).unwrap_or(6);
+            (0..layers)
+                .map(|i| {
+                    if (i + 1) % pattern.max(1) == 0 {
+                        "full_attention".to_string()
+                    } else {
+                        "sliding_attention".to_string()
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
 /// The forward-pass description of a checkpoint.
 #[derive(Clone, Debug)]
 pub struct Arch {
@@ -124,6 +149,23 @@ fn config_str<'a>(config: &'a Value, keys: &[&str]) -> Option<&'a str> {
 }
 
 impl Arch {
+    /// Per block, an id of its kind (attention pattern and rotary table):
+    /// blocks with the same id run alike; ids count from 0 in order of
+    /// first appearance.
+    pub fn block_kind_ids(&self) -> Vec<usize> {
+        let mut seen: Vec<BlockKind> = Vec::new();
+        self.blocks
+            .iter()
+            .map(|kind| match seen.iter().position(|k| k == kind) {
+                Some(id) => id,
+                None => {
+                    seen.push(*kind);
+                    seen.len() - 1
+                }
+            })
+            .collect()
+    }
+
     /// Read the architecture; every missing or unsupported piece is an error
     /// naming the checkpoint.
     pub fn of(checkpoint: &Checkpoint, schema: &Schema) -> Result<(Arch, WeightMap), ArchError> {
@@ -267,25 +309,7 @@ impl Arch {
                 // The sliding layers use the local base without scaling.
                 let local = rope(config, local_theta, head_dim, false).map_err(&unsupported)?;
                 let window = config_usize(config, &["sliding_window"]).unwrap_or(4096);
-                let types: Vec<String> = match config.get("layer_types").and_then(Value::as_array) {
-                    Some(types) => types
-                        .iter()
-                        .map(|t| t.as_str().unwrap_or_default().to_string())
-                        .collect(),
-                    None => {
-                        let pattern =
-                            config_usize(config, &["sliding_window_pattern"]).unwrap_or(6);
-                        (0..layers)
-                            .map(|i| {
-                                if (i + 1) % pattern.max(1) == 0 {
-                                    "full_attention".to_string()
-                                } else {
-                                    "sliding_attention".to_string()
-                                }
-                            })
-                            .collect()
-                    }
-                };
+                let types = gemma3_layer_types(config, layers);
                 if types.len() < layers {
                     return Err(ArchError::Config {
                         file: checkpoint.config_source(),

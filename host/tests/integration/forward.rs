@@ -1323,6 +1323,128 @@ fn gemma3_sliding_layers_see_only_their_window() {
     }
 }
 
+/// `kinds` runs a block with another index's attention pattern and rotary
+/// table: blocks [2, 0, 1] of the Gemma 3 fixture (sliding, sliding, full)
+/// with kinds [0, 2, 2] are the same computation as those blocks of a copy
+/// whose config makes block 2 sliding and blocks 0 and 1 full, run with
+/// their own kinds — in one batch with a request that reads its own kinds,
+/// so stacks split by kind.
+#[test]
+fn kinds_give_a_block_run_another_index_s_pattern_and_rotary_table() {
+    let original = fixture("gemma3-tied-f32");
+    let dir = crate::util::tempdir();
+    for entry in std::fs::read_dir(&original).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = dir.path().join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["layer_types"] =
+        serde_json::json!(["full_attention", "full_attention", "sliding_attention"]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+
+    let tokens: Vec<u32> = (1..=7).collect();
+    let blocks = [2, 0, 1];
+    let capture = Capture {
+        residuals: true,
+        attention: true,
+        ..Capture::default()
+    };
+    let relabelled = Checkpoint::open(dir.path()).unwrap();
+    let mut engine = Engine::open(&relabelled, EngineOptions::default()).unwrap();
+    let expected = engine
+        .run(&Request {
+            tokens: &tokens,
+            blocks: Some(&blocks),
+            capture,
+            ..Request::default()
+        })
+        .unwrap();
+
+    let checkpoint = Checkpoint::open(&original).unwrap();
+    let kind_ids = |c: &Checkpoint| {
+        probe::arch::Arch::of(c, &Schema::of(c))
+            .unwrap()
+            .0
+            .block_kind_ids()
+    };
+    assert_eq!(kind_ids(&checkpoint), [0, 0, 1]);
+    assert_eq!(kind_ids(&relabelled), [0, 0, 1], "full, full, sliding");
+    let mut engine = Engine::open(&checkpoint, EngineOptions::default()).unwrap();
+    let kinds = [0, 2, 2];
+    let traces = engine
+        .run_batch(&[
+            Request {
+                tokens: &tokens,
+                blocks: Some(&blocks),
+                kinds: Some(&kinds),
+                capture,
+                ..Request::default()
+            },
+            Request {
+                tokens: &tokens,
+                blocks: Some(&blocks),
+                capture,
+                ..Request::default()
+            },
+        ])
+        .unwrap();
+    let close = |a: &[f32], b: &[f32]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+    };
+    for (stage, (got, want)) in traces[0]
+        .residuals
+        .iter()
+        .zip(&expected.residuals)
+        .enumerate()
+    {
+        assert!(close(got, want), "stage {stage}");
+    }
+    // The first run slides (window 4), the other two see every row; the
+    // request without kinds slides in its second and third runs.
+    let t = tokens.len();
+    let seen = |trace: &Trace, run: usize| {
+        trace.attention[run][(t - 1) * t..t * t]
+            .iter()
+            .filter(|&&p| p > 0.0)
+            .count()
+    };
+    assert_eq!(
+        (0..3).map(|r| seen(&traces[0], r)).collect::<Vec<_>>(),
+        [4, 7, 7]
+    );
+    assert_eq!(
+        (0..3).map(|r| seen(&traces[1], r)).collect::<Vec<_>>(),
+        [7, 4, 4]
+    );
+    assert!(!close(&traces[1].output, &traces[0].output));
+
+    let refused = engine
+        .run(&Request {
+            tokens: &tokens,
+            blocks: Some(&blocks),
+            kinds: Some(&[0, 1]),
+            ..Request::default()
+        })
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("2 kinds for 3 block runs"),
+        "{refused}"
+    );
+    let refused = engine
+        .run(&Request {
+            tokens: &tokens,
+            kinds: Some(&[0, 1, 3]),
+            ..Request::default()
+        })
+        .unwrap_err();
+    assert!(refused.to_string().contains("kind of block 3"), "{refused}");
+}
+
 #[test]
 fn forward_command_prints_predictions_loss_and_norms() {
     let model = fixture("llama-tied-f32");

@@ -31,6 +31,7 @@
 //! | 2.4 | `HostApi::override_tensor` and `release_override`: values that replace a stored block tensor in the forward requests that list them (`ForwardRequest::overrides`; the SDK refuses the field on an older host, naming both versions) |
 //! | 2.5 | `ForwardRequest::sublayer`: each block run only its attention or its MLP, on a residual the plugin gives (no function added: the SDK refuses the field on a host older than 2.5, naming both versions) |
 //! | 2.6 | `Edit::hook`: edits at a block run's attention output, MLP output or one head's output before the output projection (`Hook`), and `ForwardRequest::z` with `OutputKind::Z` to capture the head outputs (fields only: the SDK refuses them on a host older than 2.6) |
+//! | 2.7 | `ForwardRequest::kinds`: a block run with another index's attention pattern and rotary table (a config that describes positions), and `ModelInfo::block_kinds` (fields only: the SDK refuses `kinds` on a host older than 2.7) |
 
 use std::ffi::{c_char, c_void};
 use std::mem::offset_of;
@@ -38,7 +39,7 @@ use std::mem::offset_of;
 /// The major version: both sides must agree on it.
 pub const ABI_MAJOR: u32 = 2;
 /// The minor version this side was built with.
-pub const ABI_MINOR: u32 = 6;
+pub const ABI_MINOR: u32 = 7;
 /// This side's version.
 pub const ABI_VERSION: AbiVersion = AbiVersion {
     major: ABI_MAJOR,
@@ -433,8 +434,14 @@ pub mod since {
         minor: 6,
     };
 
+    /// `ForwardRequest::kinds` and `ModelInfo::block_kinds`, added in 2.7.
+    pub const KINDS: Field = Field {
+        name: "ForwardRequest::kinds",
+        minor: 7,
+    };
+
     /// Every field added without a function, oldest first.
-    pub const FIELDS: [Field; 2] = [SUBLAYER, HOOKS];
+    pub const FIELDS: [Field; 3] = [SUBLAYER, HOOKS, KINDS];
 }
 
 /// The size of a 2.0 host table: every field before the first appended one.

@@ -231,6 +231,14 @@ pub struct ForwardRequest {
     /// `[T, heads × head_dim]` ([`Hook::Z`]; [`OutputKind::Z`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub z: bool,
+    /// 2.7: per block run, the block index whose attention pattern and
+    /// rotary table it runs with — the config's per-block entry at that
+    /// index ([`crate::ModelInfo::block_kinds`]); default: each block its
+    /// own. A checkpoint whose config describes positions, not blocks (its
+    /// tensors renamed, the config kept), runs the block placed at
+    /// position p with entry p.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinds: Option<Vec<usize>>,
 }
 
 impl ForwardRequest {

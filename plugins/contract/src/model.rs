@@ -612,6 +612,14 @@ pub struct ModelInfo {
     /// so [`crate::TextMode::Chat`] can be used (ABI 2.2; false from older hosts).
     #[serde(default)]
     pub chat_template: bool,
+    /// Per block, which kind of block it runs as: blocks with the same id
+    /// share their attention pattern (causal, sliding window, both ways)
+    /// and rotary table, as the config assigns them (Gemma 3: sliding or
+    /// full attention). Ids count from 0 in order of first appearance;
+    /// empty where the host cannot run the model (and from hosts older
+    /// than 2.7).
+    #[serde(default)]
+    pub block_kinds: Vec<usize>,
 }
 
 /// One tensor as the host places it (read from a [`crate::abi::TensorInfoC`]).

@@ -305,6 +305,11 @@ impl Host<'_> {
                 .require_field(abi::since::SUBLAYER)
                 .map_err(PluginError::Host)?;
         }
+        if requests.iter().any(|r| r.kinds.is_some()) {
+            self.api
+                .require_field(abi::since::KINDS)
+                .map_err(PluginError::Host)?;
+        }
         let json =
             serde_json::to_string(requests).map_err(|e| PluginError::Other(e.to_string()))?;
         let starts: Vec<*const f32> = requests

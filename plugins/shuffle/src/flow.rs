@@ -109,13 +109,15 @@ enum Loss {
 fn run_from(
     host: &Host,
     tokens: &[u32],
-    start: &[f32],
+    (start, at): (&[f32], usize),
     blocks: &[usize],
     loss: Loss,
+    reading: Reading,
 ) -> Result<(Vec<Vec<f32>>, Option<f64>), PluginError> {
     let out = host.forward(&ForwardRequest {
         tokens: tokens.to_vec(),
         blocks: Some(blocks.to_vec()),
+        kinds: reading.kinds(at, blocks.len()),
         start: Some(start.to_vec()),
         residuals: !blocks.is_empty(),
         loss: !matches!(loss, Loss::None),
@@ -123,6 +125,30 @@ fn run_from(
     })?;
     // residuals[0] is `start` itself.
     Ok((out.residuals.into_iter().skip(1).collect(), out.loss))
+}
+
+/// How a chain's blocks take their kind (attention pattern and rotary
+/// table) where a config gives blocks different kinds (Gemma 3's sliding
+/// and full attention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reading {
+    /// The config describes blocks: each runs as its own entry says
+    /// (`probe shuffle`'s default, which moves the entries with the blocks).
+    Blocks,
+    /// The config describes positions: the block placed at position p runs
+    /// as entry p says (a checkpoint whose tensors were renamed and whose
+    /// config was kept).
+    Positions,
+}
+
+impl Reading {
+    /// The `kinds` of a request that runs `len` blocks from position `first`.
+    pub fn kinds(self, first: usize, len: usize) -> Option<Vec<usize>> {
+        match self {
+            Reading::Blocks => None,
+            Reading::Positions => Some((first..first + len).collect()),
+        }
+    }
 }
 
 /// What `flow` runs the blocks on.
@@ -217,6 +243,7 @@ pub fn flow(
     n: usize,
     probe: Probe,
     prune: bool,
+    reading: Reading,
 ) -> Result<(Vec<usize>, Vec<Step>), PluginError> {
     let mut residual = embedding(host, tokens)?;
     if probe == Probe::Gaussian {
@@ -251,7 +278,14 @@ pub fn flow(
             {
                 break; // the rest are predicted further behind still
             }
-            let (mut after, _) = run_from(host, tokens, &residual, &[block], Loss::None)?;
+            let (mut after, _) = run_from(
+                host,
+                tokens,
+                (&residual, path.len()),
+                &[block],
+                Loss::None,
+                reading,
+            )?;
             let after = after.pop().ok_or("the engine returned no residual")?;
             let update: Vec<f32> = after.iter().zip(&residual).map(|(a, b)| a - b).collect();
             let update = row_norms(&update, hidden);
@@ -284,15 +318,31 @@ pub const SCREEN_TOP_K: usize = 32;
 /// noise would only undo what `flow` found.
 pub const INFORMATIVE_LOSS: f64 = 0.8;
 
+/// The least loss margin for which a block's place counts as sure: every
+/// alternative tried (the block swapped with either neighbour) must raise
+/// the loss on the repair text by 1 % or more. Chosen on SmolLM2, where
+/// every swap of its true order costs at least 5.6 % on the default text.
+pub const SURE_MARGIN: f64 = 0.01;
+
 /// What `repair` did.
 pub struct Repaired {
     pub path: Vec<usize>,
+    /// How the chain's blocks took their kinds.
+    pub reading: Reading,
     /// The full loss of `path` on the repair text.
     pub loss: f64,
+    /// Whether that loss is informative (below [`INFORMATIVE_LOSS`] of a
+    /// uniform guess's); when it is not, the repair did not run.
+    pub informative: bool,
+    /// Per position of `path`: the least relative loss increase over the
+    /// alternatives tried for the block there ([`swap_margins`]).
+    pub margins: Vec<f64>,
     /// Candidate chains whose loss was computed.
     pub tried: usize,
     /// Moves kept.
     pub kept: usize,
+    /// Moves of the wide pass (0 when it did not run).
+    pub wide_moves: usize,
     /// Rounds over the whole move list (the last one keeps nothing).
     pub rounds: usize,
 }
@@ -333,6 +383,7 @@ fn moved(path: &[usize], (block, depth): (usize, usize)) -> Option<(Vec<usize>, 
 /// (so a candidate re-runs only what follows its first change), its full
 /// loss, and the ids its screening loss is restricted to.
 struct Chain {
+    reading: Reading,
     path: Vec<usize>,
     cache: Vec<Vec<f32>>,
     loss: f64,
@@ -350,6 +401,9 @@ struct Candidate {
     first: usize,
     gain: f64,
     residuals: Vec<Vec<f32>>,
+    /// Tried on an earlier chain: `path` and `residuals` are out of date,
+    /// `gain` an estimate.
+    stale: bool,
 }
 
 /// The likeliest `k` ids at any position of `logits` `[T, vocab]`, ascending.
@@ -418,16 +472,23 @@ fn judge(host: &Host, tokens: &[u32], last: &[f32]) -> Result<(f64, Vec<u32>, f6
 
 impl Chain {
     /// Run `path` on `tokens` and judge it.
-    fn new(host: &Host, tokens: &[u32], path: Vec<usize>) -> Result<Self, PluginError> {
+    fn new(
+        host: &Host,
+        tokens: &[u32],
+        path: Vec<usize>,
+        reading: Reading,
+    ) -> Result<Self, PluginError> {
         let out = host.forward(&ForwardRequest {
             tokens: tokens.to_vec(),
             blocks: Some(path.clone()),
+            kinds: reading.kinds(0, path.len()),
             residuals: true,
             ..ForwardRequest::default()
         })?;
         let cache = out.residuals;
         let (loss, likely, screen) = judge(host, tokens, last(&cache))?;
         Ok(Chain {
+            reading,
             path,
             cache,
             loss,
@@ -453,6 +514,7 @@ impl Chain {
                     first,
                     gain: f64::NEG_INFINITY,
                     residuals: Vec::new(),
+                    stale: false,
                 })
             })
             .collect();
@@ -461,6 +523,7 @@ impl Chain {
             .map(|c| ForwardRequest {
                 tokens: tokens.to_vec(),
                 blocks: Some(c.path[c.first..].to_vec()),
+                kinds: self.reading.kinds(c.first, c.path.len() - c.first),
                 start: Some(self.cache[c.first].clone()),
                 residuals: true,
                 loss: true,
@@ -522,30 +585,101 @@ pub fn repair(
     tokens: &[u32],
     path: Vec<usize>,
     moves: &[(usize, usize)],
+    reading: Reading,
 ) -> Result<Repaired, PluginError> {
     // Callers check for a head first (`has_output_head`): without one, the
     // engine refuses the logits in one line.
-    let mut chain = Chain::new(host, tokens, path)?;
+    let flow_path = path.clone();
+    let mut chain = Chain::new(host, tokens, path, reading)?;
     let vocab = host.model()?.vocab_size.unwrap_or(2).max(2) as f64;
     let mut repaired = Repaired {
         path: Vec::new(),
+        reading,
         loss: chain.loss,
+        informative: false,
+        margins: Vec::new(),
         tried: 0,
         kept: 0,
+        wide_moves: 0,
         rounds: 0,
     };
-    if chain.loss > INFORMATIVE_LOSS * vocab.ln() {
+    descend(host, tokens, &mut chain, moves, &mut repaired)?;
+    // Runner-up moves can leave a chain some swap still improves (flow far
+    // from the truth): then every block is tried within WIDE_WINDOW places.
+    let screened = swap_margins(host, tokens, &chain, Measure::Screen)?;
+    if screened.iter().any(|&m| m < -MIN_GAIN) {
+        let wide = window_moves(&chain.path, WIDE_WINDOW);
+        repaired.wide_moves = wide.len();
+        descend(host, tokens, &mut chain, &wide, &mut repaired)?;
+    }
+    repaired.informative = chain.loss <= INFORMATIVE_LOSS * vocab.ln();
+    if !repaired.informative {
         host.warn(&format!(
-            "repair: the model predicts the probe text no better than chance (loss {:.2} nats, uniform {:.2}); its loss cannot judge an order, so flow's chain stands",
+            "repair: the model predicts the probe text no better than chance (loss {:.2} nats at best, uniform {:.2}); its loss cannot judge an order, so flow's chain stands and no block's place is sure",
             chain.loss,
             vocab.ln()
         ));
-        repaired.path = chain.path;
-        return Ok(repaired);
+        chain = Chain::new(host, tokens, flow_path, reading)?;
     }
-    // The restricted loss moves a little less than the full one, so the
-    // screen passes half the gain the full loss must show.
-    let passes = |c: &Candidate| c.gain > MIN_GAIN / 2.0;
+    repaired.loss = chain.loss;
+    repaired.margins = swap_margins(host, tokens, &chain, Measure::Full)?;
+    repaired.path = chain.path;
+    Ok(repaired)
+}
+
+/// Whether `path` holds under `reading`: no swap of two neighbours lowers
+/// its screening loss on `tokens` by [`MIN_GAIN`].
+pub fn holds(
+    host: &Host,
+    tokens: &[u32],
+    path: &[usize],
+    reading: Reading,
+) -> Result<bool, PluginError> {
+    let chain = Chain::new(host, tokens, path.to_vec(), reading)?;
+    let screened = swap_margins(host, tokens, &chain, Measure::Screen)?;
+    Ok(screened.iter().all(|&m| m >= -MIN_GAIN))
+}
+
+/// The full loss of `path` on `tokens`, its blocks taking their kinds as
+/// `reading` says.
+pub fn chain_loss(
+    host: &Host,
+    tokens: &[u32],
+    path: &[usize],
+    reading: Reading,
+) -> Result<f64, PluginError> {
+    let start = embedding(host, tokens)?;
+    let (_, loss) = run_from(host, tokens, (&start, 0), path, Loss::Full, reading)?;
+    loss.ok_or_else(|| "the engine returned no loss".into())
+}
+
+/// How far `repair`'s wide pass moves a block: up to this many places.
+pub const WIDE_WINDOW: usize = 3;
+
+/// Every (block, depth) with the block moved at most `window` places from
+/// where `path` has it.
+fn window_moves(path: &[usize], window: usize) -> Vec<(usize, usize)> {
+    let n = path.len();
+    let mut moves = Vec::new();
+    for (from, &block) in path.iter().enumerate() {
+        for depth in from.saturating_sub(window)..(from + window + 1).min(n) {
+            if depth != from {
+                moves.push((block, depth));
+            }
+        }
+    }
+    moves
+}
+
+/// Best-improvement rounds over `moves` on `chain` until a round keeps
+/// nothing (see [`repair`]).
+fn descend(
+    host: &Host,
+    tokens: &[u32],
+    chain: &mut Chain,
+    moves: &[(usize, usize)],
+    repaired: &mut Repaired,
+) -> Result<(), PluginError> {
     let mut look = vec![true; moves.len()];
     while look.iter().any(|&l| l) {
         host.check_cancelled()?;
@@ -569,10 +703,7 @@ pub fn repair(
         let mut round = chain.try_moves(host, tokens, &wanted)?;
         repaired.tried += round.len();
         round.retain(passes);
-        while let Some(best) = (0..round.len())
-            .filter(|&i| passes(&round[i]))
-            .max_by(|&a, &b| round[a].gain.total_cmp(&round[b].gain))
-        {
+        while let Some(best) = best_passing(host, tokens, chain, &mut round, repaired)? {
             host.check_cancelled()?;
             let candidate = round.swap_remove(best);
             let judged = judge(host, tokens, last(&candidate.residuals))?;
@@ -582,24 +713,146 @@ pub fn repair(
             let changed = reach(&chain.path, candidate.by).ok_or("repair: lost a block")?;
             chain.keep(candidate, judged);
             repaired.kept += 1;
+            let touches = |path: &[usize], m: (usize, usize)| {
+                reach(path, m).is_some_and(|(lo, hi)| lo <= changed.1 + 1 && changed.0 <= hi + 1)
+            };
             // Moves that touch the change are looked at again next round.
             for (m, l) in moves.iter().zip(look.iter_mut()) {
-                if let Some((lo, hi)) = reach(&chain.path, *m) {
-                    *l |= lo <= changed.1 + 1 && changed.0 <= hi + 1;
-                }
+                *l |= touches(&chain.path, *m);
             }
             // The round's other candidates were tried on the chain before
-            // this move; one that stopped passing may pass again after the
-            // next (a block put back makes room for its neighbour), so all
-            // of them are tried again now, not only those still passing.
-            let rest: Vec<(usize, usize)> = round.iter().map(|c| c.by).collect();
-            round = chain.try_moves(host, tokens, &rest)?;
+            // this move. Those that touch it may gain quite differently now
+            // (a block put back makes room for its neighbour, so one that
+            // stopped passing may pass again): they are tried again at
+            // once, passing or not. The rest gain about what they did — a
+            // move's gain is the loss difference its own positions make —
+            // and are tried again only when one of them comes up best.
+            let (near, far): (Vec<Candidate>, Vec<Candidate>) =
+                round.into_iter().partition(|c| touches(&chain.path, c.by));
+            let near: Vec<(usize, usize)> = near.iter().map(|c| c.by).collect();
+            round = chain.try_moves(host, tokens, &near)?;
             repaired.tried += round.len();
+            round.extend(far.into_iter().map(|c| Candidate { stale: true, ..c }));
         }
     }
-    repaired.loss = chain.loss;
-    repaired.path = chain.path;
-    Ok(repaired)
+    Ok(())
+}
+
+/// Whether a candidate's screening gain is worth a full judgement: the
+/// restricted loss moves a little less than the full one, so the screen
+/// passes half the gain the full loss must show.
+fn passes(candidate: &Candidate) -> bool {
+    candidate.gain > MIN_GAIN / 2.0
+}
+
+/// The round's candidate with the best screening gain among those that
+/// pass, tried again on the current chain first when it is stale (until the
+/// best is fresh).
+fn best_passing(
+    host: &Host,
+    tokens: &[u32],
+    chain: &Chain,
+    round: &mut Vec<Candidate>,
+    repaired: &mut Repaired,
+) -> Result<Option<usize>, PluginError> {
+    loop {
+        let Some(best) = (0..round.len())
+            .filter(|&i| passes(&round[i]))
+            .max_by(|&a, &b| round[a].gain.total_cmp(&round[b].gain))
+        else {
+            return Ok(None);
+        };
+        if !round[best].stale {
+            return Ok(Some(best));
+        }
+        let by = round.swap_remove(best).by;
+        round.extend(chain.try_moves(host, tokens, &[by])?);
+        repaired.tried += 1;
+    }
+}
+
+/// The loss a chain is measured by.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Measure {
+    /// The model's loss (the head over the whole vocabulary).
+    Full,
+    /// The screening loss: the softmax over the ids the chain finds likely
+    /// and the text's own (a fraction of the head's cost; it moves less than
+    /// the full loss, on Gemma 3 270M a swap of its last two blocks fifty
+    /// times less).
+    Screen,
+}
+
+/// Per position of the chain: how much the loss on `tokens` rises,
+/// relative, when the block there trades places with a neighbour — the
+/// smaller of its two swaps (one at either end). Negative when a swap
+/// would lower the loss. Every swap runs in one batch from the cached
+/// residual before it.
+fn swap_margins(
+    host: &Host,
+    tokens: &[u32],
+    chain: &Chain,
+    measure: Measure,
+) -> Result<Vec<f64>, PluginError> {
+    let (vocab, base) = match measure {
+        Measure::Full => (None, chain.loss),
+        Measure::Screen => (Some(chain.likely.clone()), chain.screen),
+    };
+    let n = chain.path.len();
+    let requests: Vec<ForwardRequest> = (0..n.saturating_sub(1))
+        .map(|k| {
+            let mut blocks = chain.path[k..].to_vec();
+            blocks.swap(0, 1);
+            ForwardRequest {
+                tokens: tokens.to_vec(),
+                kinds: chain.reading.kinds(k, blocks.len()),
+                blocks: Some(blocks),
+                start: Some(chain.cache[k].clone()),
+                loss: true,
+                loss_vocab: vocab.clone(),
+                ..ForwardRequest::default()
+            }
+        })
+        .collect();
+    let swaps: Vec<f64> = host
+        .forward_batch(&requests)?
+        .into_iter()
+        .map(|out| {
+            let loss = out
+                .loss
+                .ok_or("swap margins: the engine returned no loss")?;
+            Ok((loss - base) / base.max(1e-300))
+        })
+        .collect::<Result<_, PluginError>>()?;
+    Ok(position_margins(&swaps, n))
+}
+
+/// A position's margin from the swaps it takes part in: swap `k` trades
+/// positions `k` and `k + 1`.
+fn position_margins(swaps: &[f64], n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|p| {
+            let left = p.checked_sub(1).and_then(|k| swaps.get(k));
+            let right = swaps.get(p);
+            left.into_iter()
+                .chain(right)
+                .copied()
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect()
+}
+
+/// Per position of `flow`'s chain: how far the runner-up at that depth
+/// stood behind the block placed there, as the runner-up's relative update
+/// over the winner's, minus one (infinite where one block was left).
+pub fn flow_margins(steps: &[Step]) -> Vec<f64> {
+    steps
+        .iter()
+        .map(|step| match step.ranked.as_slice() {
+            [(_, winner), (_, second), ..] => second / winner.max(1e-300) - 1.0,
+            _ => f64::INFINITY,
+        })
+        .collect()
 }
 
 /// Remove-and-reinsert within `window` places, kept when the loss drops,
@@ -609,11 +862,12 @@ pub fn insert(
     tokens: &[u32],
     mut path: Vec<usize>,
     window: usize,
+    reading: Reading,
 ) -> Result<(Vec<usize>, f64), PluginError> {
     let n = path.len();
     // cache[k]: the residual before position k of `path`.
     let mut cache = vec![embedding(host, tokens)?];
-    let (after, loss) = run_from(host, tokens, &cache[0], &path, Loss::Full)?;
+    let (after, loss) = run_from(host, tokens, (&cache[0], 0), &path, Loss::Full, reading)?;
     let mut best = loss.ok_or("insert: the model has no output head, so no loss")?;
     cache.extend(after);
     let mut improved = true;
@@ -629,8 +883,14 @@ pub fn insert(
                 let block = candidate.remove(from);
                 candidate.insert(to, block);
                 let first = from.min(to);
-                let (after, loss) =
-                    run_from(host, tokens, &cache[first], &candidate[first..], Loss::Full)?;
+                let (after, loss) = run_from(
+                    host,
+                    tokens,
+                    (&cache[first], first),
+                    &candidate[first..],
+                    Loss::Full,
+                    reading,
+                )?;
                 let loss = loss.ok_or("insert: no loss")?;
                 if loss < best {
                     best = loss;
@@ -648,6 +908,25 @@ pub fn insert(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_position_takes_the_smaller_margin_of_its_two_swaps() {
+        // Swaps (0,1), (1,2), (2,3) of a four-block chain.
+        let swaps = [0.5, 0.02, -0.1];
+        assert_eq!(position_margins(&swaps, 4), vec![0.5, 0.02, -0.1, -0.1]);
+        assert_eq!(position_margins(&[], 1), vec![f64::INFINITY]);
+        let steps = vec![
+            Step {
+                ranked: vec![(3, 0.1), (1, 0.15), (2, 0.9)],
+            },
+            Step {
+                ranked: vec![(1, 0.2)],
+            },
+        ];
+        let margins = flow_margins(&steps);
+        assert!((margins[0] - 0.5).abs() < 1e-12);
+        assert_eq!(margins[1], f64::INFINITY);
+    }
 
     #[test]
     fn a_move_puts_one_block_at_one_depth_and_says_what_it_touched() {

@@ -9,7 +9,7 @@
 //! README.md says which signal carries the order and why.
 
 pub mod flow;
-use flow::Probe;
+use flow::{Probe, Reading};
 pub mod order;
 pub mod weights;
 
@@ -191,12 +191,77 @@ fn fiedler_order(blocks: &Blocks) -> Result<Vec<usize>, PluginError> {
     ))
 }
 
+/// What a method measured of each block's place, by position of its chain
+/// (or by stored block, after [`Measured::by_block`]).
+struct Measured {
+    /// The margin of the block's place (the `confidence` column).
+    margins: Vec<f64>,
+    /// Whether the place counts as sure; `None`: not judged.
+    sure: Vec<Option<bool>>,
+}
+
+impl Measured {
+    /// Margins nothing judges.
+    fn unjudged(margins: Vec<f64>) -> Self {
+        let sure = vec![None; margins.len()];
+        Self { margins, sure }
+    }
+
+    /// The same, by stored block: `path[p]` is the block at position p.
+    fn by_block(self, path: &[usize]) -> Self {
+        let n = path.len();
+        let mut by_block = Self {
+            margins: vec![0.0; n],
+            sure: vec![None; n],
+        };
+        for (p, &b) in path.iter().enumerate() {
+            by_block.margins[b] = self.margins[p];
+            by_block.sure[b] = self.sure[p];
+        }
+        by_block
+    }
+}
+
+/// `flow`'s chain repaired by the loss (`flow::repair`), the blocks
+/// taking their kinds as `reading` says; logs what it did.
+fn flow_repair(
+    host: &Host,
+    (text, repair_text): (&[u32], &[u32]),
+    n: usize,
+    prune: bool,
+    reading: Reading,
+) -> Result<flow::Repaired, PluginError> {
+    let start = Instant::now();
+    let (seed, steps) = flow::flow(host, text, n, Probe::Text, prune, reading)?;
+    let flow_seconds = start.elapsed().as_secs_f64();
+    let moves = flow::runner_up_moves(&steps);
+    let repaired = flow::repair(host, repair_text, seed, &moves, reading)?;
+    let wide = match repaired.wide_moves {
+        0 => String::new(),
+        w => format!(", then {w} moves within {} places", flow::WIDE_WINDOW),
+    };
+    let config = match reading {
+        Reading::Blocks => "",
+        Reading::Positions => " (the config read as describing positions)",
+    };
+    host.info(&format!(
+        "flow_repair{config}: flow {flow_seconds:.2} s; repair kept {} moves (of {} runner-up moves{wide}) in {} rounds ({} candidate orders scored, loss {:.4}) in {:.2} s",
+        repaired.kept,
+        moves.len(),
+        repaired.rounds,
+        repaired.tried,
+        repaired.loss,
+        start.elapsed().as_secs_f64() - flow_seconds
+    ));
+    Ok(repaired)
+}
+
 impl Plugin for Shuffle {
     const NAME: &'static str = "shuffle";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const SUMMARY: &'static str =
         "Recover the order of shuffled blocks (weight-only and forward-pass methods)";
-    const DESCRIPTION: &'static str = "One row per (method, stored block): recovered_position, confidence (share of the methods run that agree), true_position when the checkpoint records its permutation (probe shuffle). The companion table `methods` holds Kendall tau, accuracy, mean |displacement| and seconds per method.";
+    const DESCRIPTION: &'static str = "One row per (method, stored block): recovered_position; confidence, the block's measured margin (flow_repair: the least relative rise of the repair text's loss when the block trades places with a neighbour; flow, or a model without a head: how far the runner-up at its depth stood behind it); sure, whether flow_repair's loss is informative and that margin at least 1 %; agreement, the share of the methods run that put it at the same position; true_position when the checkpoint records its permutation (probe shuffle). The companion table `methods` holds Kendall tau, accuracy, mean |displacement| and seconds per method.";
 
     fn params() -> Vec<ParamSpec> {
         vec![
@@ -317,8 +382,20 @@ impl Plugin for Shuffle {
         };
         let read_seconds = started.elapsed().as_secs_f64();
 
+        // Blocks of different kinds (Gemma 3's sliding and full attention)
+        // make the config's reading matter.
+        let readings: &[Reading] = if model.block_kinds.windows(2).any(|w| w[0] != w[1]) {
+            &[Reading::Blocks, Reading::Positions]
+        } else {
+            &[Reading::Blocks]
+        };
         let mut results: Vec<(String, Vec<usize>, f64)> = Vec::new();
+        // Per method run, by position of its chain: the measured margin of
+        // the block there, and whether it counts as sure (`None`: not
+        // judged).
+        let mut margins: Vec<Option<Measured>> = Vec::new();
         for method in &methods {
+            let mut measured: Option<Measured> = None;
             let start = Instant::now();
             let weights = || blocks.as_ref().ok_or("the weights were not read");
             let path = match method.as_str() {
@@ -345,7 +422,16 @@ impl Plugin for Shuffle {
                     weights::ensemble_order(&orders)
                 }
                 "flow" => {
-                    flow::flow(host, probe_text()?.head(flow_tokens), n, Probe::Text, prune)?.0
+                    let (path, steps) = flow::flow(
+                        host,
+                        probe_text()?.head(flow_tokens),
+                        n,
+                        Probe::Text,
+                        prune,
+                        Reading::Blocks,
+                    )?;
+                    measured = Some(Measured::unjudged(flow::flow_margins(&steps)));
+                    path
                 }
                 "flow_random" => {
                     flow::flow(
@@ -354,30 +440,59 @@ impl Plugin for Shuffle {
                         n,
                         Probe::Gaussian,
                         prune,
+                        Reading::Blocks,
                     )?
                     .0
                 }
                 "flow_repair" => {
-                    let text = probe_text()?;
-                    let (seed, steps) =
-                        flow::flow(host, text.head(flow_tokens), n, Probe::Text, prune)?;
-                    let flow_seconds = start.elapsed().as_secs_f64();
+                    let text = probe_text()?.head(flow_tokens);
                     if has_output_head(&model) {
-                        let moves = flow::runner_up_moves(&steps);
-                        let repaired =
-                            flow::repair(host, repair_text()?.head(repair_tokens), seed, &moves)?;
-                        host.info(&format!(
-                            "flow_repair: flow {flow_seconds:.2} s; repair kept {} of {} moves in {} rounds ({} candidate orders scored, loss {:.4}) in {:.2} s",
-                            repaired.kept,
-                            moves.len(),
-                            repaired.rounds,
-                            repaired.tried,
-                            repaired.loss,
-                            start.elapsed().as_secs_f64() - flow_seconds
-                        ));
+                        // Where the config gives blocks different kinds, it
+                        // may describe blocks or positions: the pipeline runs
+                        // reading blocks, and reading positions too unless
+                        // its chain holds under that reading; the chain
+                        // that explains the repair text better (lower loss)
+                        // stands.
+                        let repair_text = repair_text()?.head(repair_tokens);
+                        let mut repaired =
+                            flow_repair(host, (text, repair_text), n, prune, readings[0])?;
+                        for &reading in &readings[1..] {
+                            // A chain no swap improves under the other
+                            // reading either stands; else that reading runs
+                            // the whole pipeline too, and the prompts (text
+                            // neither search was judged on) decide.
+                            if flow::holds(host, repair_text, &repaired.path, reading)? {
+                                continue;
+                            }
+                            let other = flow_repair(host, (text, repair_text), n, prune, reading)?;
+                            let held_out = |r: &flow::Repaired| {
+                                flow::chain_loss(host, text, &r.path, r.reading)
+                            };
+                            let (ours, theirs) = (held_out(&repaired)?, held_out(&other)?);
+                            host.info(&format!(
+                                "flow_repair: on the prompts, the chain reading blocks has loss {ours:.4}, reading positions {theirs:.4}"
+                            ));
+                            if theirs < ours {
+                                repaired = other;
+                            }
+                        }
+                        let sure = repaired
+                            .margins
+                            .iter()
+                            .map(|&m| Some(repaired.informative && m >= flow::SURE_MARGIN))
+                            .collect();
+                        measured = Some(Measured {
+                            margins: repaired.margins,
+                            sure,
+                        });
                         repaired.path
                     } else {
-                        seed // no loss to check moves by
+                        // No loss to check moves by, nor to measure a place
+                        // with: flow's own margins, judged by nothing.
+                        let (seed, steps) =
+                            flow::flow(host, text, n, Probe::Text, prune, Reading::Blocks)?;
+                        measured = Some(Measured::unjudged(flow::flow_margins(&steps)));
+                        seed
                     }
                 }
                 "loss_bubble" | "flow_insert" if !has_output_head(&model) => {
@@ -389,22 +504,42 @@ impl Plugin for Shuffle {
                 }
                 "loss_bubble" | "flow_insert" => {
                     let text = probe_text()?;
-                    let (seed, _) =
-                        flow::flow(host, text.head(flow_tokens), n, Probe::Text, prune)?;
+                    let (seed, _) = flow::flow(
+                        host,
+                        text.head(flow_tokens),
+                        n,
+                        Probe::Text,
+                        prune,
+                        Reading::Blocks,
+                    )?;
                     let window = if method == "loss_bubble" { 1 } else { window };
-                    flow::insert(host, text.head(loss_tokens), seed, window)?.0
+                    flow::insert(host, text.head(loss_tokens), seed, window, Reading::Blocks)?.0
                 }
                 other => return Err(format!("unknown method `{other}`").into()),
             };
             let weight_only = WEIGHT_ONLY.contains(&method.as_str());
             let seconds =
                 start.elapsed().as_secs_f64() + if weight_only { read_seconds } else { 0.0 };
+            if let Some(Measured { sure, .. }) = &measured {
+                let unsure: Vec<usize> = (0..n).filter(|&p| sure[p] == Some(false)).collect();
+                if !unsure.is_empty() {
+                    host.warn(&format!(
+                        "{method}: {} of {n} blocks are not sure of their place (stored blocks {:?} at positions {unsure:?}): a swap with a neighbour costs under {:.0} % of the loss, or the loss cannot judge an order",
+                        unsure.len(),
+                        unsure.iter().map(|&p| path[p]).collect::<Vec<_>>(),
+                        flow::SURE_MARGIN * 100.0
+                    ));
+                }
+            }
+            margins.push(measured.map(|m| m.by_block(&path)));
             results.push((method.clone(), order::positions(&path), seconds));
         }
 
-        let (mut method_col, mut stored_col, mut recovered_col, mut confidence_col, mut truth_col) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (method, positions, _) in &results {
+        let (mut method_col, mut stored_col, mut recovered_col, mut truth_col) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut confidence_col, mut sure_col, mut agreement_col) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for ((method, positions, _), measured) in results.iter().zip(&margins) {
             for s in 0..n {
                 let agree = results
                     .iter()
@@ -413,7 +548,15 @@ impl Plugin for Shuffle {
                 method_col.push(method.clone());
                 stored_col.push(s as i64);
                 recovered_col.push(positions[s] as i64);
-                confidence_col.push(agree as f64 / results.len() as f64);
+                // An infinite margin (no alternative) is written as null.
+                confidence_col.push(
+                    measured
+                        .as_ref()
+                        .map(|m| m.margins[s])
+                        .filter(|m| m.is_finite()),
+                );
+                sure_col.push(measured.as_ref().and_then(|m| m.sure[s]));
+                agreement_col.push(agree as f64 / results.len() as f64);
                 truth_col.push(truth.as_ref().map(|t| t[s] as i64));
             }
         }
@@ -456,6 +599,8 @@ impl Plugin for Shuffle {
             "stored_index" => stored_col,
             "recovered_position" => recovered_col,
             "confidence" => confidence_col,
+            "sure" => sure_col,
+            "agreement" => agreement_col,
             "true_position" => truth_col
         )?)
     }
