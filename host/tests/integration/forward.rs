@@ -1333,10 +1333,7 @@ fn gemma3_sliding_layers_see_only_their_window() {
 fn kinds_give_a_block_run_another_index_s_pattern_and_rotary_table() {
     let original = fixture("gemma3-tied-f32");
     let dir = crate::util::tempdir();
-    for entry in std::fs::read_dir(&original).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-    }
+    crate::util::copy_dir(&original, dir.path());
     let config_path = dir.path().join("config.json");
     let mut config: Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();

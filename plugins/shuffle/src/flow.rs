@@ -627,19 +627,6 @@ pub fn repair(
     Ok(repaired)
 }
 
-/// Whether `path` holds under `reading`: no swap of two neighbours lowers
-/// its screening loss on `tokens` by [`MIN_GAIN`].
-pub fn holds(
-    host: &Host,
-    tokens: &[u32],
-    path: &[usize],
-    reading: Reading,
-) -> Result<bool, PluginError> {
-    let chain = Chain::new(host, tokens, path.to_vec(), reading)?;
-    let screened = swap_margins(host, tokens, &chain, Measure::Screen)?;
-    Ok(screened.iter().all(|&m| m >= -MIN_GAIN))
-}
-
 /// The full loss of `path` on `tokens`, its blocks taking their kinds as
 /// `reading` says.
 pub fn chain_loss(

@@ -449,21 +449,13 @@ impl Plugin for Shuffle {
                     if has_output_head(&model) {
                         // Where the config gives blocks different kinds, it
                         // may describe blocks or positions: the pipeline runs
-                        // reading blocks, and reading positions too unless
-                        // its chain holds under that reading; the chain
-                        // that explains the repair text better (lower loss)
-                        // stands.
+                        // under both readings.
                         let repair_text = repair_text()?.head(repair_tokens);
                         let mut repaired =
                             flow_repair(host, (text, repair_text), n, prune, readings[0])?;
                         for &reading in &readings[1..] {
-                            // A chain no swap improves under the other
-                            // reading either stands; else that reading runs
-                            // the whole pipeline too, and the prompts (text
-                            // neither search was judged on) decide.
-                            if flow::holds(host, repair_text, &repaired.path, reading)? {
-                                continue;
-                            }
+                            // The prompts (text neither search was judged
+                            // on) decide between the readings' chains.
                             let other = flow_repair(host, (text, repair_text), n, prune, reading)?;
                             let held_out = |r: &flow::Repaired| {
                                 flow::chain_loss(host, text, &r.path, r.reading)
