@@ -567,8 +567,14 @@ fn reach(path: &[usize], (block, depth): (usize, usize)) -> Option<(usize, usize
 /// runner-up moves (`runner_up_moves`). A round tries moves on the current
 /// chain in one batch, scored by the screening loss; the moves that lower it
 /// are taken best first, each kept only if the full loss on `tokens` drops
-/// by [`MIN_GAIN`], and after a move is kept the round's other candidates are
-/// tried again on the new chain. Rounds repeat until one keeps nothing.
+/// by [`MIN_GAIN`], and after a move is kept the round's candidates that
+/// touch it are tried again on the new chain (the others when one of them
+/// comes up best). Rounds repeat until one keeps nothing. When a swap of
+/// two neighbours would still lower the screening loss, the same descent
+/// runs over every block within [`WIDE_WINDOW`] places (flow far from the
+/// truth: Gemma 3 270M). Only then is the loss judged against chance: below
+/// [`INFORMATIVE_LOSS`] of a uniform guess's the repaired chain stands, else
+/// flow's; either way with its [`swap_margins`].
 ///
 /// The first round tries every move; a later one only the moves whose reach
 /// touches a move kept since they were last tried (the "don't look" bits of
