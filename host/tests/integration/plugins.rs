@@ -262,7 +262,7 @@ fn a_plugin_for_another_abi_is_refused() {
     ])
     .fails_with(&[
         lib.to_str().unwrap(),
-        "built for plugin ABI 999.x, but this probe speaks ABI 2.6",
+        "built for plugin ABI 999.x, but this probe speaks ABI 2.7",
     ]);
 }
 
@@ -340,7 +340,7 @@ fn plugins_are_listed_and_described() {
     assert!(info.contains("testkit 0.1.0"));
     assert!(info.contains("mode"));
     assert!(info.contains("ok|forward|run_info|error|panic|segfault|abort"));
-    assert!(info.contains("plugin ABI 2.6"), "{info}");
+    assert!(info.contains("plugin ABI 2.7"), "{info}");
     assert!(info.contains("multiply every norm by this"));
 
     // By name through PROBE_PLUGIN_PATH, too.
@@ -367,7 +367,7 @@ fn plugins_are_listed_and_described() {
 #[test]
 fn a_plugin_built_against_an_older_minor_runs() {
     // testkit-bad-table's table says ABI 2.0 (written by hand for it); this
-    // host speaks 2.6. It loads, is described with its own version, and runs.
+    // host speaks 2.7. It loads, is described with its own version, and runs.
     let dir = tempdir();
     std::fs::copy(
         plugin_lib("probe-testkit-bad-table"),
@@ -417,7 +417,7 @@ fn the_device_and_threads_reach_the_plugin_and_the_metadata() {
     let df = read_parquet(&out);
     assert_eq!(column_str(&df, "device"), ["cpu"]);
     assert_eq!(df.column("threads").unwrap().i64().unwrap().get(0), Some(1));
-    assert_eq!(column_str(&df, "host_abi"), ["2.6"]);
+    assert_eq!(column_str(&df, "host_abi"), ["2.7"]);
     let (_, metadata) = probe::run::read_parquet(&out).unwrap();
     let get = |key: &str| {
         metadata
