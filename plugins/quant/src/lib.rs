@@ -166,13 +166,11 @@ fn recipe_loss<'h>(
             overrides.extend(register(host, &tensors)?);
         }
         let ids: Vec<u64> = overrides.iter().map(TensorOverride::id).collect();
-        let requests: Vec<ForwardRequest> = base
-            .sequences
+        let requests: Vec<ForwardRequest> = residuals
             .iter()
-            .zip(&residuals)
             .enumerate()
-            .map(|(i, (s, start))| ForwardRequest {
-                tokens: s.tokens[..base.run_rows(i)].to_vec(),
+            .map(|(i, start)| ForwardRequest {
+                tokens: base.tokens(i).to_vec(),
                 blocks: Some(chunk.to_vec()),
                 start: Some(start.clone()),
                 overrides: ids.clone(),

@@ -153,7 +153,7 @@ impl Sequence {
     }
 
     /// The rows up to the last scored position: the rows a causal model's
-    /// scores depend on (`len − 1` with a completion, else 0).
+    /// scores depend on (`len − 1`, or 0 without a prompt).
     pub fn scored_rows(&self) -> usize {
         self.scored_positions().end
     }

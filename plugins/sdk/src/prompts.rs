@@ -351,6 +351,11 @@ impl Baseline {
         }
     }
 
+    /// Sequence `i`'s tokens, cut to its [`Baseline::run_rows`] rows.
+    pub fn tokens(&self, i: usize) -> &[u32] {
+        &self.sequences[i].tokens[..self.run_rows(i)]
+    }
+
     /// Sequence `i`'s residual before block `stage`, cut to its
     /// [`Baseline::run_rows`] rows.
     pub fn start(&self, i: usize, stage: usize) -> Result<Vec<f32>, PluginError> {
@@ -386,7 +391,7 @@ impl Baseline {
         let requests: Vec<ForwardRequest> = (0..self.sequences.len())
             .map(|i| {
                 Ok(ForwardRequest {
-                    tokens: self.sequences[i].tokens[..self.run_rows(i)].to_vec(),
+                    tokens: self.tokens(i).to_vec(),
                     blocks: Some(blocks.to_vec()),
                     start: Some(self.start(i, stage)?),
                     overrides: overrides.to_vec(),
