@@ -198,13 +198,20 @@ struct Measured {
     margins: Vec<f64>,
     /// Whether the place counts as sure; `None`: not judged.
     sure: Vec<Option<bool>>,
+    /// The margin of the block's place on text the search did not see
+    /// (`flow::cross_check`); `None`: not measured.
+    held_out: Vec<Option<f64>>,
 }
 
 impl Measured {
     /// Margins nothing judges.
     fn unjudged(margins: Vec<f64>) -> Self {
-        let sure = vec![None; margins.len()];
-        Self { margins, sure }
+        let (sure, held_out) = (vec![None; margins.len()], vec![None; margins.len()]);
+        Self {
+            margins,
+            sure,
+            held_out,
+        }
     }
 
     /// The same, by stored block: `path[p]` is the block at position p.
@@ -213,10 +220,12 @@ impl Measured {
         let mut by_block = Self {
             margins: vec![0.0; n],
             sure: vec![None; n],
+            held_out: vec![None; n],
         };
         for (p, &b) in path.iter().enumerate() {
             by_block.margins[b] = self.margins[p];
             by_block.sure[b] = self.sure[p];
+            by_block.held_out[b] = self.held_out[p];
         }
         by_block
     }
@@ -261,7 +270,7 @@ impl Plugin for Shuffle {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const SUMMARY: &'static str =
         "Recover the order of shuffled blocks (weight-only and forward-pass methods)";
-    const DESCRIPTION: &'static str = "One row per (method, stored block): recovered_position; confidence, the block's measured margin (flow_repair: the least relative rise of the repair text's loss when the block trades places with a neighbour; flow, or a model without a head: how far the runner-up at its depth stood behind it); sure, whether flow_repair's loss is informative and that margin at least 1 %; agreement, the share of the methods run that put it at the same position; true_position when the checkpoint records its permutation (probe shuffle). The companion table `methods` holds Kendall tau, accuracy, mean |displacement| and seconds per method.";
+    const DESCRIPTION: &'static str = "One row per (method, stored block): recovered_position; confidence, the block's measured margin (flow_repair: the least relative rise of the repair text's loss when the block trades places with a neighbour; flow, or a model without a head: how far the runner-up at its depth stood behind it); sure, whether flow_repair's loss is informative, that margin at least 1 % and the prompts agree; held_out_margin, the same margin on 128 tokens of the prompts, which the search never saw (the prompts agree when no swap lowers their loss by 1 % or more); agreement, the share of the methods run that put it at the same position; true_position when the checkpoint records its permutation (probe shuffle). The companion table `methods` holds Kendall tau, accuracy, mean |displacement| and seconds per method.";
 
     fn params() -> Vec<ParamSpec> {
         vec![
@@ -358,7 +367,8 @@ impl Plugin for Shuffle {
             if let Some(text) = text_cell.get() {
                 return Ok(text);
             }
-            let text = flow::ProbeText::new(host, PROMPTS, flow_tokens.max(loss_tokens))?;
+            let longest = flow_tokens.max(loss_tokens).max(flow::CROSS_CHECK_TOKENS);
+            let text = flow::ProbeText::new(host, PROMPTS, longest)?;
             Ok(text_cell.get_or_init(|| text))
         };
         let repair_cell: std::cell::OnceCell<flow::ProbeText> = std::cell::OnceCell::new();
@@ -468,14 +478,50 @@ impl Plugin for Shuffle {
                                 repaired = other;
                             }
                         }
+                        // The prompts judge the chain the repair text
+                        // chose (moot when that loss is at chance: then
+                        // flow's chain stands and nothing is sure).
+                        let check = match repaired.informative {
+                            true => Some(flow::cross_check(
+                                host,
+                                probe_text()?.head(flow::CROSS_CHECK_TOKENS),
+                                &repaired.path,
+                                repaired.reading,
+                            )?),
+                            false => None,
+                        };
+                        let agrees = check.as_ref().is_some_and(flow::CrossCheck::agrees);
+                        if let Some(check) = check.as_ref().filter(|c| !c.agrees()) {
+                            let (p, m) = check
+                                .margins
+                                .iter()
+                                .copied()
+                                .enumerate()
+                                .min_by(|a, b| a.1.total_cmp(&b.1))
+                                .unwrap_or((0, 0.0));
+                            host.warn(&format!(
+                                "flow_repair: the prompts disagree with the repair text: a swap of stored block {} (position {p}) with a neighbour lowers their loss by {:.1} % (the chain's loss on {} tokens of them: {:.4}). The repair text's loss has its least value away from this model's true order, so no block's place is sure",
+                                repaired.path[p],
+                                -m * 100.0,
+                                flow::CROSS_CHECK_TOKENS,
+                                check.loss
+                            ));
+                        }
                         let sure = repaired
                             .margins
                             .iter()
-                            .map(|&m| Some(repaired.informative && m >= flow::SURE_MARGIN))
+                            .map(|&m| {
+                                Some(repaired.informative && agrees && m >= flow::SURE_MARGIN)
+                            })
                             .collect();
+                        let held_out = match check {
+                            Some(check) => check.margins.into_iter().map(Some).collect(),
+                            None => vec![None; n],
+                        };
                         measured = Some(Measured {
                             margins: repaired.margins,
                             sure,
+                            held_out,
                         });
                         repaired.path
                     } else {
@@ -516,7 +562,7 @@ impl Plugin for Shuffle {
                 let unsure: Vec<usize> = (0..n).filter(|&p| sure[p] == Some(false)).collect();
                 if !unsure.is_empty() {
                     host.warn(&format!(
-                        "{method}: {} of {n} blocks are not sure of their place (stored blocks {:?} at positions {unsure:?}): a swap with a neighbour costs under {:.0} % of the loss, or the loss cannot judge an order",
+                        "{method}: {} of {n} blocks are not sure of their place (stored blocks {:?} at positions {unsure:?}): a swap with a neighbour costs under {:.0} % of the loss, the loss cannot judge an order, or the prompts disagree with the chain",
                         unsure.len(),
                         unsure.iter().map(|&p| path[p]).collect::<Vec<_>>(),
                         flow::SURE_MARGIN * 100.0
@@ -529,8 +575,8 @@ impl Plugin for Shuffle {
 
         let (mut method_col, mut stored_col, mut recovered_col, mut truth_col) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut confidence_col, mut sure_col, mut agreement_col) =
-            (Vec::new(), Vec::new(), Vec::new());
+        let (mut confidence_col, mut sure_col, mut held_out_col, mut agreement_col) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for ((method, positions, _), measured) in results.iter().zip(&margins) {
             for s in 0..n {
                 let agree = results
@@ -548,6 +594,12 @@ impl Plugin for Shuffle {
                         .filter(|m| m.is_finite()),
                 );
                 sure_col.push(measured.as_ref().and_then(|m| m.sure[s]));
+                held_out_col.push(
+                    measured
+                        .as_ref()
+                        .and_then(|m| m.held_out[s])
+                        .filter(|m| m.is_finite()),
+                );
                 agreement_col.push(agree as f64 / results.len() as f64);
                 truth_col.push(truth.as_ref().map(|t| t[s] as i64));
             }
@@ -592,6 +644,7 @@ impl Plugin for Shuffle {
             "recovered_position" => recovered_col,
             "confidence" => confidence_col,
             "sure" => sure_col,
+            "held_out_margin" => held_out_col,
             "agreement" => agreement_col,
             "true_position" => truth_col
         )?)
