@@ -507,8 +507,8 @@ impl Plugin for Shuffle {
                                 check.loss
                             ));
                         }
-                        let sure = repaired
-                            .margins
+                        let margins = flow::place_margins(host, repair_text, &repaired)?;
+                        let sure = margins
                             .iter()
                             .map(|&m| {
                                 Some(repaired.informative && agrees && m >= flow::SURE_MARGIN)
@@ -519,7 +519,7 @@ impl Plugin for Shuffle {
                             None => vec![None; n],
                         };
                         measured = Some(Measured {
-                            margins: repaired.margins,
+                            margins,
                             sure,
                             held_out,
                         });
