@@ -825,8 +825,28 @@ pub fn place_margins(
     tokens: &[u32],
     repaired: &Repaired,
 ) -> Result<Vec<f64>, PluginError> {
-    let chain = Chain::new(host, tokens, repaired.path.clone(), repaired.reading)?;
-    swap_margins(host, tokens, &chain, Measure::Full)
+    let (_, margins) = margins_on(
+        host,
+        tokens,
+        &repaired.path,
+        repaired.reading,
+        Measure::Full,
+    )?;
+    Ok(margins)
+}
+
+/// The full loss of `path` on `tokens` and its [`swap_margins`] by
+/// `measure`: one chain run and one batch.
+fn margins_on(
+    host: &Host,
+    tokens: &[u32],
+    path: &[usize],
+    reading: Reading,
+    measure: Measure,
+) -> Result<(f64, Vec<f64>), PluginError> {
+    let chain = Chain::new(host, tokens, path.to_vec(), reading)?;
+    let margins = swap_margins(host, tokens, &chain, measure)?;
+    Ok((chain.loss, margins))
 }
 
 /// A position's margin from the swaps it takes part in: swap `k` trades
@@ -887,12 +907,8 @@ pub fn cross_check(
     path: &[usize],
     reading: Reading,
 ) -> Result<CrossCheck, PluginError> {
-    let chain = Chain::new(host, tokens, path.to_vec(), reading)?;
-    let margins = swap_margins(host, tokens, &chain, Measure::Screen)?;
-    Ok(CrossCheck {
-        loss: chain.loss,
-        margins,
-    })
+    let (loss, margins) = margins_on(host, tokens, path, reading, Measure::Screen)?;
+    Ok(CrossCheck { loss, margins })
 }
 
 /// Per position of `flow`'s chain: how far the runner-up at that depth
