@@ -231,6 +231,58 @@ impl Measured {
     }
 }
 
+/// The places of the chain `flow_repair` chose, measured: their margins on
+/// the repair text, the prompts' cross-check (`check_text`; moot when the
+/// loss is at chance: then flow's chain stands and nothing is sure), and
+/// whether each place is sure. Warns when the prompts disagree.
+fn measure_places(
+    host: &Host,
+    (repair_text, check_text): (&[u32], &[u32]),
+    repaired: &flow::Repaired,
+) -> Result<Measured, PluginError> {
+    let check = if repaired.informative {
+        Some(flow::cross_check(
+            host,
+            check_text,
+            &repaired.path,
+            repaired.reading,
+        )?)
+    } else {
+        None
+    };
+    let agrees = check.as_ref().is_some_and(flow::CrossCheck::agrees);
+    if let Some(check) = check.as_ref().filter(|c| !c.agrees()) {
+        let (p, m) = check
+            .margins
+            .iter()
+            .copied()
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or((0, 0.0));
+        host.warn(&format!(
+            "flow_repair: the prompts disagree with the repair text: a swap of stored block {} (position {p}) with a neighbour lowers their loss by {:.1} % (the chain's loss on {} tokens of them: {:.4}). The repair text's loss has its least value away from this model's true order, so no block's place is sure",
+            repaired.path[p],
+            -m * 100.0,
+            check_text.len(),
+            check.loss
+        ));
+    }
+    let margins = flow::place_margins(host, repair_text, repaired)?;
+    let sure = margins
+        .iter()
+        .map(|&m| Some(repaired.informative && agrees && m >= flow::SURE_MARGIN))
+        .collect();
+    let held_out = match check {
+        Some(check) => check.margins.into_iter().map(Some).collect(),
+        None => vec![None; margins.len()],
+    };
+    Ok(Measured {
+        margins,
+        sure,
+        held_out,
+    })
+}
+
 /// `flow`'s chain repaired by the loss (`flow::repair`), the blocks
 /// taking their kinds as `reading` says; logs what it did.
 fn flow_repair(
@@ -478,51 +530,11 @@ impl Plugin for Shuffle {
                                 repaired = other;
                             }
                         }
-                        // The prompts judge the chain the repair text
-                        // chose (moot when that loss is at chance: then
-                        // flow's chain stands and nothing is sure).
-                        let check = match repaired.informative {
-                            true => Some(flow::cross_check(
-                                host,
-                                probe_text()?.head(flow::CROSS_CHECK_TOKENS),
-                                &repaired.path,
-                                repaired.reading,
-                            )?),
-                            false => None,
-                        };
-                        let agrees = check.as_ref().is_some_and(flow::CrossCheck::agrees);
-                        if let Some(check) = check.as_ref().filter(|c| !c.agrees()) {
-                            let (p, m) = check
-                                .margins
-                                .iter()
-                                .copied()
-                                .enumerate()
-                                .min_by(|a, b| a.1.total_cmp(&b.1))
-                                .unwrap_or((0, 0.0));
-                            host.warn(&format!(
-                                "flow_repair: the prompts disagree with the repair text: a swap of stored block {} (position {p}) with a neighbour lowers their loss by {:.1} % (the chain's loss on {} tokens of them: {:.4}). The repair text's loss has its least value away from this model's true order, so no block's place is sure",
-                                repaired.path[p],
-                                -m * 100.0,
-                                flow::CROSS_CHECK_TOKENS,
-                                check.loss
-                            ));
-                        }
-                        let margins = flow::place_margins(host, repair_text, &repaired)?;
-                        let sure = margins
-                            .iter()
-                            .map(|&m| {
-                                Some(repaired.informative && agrees && m >= flow::SURE_MARGIN)
-                            })
-                            .collect();
-                        let held_out = match check {
-                            Some(check) => check.margins.into_iter().map(Some).collect(),
-                            None => vec![None; n],
-                        };
-                        measured = Some(Measured {
-                            margins,
-                            sure,
-                            held_out,
-                        });
+                        measured = Some(measure_places(
+                            host,
+                            (repair_text, probe_text()?.head(flow::CROSS_CHECK_TOKENS)),
+                            &repaired,
+                        )?);
                         repaired.path
                     } else {
                         // No loss to check moves by, nor to measure a place
