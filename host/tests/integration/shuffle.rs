@@ -431,3 +431,19 @@ fn the_default_pipeline_restores_gemma3_in_both_config_forms() {
     assert_exact_and_sure(&recover_with(&model, 7, "moved"), "config moved, seed 7");
     assert_exact_and_sure(&recover_with(&model, 12, "kept"), "config kept, seed 12");
 }
+
+/// The config's two readings, forced on a config that `auto` reads as
+/// positions only (it repeats Gemma 3's period): kept as it was, seed 7.
+/// The first reading (blocks) is the wrong one there, and the repair of its
+/// chain under the other reading ends with six blocks wrong, five of them
+/// sure of their place on their own; the fallback, that reading from a
+/// `flow` of its own, is what restores the order.
+#[test]
+fn both_readings_of_gemma3s_kept_config_restore_it() {
+    let Some(dir) = real_model("gemma-3-270m-gguf") else {
+        return;
+    };
+    let model = dir.join("gemma-3-270m-q4_k_m.gguf");
+    let r = recover_with_params(&model, 7, "kept", &["config_reading=both"]);
+    assert_exact_and_sure(&r, "config kept, both readings, seed 7");
+}

@@ -142,6 +142,34 @@ pub enum Reading {
 }
 
 impl Reading {
+    /// The readings worth running for a config that gives the stored blocks
+    /// `kinds` (`ModelInfo::block_kinds`), the likelier first.
+    ///
+    /// - One kind (or none): the readings are the same; only `Blocks` runs.
+    /// - A list that repeats a period at least twice (Gemma 3's five
+    ///   sliding blocks, then a full one): only `Positions` runs. Such a
+    ///   list is a model's own pattern, and reading it as positions gives
+    ///   every block its true kind at the true order whichever way the
+    ///   checkpoint was made: a renamed checkpoint kept its config, and a
+    ///   shuffle that moved the entries with the blocks left it as it was
+    ///   only if every block took a place of its own kind. Such a shuffle
+    ///   may also leave the period shifted (the full blocks at 0, 6, 12
+    ///   where they belong at 5, 11, 17: 5 in 816 shuffles of Gemma 3
+    ///   270M); the positions reading is then wrong and the cross-check is
+    ///   what says so.
+    /// - Any other list: `Blocks` (a config that moved with its blocks
+    ///   leaves such a list), then `Positions` (a model whose own pattern
+    ///   has no period).
+    pub fn candidates(kinds: &[usize]) -> &'static [Reading] {
+        if kinds.windows(2).all(|w| w[0] == w[1]) {
+            &[Reading::Blocks]
+        } else if repeats_a_period(kinds) {
+            &[Reading::Positions]
+        } else {
+            &[Reading::Blocks, Reading::Positions]
+        }
+    }
+
     /// The `kinds` of a request that runs `len` blocks from position `first`.
     pub fn kinds(self, first: usize, len: usize) -> Option<Vec<usize>> {
         match self {
@@ -149,6 +177,12 @@ impl Reading {
             Reading::Positions => Some((first..first + len).collect()),
         }
     }
+}
+
+/// Whether `kinds` repeats a period of at most half its length (a last,
+/// partial period included).
+fn repeats_a_period(kinds: &[usize]) -> bool {
+    (1..=kinds.len() / 2).any(|period| (period..kinds.len()).all(|p| kinds[p] == kinds[p - period]))
 }
 
 /// What `flow` runs the blocks on.
@@ -344,6 +378,21 @@ pub struct Repaired {
     pub rounds: usize,
 }
 
+/// What a repair's descents did so far.
+#[derive(Default)]
+struct Search {
+    tried: usize,
+    kept: usize,
+    rounds: usize,
+}
+
+/// A repaired chain: what the repair says of it, and the chain itself
+/// (its cached residuals spare [`place_margins`] a run).
+pub struct RepairedChain {
+    pub repaired: Repaired,
+    chain: Chain,
+}
+
 /// The moves `repair` considers: at every depth, each of the first
 /// [`RUNNER_UPS`] runner-ups that `flow` ranked there within
 /// [`RUNNER_UP_RATIO`] of the winner, as (block, depth) — "put this block at
@@ -502,6 +551,9 @@ impl Chain {
         tokens: &[u32],
         moves: &[(usize, usize)],
     ) -> Result<Vec<Candidate>, PluginError> {
+        // Two moves can give one order (a block moved one place is its
+        // neighbour moved back): it runs once, as the first of them.
+        let mut orders = std::collections::HashSet::new();
         let mut candidates: Vec<Candidate> = moves
             .iter()
             .filter_map(|&by| {
@@ -514,6 +566,7 @@ impl Chain {
                     stale: false,
                 })
             })
+            .filter(|c| orders.insert(c.path.clone()))
             .collect();
         let requests: Vec<ForwardRequest> = candidates
             .iter()
@@ -589,33 +642,25 @@ pub fn repair(
     path: Vec<usize>,
     moves: &[(usize, usize)],
     reading: Reading,
-) -> Result<Repaired, PluginError> {
+) -> Result<RepairedChain, PluginError> {
     // Callers check for a head first (`has_output_head`): without one, the
     // engine refuses the logits in one line.
     let flow_path = path.clone();
     let mut chain = Chain::new(host, tokens, path, reading)?;
     let vocab = host.model()?.vocab_size.unwrap_or(2).max(2) as f64;
-    let mut repaired = Repaired {
-        path: Vec::new(),
-        reading,
-        loss: chain.loss,
-        informative: false,
-        tried: 0,
-        kept: 0,
-        wide_moves: 0,
-        rounds: 0,
-    };
-    descend(host, tokens, &mut chain, moves, &mut repaired)?;
+    let mut search = Search::default();
+    descend(host, tokens, &mut chain, moves, &mut search)?;
     // Runner-up moves can leave a chain some swap still improves (flow far
     // from the truth): then every block is tried within WIDE_WINDOW places.
     let screened = swap_margins(host, tokens, &chain, Measure::Screen)?;
+    let mut wide_moves = 0;
     if screened.iter().any(|&m| m < -MIN_GAIN) {
         let wide = window_moves(&chain.path, WIDE_WINDOW);
-        repaired.wide_moves = wide.len();
-        descend(host, tokens, &mut chain, &wide, &mut repaired)?;
+        wide_moves = wide.len();
+        descend(host, tokens, &mut chain, &wide, &mut search)?;
     }
-    repaired.informative = chain.loss <= INFORMATIVE_LOSS * vocab.ln();
-    if !repaired.informative {
+    let informative = chain.loss <= INFORMATIVE_LOSS * vocab.ln();
+    if !informative {
         host.warn(&format!(
             "repair: the model predicts the probe text no better than chance (loss {:.2} nats at best, uniform {:.2}); its loss cannot judge an order, so flow's chain stands and no block's place is sure",
             chain.loss,
@@ -623,9 +668,19 @@ pub fn repair(
         ));
         chain = Chain::new(host, tokens, flow_path, reading)?;
     }
-    repaired.loss = chain.loss;
-    repaired.path = chain.path;
-    Ok(repaired)
+    Ok(RepairedChain {
+        repaired: Repaired {
+            path: chain.path.clone(),
+            reading,
+            loss: chain.loss,
+            informative,
+            tried: search.tried,
+            kept: search.kept,
+            wide_moves,
+            rounds: search.rounds,
+        },
+        chain,
+    })
 }
 
 /// The full loss of `path` on `tokens`, its blocks taking their kinds as
@@ -666,12 +721,12 @@ fn descend(
     tokens: &[u32],
     chain: &mut Chain,
     moves: &[(usize, usize)],
-    repaired: &mut Repaired,
+    search: &mut Search,
 ) -> Result<(), PluginError> {
     let mut look = vec![true; moves.len()];
     while look.iter().any(|&l| l) {
         host.check_cancelled()?;
-        repaired.rounds += 1;
+        search.rounds += 1;
         let wanted: Vec<(usize, usize)> = moves
             .iter()
             .zip(&look)
@@ -679,19 +734,19 @@ fn descend(
             .map(|(m, _)| *m)
             .collect();
         host.progress(
-            repaired.rounds as u64,
+            search.rounds as u64,
             0,
             &format!(
                 "repair: round {} over {} moves",
-                repaired.rounds,
+                search.rounds,
                 wanted.len()
             ),
         );
         look.iter_mut().for_each(|l| *l = false);
         let mut round = chain.try_moves(host, tokens, &wanted)?;
-        repaired.tried += round.len();
+        search.tried += round.len();
         round.retain(passes);
-        while let Some(best) = best_passing(host, tokens, chain, &mut round, repaired)? {
+        while let Some(best) = best_passing(host, tokens, chain, &mut round, search)? {
             host.check_cancelled()?;
             let candidate = round.swap_remove(best);
             let judged = judge(host, tokens, last(&candidate.residuals))?;
@@ -700,7 +755,7 @@ fn descend(
             }
             let changed = reach(&chain.path, candidate.by).ok_or("repair: lost a block")?;
             chain.keep(candidate, judged);
-            repaired.kept += 1;
+            search.kept += 1;
             let touches = |path: &[usize], m: (usize, usize)| {
                 reach(path, m).is_some_and(|(lo, hi)| lo <= changed.1 + 1 && changed.0 <= hi + 1)
             };
@@ -719,7 +774,7 @@ fn descend(
                 round.into_iter().partition(|c| touches(&chain.path, c.by));
             let near: Vec<(usize, usize)> = near.iter().map(|c| c.by).collect();
             round = chain.try_moves(host, tokens, &near)?;
-            repaired.tried += round.len();
+            search.tried += round.len();
             round.extend(far.into_iter().map(|c| Candidate { stale: true, ..c }));
         }
     }
@@ -741,7 +796,7 @@ fn best_passing(
     tokens: &[u32],
     chain: &Chain,
     round: &mut Vec<Candidate>,
-    repaired: &mut Repaired,
+    search: &mut Search,
 ) -> Result<Option<usize>, PluginError> {
     loop {
         let Some(best) = (0..round.len())
@@ -755,7 +810,7 @@ fn best_passing(
         }
         let by = round.swap_remove(best).by;
         round.extend(chain.try_moves(host, tokens, &[by])?);
-        repaired.tried += 1;
+        search.tried += 1;
     }
 }
 
@@ -816,23 +871,16 @@ fn swap_margins(
 }
 
 /// Per position of a repaired chain: the least relative rise of the full
-/// loss on `tokens` (the repair text) when the block there trades places
+/// loss on `tokens` (the text it was repaired on) when the block there trades places
 /// with a neighbour ([`swap_margins`]). Apart from [`repair`] because where
 /// the pipeline runs under two readings only the chain that stands needs
 /// them (1.1 s of Gemma 3 270M's run).
 pub fn place_margins(
     host: &Host,
     tokens: &[u32],
-    repaired: &Repaired,
+    repaired: &RepairedChain,
 ) -> Result<Vec<f64>, PluginError> {
-    let (_, margins) = margins_on(
-        host,
-        tokens,
-        &repaired.path,
-        repaired.reading,
-        Measure::Full,
-    )?;
-    Ok(margins)
+    swap_margins(host, tokens, &repaired.chain, Measure::Full)
 }
 
 /// The full loss of `path` on `tokens` and its [`swap_margins`] by
@@ -977,6 +1025,28 @@ pub fn insert(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_periodic_config_is_read_as_positions_and_a_shuffled_one_both_ways() {
+        // Gemma 3 270M's pattern (0 sliding, 1 full), and the same entries
+        // moved with the blocks of `probe shuffle --seed 1`.
+        let own = [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1];
+        let moved = [0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        assert_eq!(Reading::candidates(&own), [Reading::Positions]);
+        // A last, partial period still repeats (Gemma 3 1B's 26 blocks).
+        assert_eq!(Reading::candidates(&own[..14]), [Reading::Positions]);
+        assert_eq!(
+            Reading::candidates(&moved),
+            [Reading::Blocks, Reading::Positions]
+        );
+        // One period is no pattern yet: full blocks first, then sliding.
+        assert_eq!(
+            Reading::candidates(&[1, 1, 0, 0, 0, 0]),
+            [Reading::Blocks, Reading::Positions]
+        );
+        assert_eq!(Reading::candidates(&[0; 30]), [Reading::Blocks]);
+        assert_eq!(Reading::candidates(&[]), [Reading::Blocks]);
+    }
 
     #[test]
     fn the_prompts_agree_unless_a_swap_gains_them_the_sure_margin() {
