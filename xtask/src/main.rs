@@ -12,7 +12,8 @@
 //! - `bench residual`: geometry, autopsy and linearity on SmolLM2 against a numpy f64 reference.
 //! - `bench patch`: the patch plugin on SmolLM2 against a numpy f64 reference.
 //! - `fuzz [--seconds N]`: every cargo fuzz target for a bounded time.
-//! - `bench shuffle`: every shuffle method on a shuffled SmolLM2 against the
+//! - `bench shuffle [--gemma]`: every shuffle method on a shuffled SmolLM2 (or
+//!   the published and default pipelines on Gemma 3 270M) against the
 //!   published pipeline (loss bubble seeded by flow), the default on N seeds.
 //! - `bench inspect`: time `probe inspect` on a 1 GB checkpoint and record it in BENCHMARKS.md.
 
@@ -24,6 +25,7 @@ mod scaffold;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
+use bench::ShuffleSubject::{Gemma3, SmolLm2};
 
 fn main() {
     if let Err(error) = run() {
@@ -51,13 +53,19 @@ fn run() -> Result<()> {
         ["bench", "quant"] => bench::quant(&workspace_root()),
         ["bench", "residual"] => bench::residual(&workspace_root()),
         ["bench", "patch"] => bench::patch(&workspace_root()),
-        ["bench", "shuffle"] => bench::shuffle(&workspace_root(), 20),
-        ["bench", "shuffle", "--seeds", n] => bench::shuffle(&workspace_root(), n.parse()?),
+        ["bench", "shuffle"] => bench::shuffle(&workspace_root(), SmolLm2, 20),
+        ["bench", "shuffle", "--seeds", n] => {
+            bench::shuffle(&workspace_root(), SmolLm2, n.parse()?)
+        }
+        ["bench", "shuffle", "--gemma"] => bench::shuffle(&workspace_root(), Gemma3, 20),
+        ["bench", "shuffle", "--gemma", "--seeds", n] => {
+            bench::shuffle(&workspace_root(), Gemma3, n.parse()?)
+        }
         ["new-plugin", name, "--path", dir] => scaffold::new_plugin(&workspace_root(), name, Path::new(dir)),
         ["plugins"] => plugins(&workspace_root(), false),
         ["plugins", "--release"] => plugins(&workspace_root(), true),
         _ => bail!(
-            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  ort                  fetch the ONNX Runtime library into .ort/\n  ort --gpu            fetch its CUDA 12 build and NVIDIA's runtime libraries into .ort-gpu/\n  fuzz [--seconds N]   every cargo fuzz target for N s (default 30)\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  bench forward        time forward passes on SmolLM2 against llama.cpp\n  bench contrastive    the contrastive plugin on SmolLM2 against a numpy reference\n  bench studies        lens, knockout and swap on SmolLM2 against a numpy reference\n  bench quant          the quant plugin on SmolLM2 (3 bits against a numpy reference)\n  bench residual       geometry, autopsy and linearity on SmolLM2 against a numpy reference\n  bench patch          the patch plugin on SmolLM2 against a numpy reference\n  bench shuffle [--seeds N]  every shuffle method on SmolLM2, the default on N seeds\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
+            "usage: cargo xtask <command>\n  fixtures [--check]   regenerate (or check) fixtures/data\n  models               fetch and convert the real models into .models/\n  ort                  fetch the ONNX Runtime library into .ort/\n  ort --gpu            fetch its CUDA 12 build and NVIDIA's runtime libraries into .ort-gpu/\n  fuzz [--seconds N]   every cargo fuzz target for N s (default 30)\n  bench inspect        time `probe inspect` on a 1 GB checkpoint\n  bench spectral       time the spectral plugin on SmolLM2 against numpy\n  bench forward        time forward passes on SmolLM2 against llama.cpp\n  bench contrastive    the contrastive plugin on SmolLM2 against a numpy reference\n  bench studies        lens, knockout and swap on SmolLM2 against a numpy reference\n  bench quant          the quant plugin on SmolLM2 (3 bits against a numpy reference)\n  bench residual       geometry, autopsy and linearity on SmolLM2 against a numpy reference\n  bench patch          the patch plugin on SmolLM2 against a numpy reference\n  bench shuffle [--seeds N]  every shuffle method on SmolLM2, the default on N seeds\n  bench shuffle --gemma [--seeds N]  the published and default pipelines on Gemma 3 270M, the default on N seeds in both config forms\n  new-plugin NAME --path DIR   scaffold a plugin crate outside the workspace\n  plugins [--release]  build probe and the built-in plugins, put them where probe finds them"
         ),
     }
 }
