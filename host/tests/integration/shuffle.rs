@@ -447,3 +447,20 @@ fn both_readings_of_gemma3s_kept_config_restore_it() {
     let r = recover_with_params(&model, 7, "kept", &["config_reading=both"]);
     assert_exact_and_sure(&r, "config kept, both readings, seed 7");
 }
+
+/// A shuffle that moved the config's entries with their blocks and left
+/// them repeating Gemma 3's period shifted (seed 106: the global blocks
+/// listed at 0, 6, 12; they are 5, 11, 17): `auto` reads such a list as
+/// describing positions, that reading leaves the loss at chance, and the
+/// other reading, tried then, restores the order.
+#[test]
+fn a_shuffle_that_leaves_gemma3s_period_shifted_is_restored() {
+    let Some(dir) = real_model("gemma-3-270m-gguf") else {
+        return;
+    };
+    let model = dir.join("gemma-3-270m-q4_k_m.gguf");
+    assert_exact_and_sure(
+        &recover_with(&model, 106, "moved"),
+        "config moved, seed 106",
+    );
+}

@@ -155,8 +155,8 @@ impl Reading {
     ///   only if every block took a place of its own kind. Such a shuffle
     ///   may also leave the period shifted (the full blocks at 0, 6, 12
     ///   where they belong at 5, 11, 17: 5 in 816 shuffles of Gemma 3
-    ///   270M); the positions reading is then wrong and the cross-check is
-    ///   what says so.
+    ///   270M, seed 106 one of them); the positions reading then leaves the
+    ///   loss at chance, and the pipeline tries the other one.
     /// - Any other list: `Blocks` (a config that moved with its blocks
     ///   leaves such a list), then `Positions` (a model whose own pattern
     ///   has no period).
@@ -365,9 +365,13 @@ pub struct Repaired {
     pub reading: Reading,
     /// The full loss of `path` on the repair text.
     pub loss: f64,
-    /// Whether that loss is informative (below [`INFORMATIVE_LOSS`] of a
-    /// uniform guess's); when it is not, the repair did not run.
+    /// Whether the least loss the search reached is informative (below
+    /// [`INFORMATIVE_LOSS`] of a uniform guess's); when it is not, `flow`'s
+    /// chain stands.
     pub informative: bool,
+    /// What to warn of when it is not (emitted only for the chain that
+    /// stands: another reading of the config may still find the order).
+    pub at_chance: Option<String>,
     /// Candidate chains whose loss was computed.
     pub tried: usize,
     /// Moves kept.
@@ -660,8 +664,9 @@ pub fn repair(
         descend(host, tokens, &mut chain, &wide, &mut search)?;
     }
     let informative = chain.loss <= INFORMATIVE_LOSS * vocab.ln();
+    let mut at_chance = None;
     if !informative {
-        host.warn(&format!(
+        at_chance = Some(format!(
             "repair: the model predicts the probe text no better than chance (loss {:.2} nats at best, uniform {:.2}); its loss cannot judge an order, so flow's chain stands and no block's place is sure",
             chain.loss,
             vocab.ln()
@@ -674,6 +679,7 @@ pub fn repair(
             reading,
             loss: chain.loss,
             informative,
+            at_chance,
             tried: search.tried,
             kept: search.kept,
             wide_moves,
