@@ -832,28 +832,49 @@ pub enum ShuffleSubject {
     Gemma3,
 }
 
+/// What a [`ShuffleSubject`] is run as.
+struct ShuffleSetup {
+    /// The folder `cargo xtask models` fills (its `.complete` says it did).
+    dir: PathBuf,
+    /// The checkpoint `probe shuffle` reads: the folder, or a file in it.
+    checkpoint: PathBuf,
+    /// The model's name in the rows, and its blocks.
+    name: &'static str,
+    blocks: usize,
+    /// The methods of the seed-3 table.
+    methods: &'static str,
+    /// The config forms the seeds run in.
+    forms: &'static [&'static str],
+}
+
 impl ShuffleSubject {
-    /// The checkpoint, the name the rows give it, the methods of the
-    /// seed-3 table and the config forms the seeds run in.
-    fn setup(&self, root: &Path) -> (PathBuf, &'static str, &'static str, &'static [&'static str]) {
+    fn setup(&self, root: &Path) -> ShuffleSetup {
         let models = crate::models::models_dir(root);
         match self {
-            ShuffleSubject::SmolLm2 => (
-                models.join(crate::models::SMOLLM2),
-                "SmolLM2-135M (30 blocks",
-                "all",
-                &["moved"],
-            ),
-            ShuffleSubject::Gemma3 => (
-                models
-                    .join(crate::models::GEMMA3_270M)
-                    .join("gemma-3-270m-q4_k_m.gguf"),
-                "Gemma 3 270M (18 blocks",
-                // flow_insert alone would take most of an hour at 262 k
-                // vocabulary; the weight-only methods say little here.
-                "loss_bubble,flow_repair",
-                &["moved", "kept"],
-            ),
+            ShuffleSubject::SmolLm2 => {
+                let dir = models.join(crate::models::SMOLLM2);
+                ShuffleSetup {
+                    checkpoint: dir.clone(),
+                    dir,
+                    name: "SmolLM2-135M",
+                    blocks: 30,
+                    methods: "all",
+                    forms: &["moved"],
+                }
+            }
+            ShuffleSubject::Gemma3 => {
+                let dir = models.join(crate::models::GEMMA3_270M);
+                ShuffleSetup {
+                    checkpoint: dir.join("gemma-3-270m-q4_k_m.gguf"),
+                    dir,
+                    name: "Gemma 3 270M",
+                    blocks: 18,
+                    // flow_insert alone would take most of an hour at 262 k
+                    // vocabulary; the weight-only methods say little here.
+                    methods: "loss_bubble,flow_repair",
+                    forms: &["moved", "kept"],
+                }
+            }
         }
     }
 }
@@ -867,13 +888,19 @@ impl ShuffleSubject {
 pub fn shuffle(root: &Path, subject: ShuffleSubject, seeds: u64) -> Result<()> {
     let probe = build_release(root)?;
     let plugin = root.join("target/release/libprobe_plugin_shuffle.so");
-    let (model, name, methods, forms) = subject.setup(root);
-    let complete = match model.is_dir() {
-        true => model.join(".complete"),
-        false => model.with_file_name(".complete"),
-    };
-    if !complete.exists() {
-        bail!("{} is missing: run `cargo xtask models`", model.display());
+    let ShuffleSetup {
+        dir: model_dir,
+        checkpoint: model,
+        name,
+        blocks,
+        methods,
+        forms,
+    } = subject.setup(root);
+    if !model_dir.join(".complete").exists() {
+        bail!(
+            "{} is missing: run `cargo xtask models`",
+            model_dir.display()
+        );
     }
     let dir = root.join("target/bench/shuffle");
     std::fs::create_dir_all(&dir)?;
@@ -941,7 +968,7 @@ pub fn shuffle(root: &Path, subject: ShuffleSubject, seeds: u64) -> Result<()> {
         .context("the methods table has no loss_bubble row")?;
     for (method, [tau, accuracy, displacement, seconds]) in &table {
         let line = format!(
-            "| {} | {} | shuffle, {name}, seed 3), `{method}` | τ {tau:.3}, accuracy {:.1} %, mean \\|d\\| {displacement:.2}, {seconds:.2} s | published pipeline (`loss_bubble`: adjacent swaps by loss, seeded by flow) {reference:.2} s | {:.2}× |",
+            "| {} | {} | shuffle, {name} ({blocks} blocks, seed 3), `{method}` | τ {tau:.3}, accuracy {:.1} %, mean \\|d\\| {displacement:.2}, {seconds:.2} s | published pipeline (`loss_bubble`: adjacent swaps by loss, seeded by flow) {reference:.2} s | {:.2}× |",
             today(),
             machine(),
             accuracy * 100.0,
@@ -950,7 +977,6 @@ pub fn shuffle(root: &Path, subject: ShuffleSubject, seeds: u64) -> Result<()> {
         println!("{line}");
         record(root, &line)?;
     }
-    let short = name.split(" (").next().unwrap_or(name);
     for form in forms {
         let mut exact = 0;
         let (mut times, mut walls) = (Vec::new(), Vec::new());
@@ -972,7 +998,7 @@ pub fn shuffle(root: &Path, subject: ShuffleSubject, seeds: u64) -> Result<()> {
             _ => format!(", config {form}"),
         };
         let line = format!(
-            "| {} | {} | shuffle, {short}, default pipeline (`flow_repair`) on seeds 1–{seeds}{config} | exact on {exact} of {seeds}, median {median:.2} s (slowest {slowest:.2} s; whole `probe run` {wall:.2} s) | published pipeline (`loss_bubble`, seed 3) {reference:.2} s | {:.2}× |",
+            "| {} | {} | shuffle, {name}, default pipeline (`flow_repair`) on seeds 1–{seeds}{config} | exact on {exact} of {seeds}, median {median:.2} s (slowest {slowest:.2} s; whole `probe run` {wall:.2} s) | published pipeline (`loss_bubble`, seed 3) {reference:.2} s | {:.2}× |",
             today(),
             machine(),
             reference / median,

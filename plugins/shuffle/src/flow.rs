@@ -889,20 +889,6 @@ pub fn place_margins(
     swap_margins(host, tokens, &repaired.chain, Measure::Full)
 }
 
-/// The full loss of `path` on `tokens` and its [`swap_margins`] by
-/// `measure`: one chain run and one batch.
-fn margins_on(
-    host: &Host,
-    tokens: &[u32],
-    path: &[usize],
-    reading: Reading,
-    measure: Measure,
-) -> Result<(f64, Vec<f64>), PluginError> {
-    let chain = Chain::new(host, tokens, path.to_vec(), reading)?;
-    let margins = swap_margins(host, tokens, &chain, measure)?;
-    Ok((chain.loss, margins))
-}
-
 /// A position's margin from the swaps it takes part in: swap `k` trades
 /// positions `k` and `k + 1`.
 fn position_margins(swaps: &[f64], n: usize) -> Vec<f64> {
@@ -961,8 +947,12 @@ pub fn cross_check(
     path: &[usize],
     reading: Reading,
 ) -> Result<CrossCheck, PluginError> {
-    let (loss, margins) = margins_on(host, tokens, path, reading, Measure::Screen)?;
-    Ok(CrossCheck { loss, margins })
+    let chain = Chain::new(host, tokens, path.to_vec(), reading)?;
+    let margins = swap_margins(host, tokens, &chain, Measure::Screen)?;
+    Ok(CrossCheck {
+        loss: chain.loss,
+        margins,
+    })
 }
 
 /// Per position of `flow`'s chain: how far the runner-up at that depth

@@ -410,6 +410,8 @@ fn repair_under_readings(
     for &reading in &readings[1..] {
         let again = repair_again(host, repair_text, &best, reading)?;
         let mut candidates = vec![(held_out(&best)?, best), (held_out(&again)?, again)];
+        // The first chain's places, when it won and was measured for that.
+        let mut first_places = None;
         if candidates[0].0 <= candidates[1].0 {
             let first = measure(&candidates[0].1)?;
             if first.sure.iter().all(|&s| s == Some(true)) {
@@ -418,6 +420,7 @@ fn repair_under_readings(
                 best = candidates.swap_remove(0).1;
                 continue;
             }
+            first_places = Some(first);
         }
         let own = flow_repair(host, (text, repair_text), n, prune, (reading, kinds_differ))?;
         candidates.push((held_out(&own)?, own));
@@ -425,8 +428,8 @@ fn repair_under_readings(
         let winner = (0..candidates.len())
             .min_by(|&a, &b| candidates[a].0.total_cmp(&candidates[b].0))
             .unwrap_or(0);
+        places = first_places.filter(|_| winner == 0);
         best = candidates.swap_remove(winner).1;
-        places = None;
     }
     if let (false, Some(reading)) = (best.repaired.informative, fallback) {
         // The reading the config's list suggested leaves the loss at chance:
